@@ -1,0 +1,11 @@
+"""adore-jax: ADORE adaptive token release for JAX.
+
+    model = adore_jax.load_model("smollm2-135m")
+    out = adore_jax.generate(model, ["Tell me about Paris."], max_new_tokens=64, chat=True)
+    print(out.texts[0], out.stats["decode_tokens_per_s"])
+"""
+from adore_jax.api import GenerationResult, Model, generate, load_model
+from adore_jax.config import ModelConfig
+from adore_jax.sampling import SamplingParams
+
+__all__ = ["GenerationResult", "Model", "ModelConfig", "SamplingParams", "generate", "load_model"]

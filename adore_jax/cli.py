@@ -1,0 +1,73 @@
+"""The `adore` command line."""
+import argparse
+import sys
+
+
+def _add_generate(subparsers):
+    p = subparsers.add_parser("generate", help="generate text from prompts")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded model name, .gguf file or Hugging Face directory (default: smollm2-135m)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--chat", action="store_true", help="format prompts with the model's chat template")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (first prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--cache-size", type=int, default=None, help="cache slots (default: as needed)")
+    p.set_defaults(run=_run_generate)
+
+
+class _StreamPrinter:
+    """Prints the newly decoded text of the first sequence after each decoded chunk."""
+
+    def __init__(self, model):
+        self.model, self.ids, self.printed = model, [], ""
+
+    def __call__(self, new_tokens):
+        eos = set(self.model.config.eos_token_ids)
+        for token in new_tokens[0].tolist():
+            if token in eos:
+                break
+            self.ids.append(token)
+        text = self.model.decode(self.ids)
+        print(text[len(self.printed):], end="", flush=True)
+        self.printed = text
+
+
+def _run_generate(args):
+    import adore_jax
+
+    model = adore_jax.load_model(args.model, dtype=args.dtype)
+    printer = _StreamPrinter(model) if args.stream else None
+    out = adore_jax.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=args.seed, cache_size=args.cache_size, stream=printer)
+    for i, (prompt, text) in enumerate(zip(args.prompt, out.texts)):
+        if printer is not None and i == 0:
+            print()
+            continue
+        print(f"--- [{i}] {prompt}\n{text}")
+    s = out.stats
+    print(f"[timing] batch {s['batch']}, prompt tokens {s['prompt_tokens']}: prefill {s['prefill_s']:.2f} s, "
+          f"decode {s['decode_steps']} steps at {s['ms_per_step']:.1f} ms/step "
+          f"({s['decode_tokens_per_s']:.1f} tokens/s), compile {s['compile_s']:.1f} s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="adore", description="ADORE adaptive token release for JAX")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"adore {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

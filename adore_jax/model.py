@@ -1,0 +1,128 @@
+"""A Llama-family decoder as pure functions over a params pytree.
+
+Params layout (weights stored [in, out], so activations multiply from the left):
+  embed:      [V, E]
+  layers:     tuple of L dicts:
+                attn_norm [E], wq [E, H*D], wk [E, G*D], wv [E, G*D], wo [H*D, E],
+                (bq [H*D], bk [G*D], bv [G*D] when config.attention_bias),
+                mlp_norm [E], w_gate [E, F], w_up [E, F], w_down [F, E]
+  final_norm: [E]
+  lm_head:    [E, V]   (absent when config.tie_word_embeddings)
+
+Layers are a Python loop over per-layer arrays, not a `lax.scan` over stacked weights: on
+XLA:CPU slicing stacked weights inside jit copies them every step (see PERF_NOTES.md).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adore_jax import cache as kv_cache
+from adore_jax.config import ModelConfig
+from adore_jax.rope import apply_rope, inverse_frequencies
+from pallas_kernels import slot_attention
+
+
+def init_params(config: ModelConfig, key, dtype=jnp.float32, scale: float = 0.02):
+    """Random params of the right shapes (for tests and benchmarks)."""
+    e, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    qd, kvd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    keys = iter(jax.random.split(key, 8 * config.num_layers + 2))
+
+    def dense(shape):
+        return (scale * jax.random.normal(next(keys), shape)).astype(dtype)
+
+    def layer():
+        p = dict(attn_norm=jnp.ones((e,), dtype), wq=dense((e, qd)), wk=dense((e, kvd)),
+                 wv=dense((e, kvd)), wo=dense((qd, e)), mlp_norm=jnp.ones((e,), dtype),
+                 w_gate=dense((e, f)), w_up=dense((e, f)), w_down=dense((f, e)))
+        if config.attention_bias:
+            p.update(bq=dense((qd,)), bk=dense((kvd,)), bv=dense((kvd,)))
+        return p
+
+    params = dict(embed=dense((v, e)), layers=tuple(layer() for _ in range(config.num_layers)),
+                  final_norm=jnp.ones((e,), dtype))
+    if not config.tie_word_embeddings:
+        params["lm_head"] = dense((e, v))
+    return params
+
+
+def rms_norm(x, weight, eps):
+    """x: [..., E] -> [..., E], normalised in f32 and scaled by weight."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def _project(x, weight, bias=None):
+    y = x @ weight
+    return y if bias is None else y + bias
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockInput:
+    """A block of Q tokens per sequence to run through the model and write into the cache."""
+    tokens: jax.Array  # [B, Q] int32
+    positions: jax.Array  # [B, Q] int32 absolute positions (RoPE and masks use these)
+    slots: jax.Array  # [B, Q] int32 cache slot each token's K/V is written to
+    valid: jax.Array  # [B, Q] bool; False for padding (its slot stays invalid)
+
+
+def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: BlockInput,
+                  attention=slot_attention):
+    """Run a block through all layers, writing its K/V into the cache first, then attending.
+
+    `attention(q [B,Q,H,D], k [B,S,G,D], v [B,S,G,D], q_positions [B,Q], slot_positions [B,S],
+    slot_valid [B,S]) -> [B,Q,H,D]` is the seam where policies and kernels plug in.
+
+    Returns (hidden [B, Q, E] after the final norm, updated cache).
+    """
+    batch, n_q = block.tokens.shape
+    h_heads, g_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+    inv_freq = jnp.asarray(inverse_frequencies(config))
+    cache = kv_cache.claim_slots(cache, block.slots, block.positions, block.valid)
+    x = params["embed"][block.tokens]  # [B, Q, E]
+    new_k, new_v = [], []
+    for layer, k_layer, v_layer in zip(params["layers"], cache.k, cache.v):
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q = _project(h, layer["wq"], layer.get("bq")).reshape(batch, n_q, h_heads, head_dim)
+        k = _project(h, layer["wk"], layer.get("bk")).reshape(batch, n_q, g_heads, head_dim)
+        v = _project(h, layer["wv"], layer.get("bv")).reshape(batch, n_q, g_heads, head_dim)
+        q = apply_rope(q, block.positions, inv_freq)
+        k = apply_rope(k, block.positions, inv_freq)
+        k_layer = kv_cache.write_layer(k_layer, block.slots, k)
+        v_layer = kv_cache.write_layer(v_layer, block.slots, v)
+        attn = attention(q, k_layer, v_layer, block.positions, cache.slot_positions, cache.slot_valid)
+        x = x + attn.reshape(batch, n_q, h_heads * head_dim) @ layer["wo"]
+        h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"]
+        new_k.append(k_layer)
+        new_v.append(v_layer)
+    cache = dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v))
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+
+
+def lm_logits(params, hidden):
+    """hidden [..., E] -> logits [..., V] float32."""
+    if "lm_head" in params:
+        return jnp.dot(hidden, params["lm_head"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...e,ve->...v", hidden, params["embed"], preferred_element_type=jnp.float32)
+
+
+def forward(params, config: ModelConfig, tokens):
+    """Plain causal forward of whole sequences: tokens [B, T] -> logits [B, T, V] float32.
+
+    The reference the cached paths are tested against: one block on an empty T-slot cache.
+    """
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    cache = kv_cache.init_cache(config, batch, length, params["embed"].dtype)
+    block = BlockInput(tokens, positions, positions, jnp.ones((batch, length), bool))
+    hidden, _ = forward_block(params, config, cache, block)
+    return lm_logits(params, hidden)
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

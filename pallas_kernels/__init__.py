@@ -1,0 +1,10 @@
+"""Pallas kernels for adore-jax, each beside the plain-jnp twin it is tested against.
+
+- `slot_attention`: a query block attending the slots of a KV cache (decode / rebuild step).
+- `topk_attention`: top-K sparse causal attention for fine-tuning, differentiable.
+Each dispatcher takes impl="auto" | "ref" | "pallas" | "pallas_interpret".
+"""
+from pallas_kernels.slot_attention import slot_attention, slot_attention_ref
+from pallas_kernels.topk_attention import topk_attention, topk_attention_ref
+
+__all__ = ["slot_attention", "slot_attention_ref", "topk_attention", "topk_attention_ref"]
