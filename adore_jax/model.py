@@ -70,38 +70,59 @@ class BlockInput:
     valid: jax.Array  # [B, Q] bool; False for padding (its slot stays invalid)
 
 
+def attention_inputs(layer, config: ModelConfig, h, positions, inv_freq):
+    """Normed activations h [B, T, E] -> q [B, T, H, D], k, v [B, T, G, D], RoPE applied at `positions`."""
+    batch, length = h.shape[:2]
+    q = _project(h, layer["wq"], layer.get("bq")).reshape(batch, length, config.num_heads, config.head_dim)
+    k = _project(h, layer["wk"], layer.get("bk")).reshape(batch, length, config.num_kv_heads, config.head_dim)
+    v = _project(h, layer["wv"], layer.get("bv")).reshape(batch, length, config.num_kv_heads, config.head_dim)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def attention_output(layer, x, attn):
+    """Residual add of the attention output: x [B, T, E], attn [B, T, H, D] -> [B, T, E]."""
+    return x + attn.reshape(*attn.shape[:2], -1) @ layer["wo"]
+
+
+def mlp_block(layer, config: ModelConfig, x):
+    """The SwiGLU half of a layer with its residual: x [B, T, E] -> [B, T, E]."""
+    h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
+    return x + (jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"]
+
+
 def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: BlockInput,
-                  attention=slot_attention):
+                  attention=slot_attention, collect_mass: bool = False, cache_update: str = "scatter"):
     """Run a block through all layers, writing its K/V into the cache first, then attending.
 
     `attention(q [B,Q,H,D], k [B,S,G,D], v [B,S,G,D], q_positions [B,Q], slot_positions [B,S],
-    slot_valid [B,S]) -> [B,Q,H,D]` is the seam where policies and kernels plug in.
+    slot_valid [B,S], [return_mass=True]) -> [B,Q,H,D] [, mass [B,Q,G,S]]` is the seam where
+    policies and kernels plug in. With collect_mass, the attention mass each query puts on each
+    slot is summed over layers and heads. cache_update: "scatter" or "onehot" (see cache.py).
 
-    Returns (hidden [B, Q, E] after the final norm, updated cache).
+    Returns (hidden [B, Q, E] after the final norm, updated cache, mass [B, Q, S] float32 or None).
     """
-    batch, n_q = block.tokens.shape
-    h_heads, g_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
     inv_freq = jnp.asarray(inverse_frequencies(config))
     cache = kv_cache.claim_slots(cache, block.slots, block.positions, block.valid)
+    write = kv_cache.WRITERS[cache_update]
     x = params["embed"][block.tokens]  # [B, Q, E]
-    new_k, new_v = [], []
+    new_k, new_v, mass_total = [], [], None
     for layer, k_layer, v_layer in zip(params["layers"], cache.k, cache.v):
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q = _project(h, layer["wq"], layer.get("bq")).reshape(batch, n_q, h_heads, head_dim)
-        k = _project(h, layer["wk"], layer.get("bk")).reshape(batch, n_q, g_heads, head_dim)
-        v = _project(h, layer["wv"], layer.get("bv")).reshape(batch, n_q, g_heads, head_dim)
-        q = apply_rope(q, block.positions, inv_freq)
-        k = apply_rope(k, block.positions, inv_freq)
-        k_layer = kv_cache.write_layer(k_layer, block.slots, k)
-        v_layer = kv_cache.write_layer(v_layer, block.slots, v)
-        attn = attention(q, k_layer, v_layer, block.positions, cache.slot_positions, cache.slot_valid)
-        x = x + attn.reshape(batch, n_q, h_heads * head_dim) @ layer["wo"]
-        h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-        x = x + (jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"]
+        q, k, v = attention_inputs(layer, config, h, block.positions, inv_freq)
+        k_layer = write(k_layer, block.slots, k)
+        v_layer = write(v_layer, block.slots, v)
+        args = (q, k_layer, v_layer, block.positions, cache.slot_positions, cache.slot_valid)
+        if collect_mass:
+            attn, mass = attention(*args, return_mass=True)
+            mass = jnp.sum(mass, axis=2)  # [B, Q, S]
+            mass_total = mass if mass_total is None else mass_total + mass
+        else:
+            attn = attention(*args)
+        x = mlp_block(layer, config, attention_output(layer, x, attn))
         new_k.append(k_layer)
         new_v.append(v_layer)
     cache = dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v))
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache, mass_total
 
 
 def lm_logits(params, hidden):
@@ -120,7 +141,7 @@ def forward(params, config: ModelConfig, tokens):
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     cache = kv_cache.init_cache(config, batch, length, params["embed"].dtype)
     block = BlockInput(tokens, positions, positions, jnp.ones((batch, length), bool))
-    hidden, _ = forward_block(params, config, cache, block)
+    hidden, _, _ = forward_block(params, config, cache, block)
     return lm_logits(params, hidden)
 
 

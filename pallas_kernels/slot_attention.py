@@ -64,7 +64,7 @@ def slot_attention(q, k, v, q_positions, slot_positions, slot_valid, *, return_m
     impl: "auto" (the Pallas kernel on a TPU/GPU backend, the jnp twin elsewhere), "ref",
       "pallas" (TPU/GPU backend only) or "pallas_interpret" (the kernel in interpret mode).
     """
-    kind, interpret = resolve_impl(impl)
+    kind, interpret = resolve_impl(impl, q.shape[-1])
     args = (q, k, v, q_positions, slot_positions, slot_valid)
     if kind == "tpu":
         return slot_attention_tpu(*args, return_mass=return_mass, interpret=interpret)

@@ -6,35 +6,46 @@ import pytest
 
 import adore_jax
 from adore_jax import cache as kv_cache
-from adore_jax import decode
+from adore_jax import decode, timing
 from adore_jax.model import forward
 from adore_jax.sampling import sample
 
 
+def _full_plan(config):
+    from adore_jax.policies import CacheConfig
+    return decode.DecodePlan(config, CacheConfig())
+
+
 def test_incremental_decoding_matches_full_forward(tiny_model):
-    """Prefill 5 tokens, then feed the rest one by one: every step's logits equal the full forward's."""
+    """Prefill 5 tokens, then teacher-force the rest: every step's logits equal the full forward's."""
     config, params = tiny_model.config, tiny_model.params
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, size=(2, 40)).astype(np.int32)
     full = np.asarray(forward(params, config, tokens))  # [B, T, V]
-    prompt = 5
+    prompt, plan = 5, _full_plan(config)
     cache = kv_cache.init_cache(config, 2, 64)
+    ps = decode.init_policy_state(plan, 2, 64, 64)
     padded = np.zeros((2, 16), np.int32)
     padded[:, :prompt] = tokens[:, :prompt]
-    logits, cache = decode.prefill(params, cache, padded, np.full(2, prompt, np.int32), config=config, chunk=16)
+    logits, cache, ps = decode.prefill(params, {}, cache, ps, padded, np.full(2, prompt, np.int32), plan=plan,
+                                       chunk=16)
     np.testing.assert_allclose(np.asarray(logits), full[:, prompt - 1], atol=1e-4)
-    for t in range(prompt, tokens.shape[1]):
-        logits, cache = decode.decode_step_logits(params, cache, tokens[:, t], np.full(2, t, np.int32), config=config)
-        np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=1e-4, err_msg=f"step {t}")
+    state = decode.DecodeState(jnp.asarray(tokens[:, prompt]), jnp.full(2, prompt, jnp.int32), jnp.zeros(2, bool),
+                               jax.random.key(0))
+    steps = tokens.shape[1] - prompt - 1
+    out, *_ = decode.decode(params, {}, cache, ps, state, 1.0, 0, 1.0, tokens[:, prompt + 1:], plan=plan,
+                            num_steps=steps, greedy=True, pad_id=0, return_logits=True)
+    np.testing.assert_allclose(np.asarray(out.logits), full[:, prompt:-1], atol=1e-4)
 
 
 def test_chunked_prefill_matches_single_chunk(tiny_model):
     config, params = tiny_model.config, tiny_model.params
     tokens = np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 64)).astype(np.int32)
     lengths = np.array([64, 37], np.int32)
-    results = []
+    results, plan = [], _full_plan(config)
     for chunk in (64, 16):
         cache = kv_cache.init_cache(config, 2, 64)
-        logits, _ = decode.prefill(params, cache, tokens, lengths, config=config, chunk=chunk)
+        ps = decode.init_policy_state(plan, 2, 64, 64)
+        logits, _, _ = decode.prefill(params, {}, cache, ps, tokens, lengths, plan=plan, chunk=chunk)
         results.append(np.asarray(logits))
     np.testing.assert_allclose(results[0], results[1], atol=1e-5)
     full = np.asarray(forward(params, config, tokens))
@@ -52,11 +63,11 @@ def test_padded_batch_equals_each_prompt_alone(tiny_model):
 
 def test_second_call_in_same_bucket_does_not_recompile(tiny_model):
     adore_jax.generate(tiny_model, [[3] * 20, [4] * 9], max_new_tokens=6)
-    with decode.track_compiles() as stats:
+    with timing.track_compiles() as stats:
         out = adore_jax.generate(tiny_model, [[5] * 27, [6] * 30], max_new_tokens=6)  # same bucket (32)
     assert stats.count == 0, f"{stats.count} compilations for a prompt length in an already-compiled bucket"
     assert out.stats["compiles"] == 0
-    with decode.track_compiles() as stats:
+    with timing.track_compiles() as stats:
         adore_jax.generate(tiny_model, [[5] * 40, [6] * 30], max_new_tokens=6)  # next bucket (64)
     assert stats.count > 0, "the compile counter saw nothing: it cannot detect recompiles"
 
@@ -77,7 +88,7 @@ def test_eos_stops_each_sequence(tiny_model):
 
 def test_streaming_gives_the_same_tokens(tiny_model):
     chunks = []
-    streamed = adore_jax.generate(tiny_model, [[1, 2, 3]], max_new_tokens=20, stream=chunks.append, stream_chunk=4)
+    streamed = adore_jax.generate(tiny_model, [[1, 2, 3]], max_new_tokens=20, stream=chunks.append, decode_chunk=4)
     plain = adore_jax.generate(tiny_model, [[1, 2, 3]], max_new_tokens=20)
     assert streamed.token_ids == plain.token_ids
     assert len(chunks) == 1 + -(-19 // 4)

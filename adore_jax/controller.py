@@ -1,0 +1,180 @@
+"""The ADORE controller: a GRU over the LLM's frozen token embeddings that scores every past token.
+
+    u_i = x_i W_in + b_in                        (x_i: the LLM's input embedding of token i)
+    z_i = GRU(u_i, z_{i-1})
+    static:       s_i     = MLP(p_i + z_i)
+    query_aware:  s_{t,i} = MLP(p_{t-i} + z_i, z_t) = w_2 . relu(W_1 (p_{t-i} + z_i) + U z_t + b_1) + b_2
+
+sigma = sigmoid(s) is the probability that token i is in the top-K attention set of query t. The
+first MLP layer is linear, so each token's `features` a_i = W_1 z_i (+ W_1 p_i when static) are
+computed once, when the token is seen, and kept in the release buffer; a decoding step then costs
+O(n h) for n past tokens. Ranking uses the logit s, not sigma (same order, no saturation).
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCORE_FORMS = ("static", "query_aware")
+POSITION_EMBEDDINGS = ("sinusoidal", "learned")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+    embed_dim: int  # E, the LLM's embedding width (the controller's input)
+    width: int = 128  # c, GRU state and position-embedding width
+    hidden: int = 64  # h, the MLP's hidden width
+    score_form: str = "query_aware"  # "static" (sigmoid(MLP(p_i + z_i))) or "query_aware"
+    position_embedding: str = "sinusoidal"  # or "learned" (then positions must be < max_positions)
+    max_positions: int = 8192  # table size of a learned position embedding
+
+    def __post_init__(self):
+        if self.score_form not in SCORE_FORMS:
+            raise ValueError(f"score_form must be one of {SCORE_FORMS}; got {self.score_form!r}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}; "
+                             f"got {self.position_embedding!r}")
+        for name in ("embed_dim", "width", "hidden", "max_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"controller {name} must be >= 1; got {getattr(self, name)}")
+
+
+def init_controller(config: ControllerConfig, key):
+    """Random controller params: a pytree of float32 arrays (orbax can save it)."""
+    e, c, h = config.embed_dim, config.width, config.hidden
+    k = jax.random.split(key, 7)
+
+    def dense(key, shape, fan_in):
+        return jax.random.normal(key, shape, jnp.float32) / np.sqrt(fan_in)
+
+    params = dict(
+        w_in=dense(k[0], (e, c), e), b_in=jnp.zeros((c,)),
+        gru_x=dense(k[1], (c, 3 * c), c), gru_h=dense(k[2], (c, 3 * c), c), gru_b=jnp.zeros((3 * c,)),
+        w_1=dense(k[3], (c, h), c), b_1=jnp.zeros((h,)), w_2=dense(k[4], (h,), h), b_2=jnp.zeros(()),
+    )
+    if config.score_form == "query_aware":
+        params["u"] = dense(k[5], (c, h), c)
+    if config.position_embedding == "learned":
+        params["positions"] = 0.02 * jax.random.normal(k[6], (config.max_positions, c))
+    return params
+
+
+def position_embedding(config: ControllerConfig, params, positions):
+    """positions [...] int32 (absolute, or distances t - i) -> [..., c] float32."""
+    if config.position_embedding == "learned":
+        return params["positions"][jnp.clip(positions, 0, config.max_positions - 1)]
+    half = config.width // 2
+    freqs = jnp.exp(-np.log(10000.0) * jnp.arange(half) / half)
+    angles = positions.astype(jnp.float32)[..., None] * freqs
+    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return jnp.pad(emb, [(0, 0)] * positions.ndim + [(0, config.width - 2 * half)])
+
+
+def embed_inputs(params, token_embeddings):
+    """The LLM's token embeddings [..., E] -> controller inputs u [..., c] (float32)."""
+    return token_embeddings.astype(jnp.float32) @ params["w_in"] + params["b_in"]
+
+
+def gru_step(params, state, inputs):
+    """One GRU step (PyTorch gate convention): state [B, c], inputs u [B, c] -> new state [B, c]."""
+    gx = inputs @ params["gru_x"] + params["gru_b"]
+    gh = state @ params["gru_h"]
+    c = state.shape[-1]
+    reset = jax.nn.sigmoid(gx[..., :c] + gh[..., :c])
+    update = jax.nn.sigmoid(gx[..., c:2 * c] + gh[..., c:2 * c])
+    candidate = jnp.tanh(gx[..., 2 * c:] + reset * gh[..., 2 * c:])
+    return (1 - update) * candidate + update * state
+
+
+def token_features(config: ControllerConfig, params, states, positions):
+    """a_i = W_1 z_i (+ W_1 p_i when static): states [..., c], positions [...] -> [..., h]."""
+    features = states @ params["w_1"]
+    if config.score_form == "static":
+        features = features + position_embedding(config, params, positions) @ params["w_1"]
+    return features
+
+
+def score(config: ControllerConfig, params, features, key_positions, query_state, query_position):
+    """Score logits of past tokens for one query per sequence.
+
+    features: [B, N, h]; key_positions: [B, N] or [N]; query_state: [B, c]; query_position: [B].
+    Returns [B, N] float32 (higher = more likely in the query's top-K).
+    """
+    pre = features + params["b_1"]
+    if config.score_form == "query_aware":
+        distance = jnp.maximum(query_position[:, None] - key_positions, 0)  # [B, N]
+        pre = pre + position_embedding(config, params, distance) @ params["w_1"]
+        pre = pre + (query_state @ params["u"])[:, None, :]
+    return jax.nn.relu(pre) @ params["w_2"] + params["b_2"]
+
+
+def encode_sequence(config: ControllerConfig, params, token_embeddings, valid=None, state=None, positions=None):
+    """The GRU over whole sequences (the parallel form, for training and prefill).
+
+    token_embeddings: [B, T, E]; valid: [B, T] bool (padding leaves the state unchanged);
+    state: [B, c] to continue from; positions: [B, T] absolute positions (default 0..T-1).
+    Returns (states z [B, T, c], features a [B, T, h], final state [B, c]).
+    """
+    batch, length = token_embeddings.shape[:2]
+    inputs = embed_inputs(params, token_embeddings)  # [B, T, c]
+    if valid is None:
+        valid = jnp.ones((batch, length), bool)
+    if state is None:
+        state = jnp.zeros((batch, config.width), jnp.float32)
+
+    def step(z, xs):
+        u, ok = xs
+        z = jnp.where(ok[:, None], gru_step(params, z, u), z)
+        return z, z
+
+    final, states = jax.lax.scan(step, state, (inputs.transpose(1, 0, 2), valid.T))
+    states = states.transpose(1, 0, 2)
+    if positions is None:
+        positions = jnp.arange(length)
+    return states, token_features(config, params, states, positions), final
+
+
+def pairwise_scores(config: ControllerConfig, params, states, features):
+    """Score logits of every (query t, key i) pair: [B, T, c], [B, T, h] -> [B, T, T] (all pairs;
+    callers mask i > t). The training objective compares these with the top-K labels."""
+    length = states.shape[1]
+    positions = jnp.arange(length)
+
+    def one_query(t_state, t):
+        return score(config, params, features, positions, t_state, jnp.full((states.shape[0],), t))
+
+    return jax.vmap(one_query, in_axes=(1, 0), out_axes=1)(states, positions)
+
+
+def save_controller(directory: str, config: ControllerConfig, params) -> None:
+    """Write the controller as an orbax checkpoint plus its config as JSON."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "controller_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=2)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(directory, "params"), params, force=True)
+
+
+def load_controller(directory: str, embed_dim: int):
+    """(config, params) of a saved controller; refuses one built for another embedding width."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    config_path = os.path.join(directory, "controller_config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"controller {directory!r}: no controller_config.json there")
+    with open(config_path) as f:
+        config = ControllerConfig(**json.load(f))
+    if config.embed_dim != embed_dim:
+        raise ValueError(f"controller {directory!r} was built for embedding width {config.embed_dim}, "
+                         f"but the model's is {embed_dim}")
+    template = jax.eval_shape(lambda: init_controller(config, jax.random.key(0)))
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(os.path.join(directory, "params"), template)
+    return config, params

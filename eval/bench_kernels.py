@@ -1,0 +1,160 @@
+"""Speed of the Pallas kernels against their jnp twins (jitted by XLA) on the current backend.
+
+Per kernel and shape: median ms per call (after a warm-up call), bytes of K/V read per call divided
+by that time (achieved bandwidth), its fraction of the device's measured copy bandwidth (read +
+write of a large array), and the speed-up of each implementation over the twin. On the CPU only
+the jnp implementations run (Pallas needs a TPU or GPU). Prints a table, writes JSON with --out.
+
+    python eval/bench_kernels.py --out runs/bench_kernels.json
+    python eval/bench_kernels.py --quick            # small shapes, a CPU-sized smoke run
+"""
+import argparse
+import functools
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import slot_attention, topk_attention
+
+# (H, G, D): GQA 4 with head dim 128, GQA 8 with head dim 64.
+HEADS = [(32, 8, 128), (32, 4, 64)]
+QUICK_HEADS = [(8, 2, 64)]
+
+
+def slot_shapes(quick):
+    """(batch, m, Q, H, G, D); the cache holds m + Q slots (the block is written before it attends)."""
+    if quick:
+        return [(2, m, q, *h) for m in (256, 512) for q in (1, 9) for h in QUICK_HEADS]
+    return [(b, m, q, *h) for b in (8, 64) for m in (512, 4096) for q in (1, 9) for h in HEADS]
+
+
+def topk_shapes(quick):
+    """(batch, N, H, G, D, top_k)."""
+    if quick:
+        return [(1, 256, *h, 32) for h in QUICK_HEADS]
+    return [(8, n, *h, 64) for n in (512, 2048) for h in HEADS]
+
+
+def slot_case(shape, dtype, mass):
+    batch, m, n_q, n_heads, n_kv, head_dim = shape
+    n_slots = m + n_q
+    rng = np.random.default_rng(0)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), dtype)
+    q = normal(batch, n_q, n_heads, head_dim)
+    k, v = normal(batch, n_slots, n_kv, head_dim), normal(batch, n_slots, n_kv, head_dim)
+    slot_positions = jnp.asarray(np.stack([rng.permutation(n_slots) for _ in range(batch)]), jnp.int32)
+    slot_valid = jnp.ones((batch, n_slots), bool)
+    q_positions = jnp.broadcast_to(jnp.arange(m, n_slots, dtype=jnp.int32), (batch, n_q))
+    args = (q, k, v, q_positions, slot_positions, slot_valid)
+    kv_bytes = 2 * k.size * k.dtype.itemsize
+    make = lambda impl: jax.jit(functools.partial(slot_attention, return_mass=mass, impl=impl))
+    return args, kv_bytes, make
+
+
+def topk_case(shape, dtype, backward):
+    batch, n, n_heads, n_kv, head_dim, top_k = shape
+    rng = np.random.default_rng(0)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), dtype)
+    args = (normal(batch, n, n_heads, head_dim), normal(batch, n, n_kv, head_dim), normal(batch, n, n_kv, head_dim))
+    kv_bytes = 2 * args[1].size * args[1].dtype.itemsize
+
+    def make(impl):
+        attention = functools.partial(topk_attention, top_k=top_k, impl=impl)
+        if not backward:
+            return jax.jit(attention)
+        loss = lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    return args, kv_bytes, make
+
+
+def median_seconds(fn, args, repeats):
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(n_bytes, repeats):
+    """Bytes moved per second (read + write) by an elementwise pass over a large array."""
+    x = jnp.zeros(n_bytes // 4, jnp.float32)
+    seconds = median_seconds(jax.jit(lambda x: x + 1.0), (x,), repeats)
+    return 2 * x.size * 4 / seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", nargs="+", default=["slot", "topk", "topk_grad"],
+                        choices=["slot", "slot_mass", "topk", "topk_grad"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (median)")
+    parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    backend = jax.default_backend()
+    on_accelerator = backend in ("tpu", "gpu")
+    repeats = args.repeats or (5 if args.quick else 20)
+    dtype = jnp.dtype(args.dtype)
+    copy_bw = copy_bandwidth((64 if args.quick else 1024) << 20, repeats)
+    print(f"backend {backend} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
+          f"copy bandwidth {copy_bw / 1e9:.1f} GB/s")
+
+    cases = {  # kernel -> (shapes, case builder); inputs are built one case at a time
+        "slot": (slot_shapes, functools.partial(slot_case, mass=False)),
+        "slot_mass": (slot_shapes, functools.partial(slot_case, mass=True)),
+        "topk": (topk_shapes, functools.partial(topk_case, backward=False)),
+        "topk_grad": (topk_shapes, functools.partial(topk_case, backward=True)),
+    }
+    impls = {"slot": ["ref"], "slot_mass": ["ref"], "topk": ["ref", "blocked"], "topk_grad": ["ref", "blocked"]}
+    if on_accelerator:
+        for names in impls.values():
+            names.append("pallas")
+
+    rows = []
+    header = f"{'kernel':<10} {'shape':<28} {'impl':<8} {'ms/call':>9} {'GB/s':>8} {'of copy':>8} {'vs ref':>7}"
+    print(header)
+    print("-" * len(header))
+    for kernel in args.kernels:
+        shapes, build = cases[kernel]
+        for shape in shapes(args.quick):
+            inputs, kv_bytes, make = build(shape, dtype)
+            ref_seconds = None
+            for impl in impls[kernel]:
+                try:
+                    seconds = median_seconds(make(impl), inputs, repeats)
+                except Exception as error:  # e.g. the twin's [B, H, N, N] logits not fitting in memory
+                    print(f"{kernel:<10} {str(shape):<28} {impl:<8} failed: {type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:80]}")
+                    rows.append(dict(kernel=kernel, shape=shape, impl=impl,
+                                     error=f"{type(error).__name__}: {error}"))
+                    continue
+                ref_seconds = seconds if impl == "ref" else ref_seconds
+                bandwidth = kv_bytes / seconds
+                speedup = ref_seconds / seconds if ref_seconds else None
+                rows.append(dict(kernel=kernel, shape=shape, impl=impl, ms_per_call=1e3 * seconds,
+                                 kv_bytes=kv_bytes, kv_gb_per_s=bandwidth / 1e9,
+                                 fraction_of_copy=bandwidth / copy_bw, speedup_vs_ref=speedup))
+                print(f"{kernel:<10} {str(shape):<28} {impl:<8} {1e3 * seconds:9.3f} {bandwidth / 1e9:8.2f} "
+                      f"{bandwidth / copy_bw:8.1%} " + (f"{speedup:6.2f}x" if speedup else f"{'-':>7}"))
+
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(backend=backend, device=jax.devices()[0].device_kind, jax_version=jax.__version__,
+                           dtype=args.dtype, repeats=repeats, copy_gb_per_s=copy_bw / 1e9,
+                           shape_fields=dict(slot="batch, m, Q, H, G, D", topk="batch, N, H, G, D, top_k"),
+                           results=rows), f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Constants and small helpers shared by the kernels and their jnp twins."""
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+# Finite "minus infinity" so that fully masked rows give zeros instead of NaNs.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# Position given to invalid (and padding) slots: no query position reaches it, so
+# `key <= query_position` alone encodes both validity and causality.
+INVISIBLE_POSITION = int(jnp.iinfo(jnp.int32).max)
+
+# Position given to padding query rows: it sees no slot.
+BLIND_POSITION = int(jnp.iinfo(jnp.int32).min)
+
+
+def slot_keys(slot_positions, slot_valid):
+    """[B, S] int32 positions with invalid slots moved to INVISIBLE_POSITION."""
+    return jnp.where(slot_valid, slot_positions.astype(jnp.int32), INVISIBLE_POSITION)
+
+
+def dot_precision(dtype):
+    """Full f32 accuracy for f32 operands (TPU would otherwise use one bf16 pass)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def contract_last(a, b):
+    """a [M, D] . b [N, D] -> [M, N] in f32 (the q k^T of attention)."""
+    return jax.lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())),
+        precision=dot_precision(a.dtype), preferred_element_type=jnp.float32)
+
+
+def matmul(a, b):
+    """a [M, K] . b [K, N] -> [M, N] in f32 (the p v of attention)."""
+    return jax.lax.dot_general(
+        a, b, (((1,), (0,)), ((), ())),
+        precision=dot_precision(a.dtype), preferred_element_type=jnp.float32)
+
+
+def tpu_compiler_params(dimension_semantics, vmem_bytes):
+    """Mosaic parameters; raises the scoped VMEM limit when the estimated working set would not
+    fit the smallest default (16 MiB on v4/v5e), capped at 96 MiB."""
+    limit = None
+    if vmem_bytes > 12 << 20:
+        limit = min(int(vmem_bytes * 1.5), 96 << 20)
+    return pltpu.CompilerParams(dimension_semantics=dimension_semantics, vmem_limit_bytes=limit)
+
+
+def triton_size(x):
+    """Whether x can be a Triton tensor dimension that tl.dot accepts: a power of two >= 16."""
+    return x >= 16 and x & (x - 1) == 0
+
+
+def round_up(x, multiple):
+    return -(-x // multiple) * multiple
+
+
+def mass_from_logits(logits, row_max, row_sum, n_q):
+    """Attention mass per KV head from a kernel's masked logits and final softmax statistics.
+
+    Args:
+      logits: [B, G, Q*r, S] f32, rows ordered (query, head within group), masked to MASK_VALUE.
+      row_max, row_sum: [B, G, Q*r] the final running max and softmax denominator.
+    Returns:
+      [B, Q, G, S] f32: probabilities summed over the r query heads of each KV head.
+    """
+    batch, n_kv, n_rows, n_slots = logits.shape
+    inv = jnp.where(row_sum > 0, 1.0 / jnp.where(row_sum > 0, row_sum, 1.0), 0.0)
+    probs = jnp.exp(logits - row_max[..., None]) * inv[..., None]
+    mass = probs.reshape(batch, n_kv, n_q, n_rows // n_q, n_slots).sum(axis=3)
+    return mass.transpose(0, 2, 1, 3)

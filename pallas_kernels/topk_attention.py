@@ -1,0 +1,204 @@
+"""Top-K sparse causal attention, the attention ADORE fine-tunes the backbone under (ADORE.md 1).
+
+Each query keeps, per head, only its top_k largest causal logits and renormalises over them.
+Queries with fewer than top_k causal predecessors keep all of them.
+
+Tie rule: a query keeps every causal logit >= kth - tol, where kth is its top_k-th largest causal
+logit and tol = TIE_TOLERANCE * max(1, |kth|). Exact ties at the K-th value are therefore all kept
+(a query may keep more than top_k keys), and so are near-ties within tol. The tolerance makes the
+kept set independent of the summation order of q.k, which differs between the threshold pass, the
+kernels and the backward pass: without it the K-th key itself could drop out on a 1-ulp difference.
+
+Implementations (same semantics):
+- `topk_attention_ref`: plain jnp, materialises [B, N, H, N] logits; the reference.
+- "blocked": two passes over query blocks in jnp — each step sees [B, block, H, N] logits, never
+  [H, N, N]; finds thresholds with lax.top_k, then a masked softmax.
+- "pallas": pass 1 (thresholds) as the blocked jnp pass; pass 2 as a Pallas flash kernel
+  (`_topk_flash`) that never forms logits outside VMEM/registers.
+Every non-ref implementation differentiates through a custom_vjp whose backward recomputes the
+logits per query block with the saved thresholds and log-sum-exp: masked attention backward.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._common import MASK_VALUE, dot_precision, round_up
+from pallas_kernels._dispatch import IMPLS, resolve_impl
+from pallas_kernels._topk_flash import threshold_flash_attention
+
+TIE_TOLERANCE = 1e-5
+SCAN_BUDGET = 1 << 26  # f32 logits per step of the blocked jnp passes (256 MiB).
+
+
+def _check_top_k(top_k):
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1; got top_k={top_k!r}")
+
+
+def _logits(q, k, start):
+    """Scaled logits of a query block and its causal mask.
+
+    q: [B, Q, H, D] queries at positions start .. start+Q-1; k: [B, N, G, D].
+    Returns logits [B, Q, H, N] f32 and causal [Q, N] bool.
+    """
+    batch, n_q, n_heads, head_dim = q.shape
+    n, n_kv = k.shape[1], k.shape[2]
+    qg = q.reshape(batch, n_q, n_kv, n_heads // n_kv, head_dim)
+    logits = jnp.einsum("bqgrd,bngd->bqgrn", qg, k, precision=dot_precision(q.dtype),
+                        preferred_element_type=jnp.float32)
+    logits = logits.reshape(batch, n_q, n_heads, n) * head_dim ** -0.5
+    causal = start + jnp.arange(n_q)[:, None] >= jnp.arange(n)[None, :]
+    return logits, causal
+
+
+def _keep_threshold(logits, causal, top_k):
+    """[B, Q, H, N] logits -> [B, Q, H] smallest logit each query keeps (see the tie rule)."""
+    masked = jnp.where(causal[None, :, None, :], logits, MASK_VALUE)
+    kth = jax.lax.top_k(masked, min(top_k, logits.shape[-1]))[0][..., -1]
+    return kth - TIE_TOLERANCE * jnp.maximum(1.0, jnp.abs(kth))
+
+
+def _masked_attention(logits, keep, v):
+    """Softmax of logits over `keep` ([B, Q, H, N]), times v [B, N, G, D] -> out [B, Q, H, D] f32, lse."""
+    batch, n_q, n_heads, n = logits.shape
+    n_kv, head_dim = v.shape[2], v.shape[3]
+    masked = jnp.where(keep, logits, MASK_VALUE)
+    row_max = jnp.max(masked, axis=-1, keepdims=True)
+    weights = jnp.where(keep, jnp.exp(masked - row_max), 0.0)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = (weights / total).reshape(batch, n_q, n_kv, n_heads // n_kv, n)
+    out = jnp.einsum("bqgrn,bngd->bqgrd", probs.astype(v.dtype), v, precision=dot_precision(v.dtype),
+                     preferred_element_type=jnp.float32)
+    return out.reshape(batch, n_q, n_heads, head_dim), (row_max + jnp.log(total))[..., 0]
+
+
+def topk_attention_ref(q, k, v, top_k):
+    """Reference top-K causal attention.
+
+    Args:
+      q: [B, N, H, D]; k, v: [B, N, G, D] (GQA: query head h reads KV head h // (H // G)).
+      top_k: static int >= 1, logits kept per query and head.
+    Returns:
+      [B, N, H, D] in q.dtype.
+    """
+    _check_top_k(top_k)
+    logits, causal = _logits(q, k, 0)  # [B, N, H, N]
+    keep = causal[None, :, None, :] & (logits >= _keep_threshold(logits, causal, top_k)[..., None])
+    return _masked_attention(logits, keep, v)[0].astype(q.dtype)
+
+
+def _scan_block(q, n):
+    batch, _, n_heads, _ = q.shape
+    block = SCAN_BUDGET // (batch * n_heads * n)
+    block = 1 << max(3, min(9, block.bit_length() - 1))
+    return min(block, round_up(n, 8))
+
+
+def _split_blocks(x, block):
+    """[B, N, ...] -> [N_pad // block, B, block, ...], zero-padded."""
+    n = x.shape[1]
+    x = jnp.pad(x, [(0, 0), (0, round_up(n, block) - n)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
+
+
+def _merge_blocks(x, n):
+    """Inverse of `_split_blocks`: [nb, B, block, ...] -> [B, N, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :n]
+
+
+def _blocked_forward(q, k, v, top_k, block, with_output):
+    """Per query block: thresholds [B, N, H] and, if with_output, out [B, N, H, D] and lse [B, N, H]."""
+    n = q.shape[1]
+
+    def step(xs):
+        q_blk, start = xs
+        logits, causal = _logits(q_blk, k, start)
+        threshold = _keep_threshold(logits, causal, top_k)
+        if not with_output:
+            return threshold
+        keep = causal[None, :, None, :] & (logits >= threshold[..., None])
+        out, lse = _masked_attention(logits, keep, v)
+        return threshold, out.astype(q.dtype), lse
+
+    q_blocks = _split_blocks(q, block)
+    starts = jnp.arange(q_blocks.shape[0]) * block
+    return jax.tree.map(lambda x: _merge_blocks(x, n), jax.lax.map(step, (q_blocks, starts)))
+
+
+def _blocked_backward(q, k, v, out, lse, threshold, d_out, block):
+    """Gradients of masked attention with fixed keep-thresholds, one query block at a time."""
+    batch, n, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    group = n_heads // n_kv
+    precision = dot_precision(jnp.float32)
+    k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+
+    def step(carry, xs):
+        dk, dv = carry
+        q_blk, o_blk, do_blk, lse_blk, thr_blk, start = xs
+        logits, causal = _logits(q_blk.astype(jnp.float32), k32, start)  # [B, Q, H, N]
+        keep = causal[None, :, None, :] & (logits >= thr_blk[..., None])
+        probs = jnp.where(keep, jnp.exp(logits - lse_blk[..., None]), 0.0)
+        shape5 = (batch, block, n_kv, group)
+        probs = probs.reshape(*shape5, n)
+        do5 = do_blk.astype(jnp.float32).reshape(*shape5, head_dim)
+        dv = dv + jnp.einsum("bqgrn,bqgrd->bngd", probs, do5, precision=precision)
+        dp = jnp.einsum("bqgrd,bngd->bqgrn", do5, v32, precision=precision)
+        delta = jnp.sum(do5 * o_blk.astype(jnp.float32).reshape(do5.shape), axis=-1, keepdims=True)
+        ds = probs * (dp - delta) * head_dim ** -0.5
+        dq = jnp.einsum("bqgrn,bngd->bqgrd", ds, k32, precision=precision)
+        dk = dk + jnp.einsum("bqgrn,bqgrd->bngd", ds, q_blk.astype(jnp.float32).reshape(do5.shape),
+                             precision=precision)
+        return (dk, dv), dq.reshape(batch, block, n_heads, head_dim)
+
+    xs = tuple(_split_blocks(x, block) for x in (q, out, d_out, lse, threshold))
+    starts = jnp.arange(xs[0].shape[0]) * block
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), (*xs, starts))
+    return _merge_blocks(dq, n).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _forward(q, k, v, top_k, config):
+    kind, interpret, kernel_blocks = config
+    block = _scan_block(q, q.shape[1])
+    if kind == "blocked":
+        threshold, out, lse = _blocked_forward(q, k, v, top_k, block, with_output=True)
+    else:
+        threshold = _blocked_forward(q, k, v, top_k, block, with_output=False)
+        block_q, block_k = kernel_blocks or (None, None)
+        out, lse = threshold_flash_attention(q, k, v, threshold, platform=kind, block_q=block_q,
+                                             block_k=block_k, interpret=interpret)
+    return out, (q, k, v, out, lse, threshold)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _topk_attention(q, k, v, top_k, config):
+    return _forward(q, k, v, top_k, config)[0]
+
+
+def _topk_attention_bwd(top_k, config, residuals, d_out):
+    del top_k, config
+    q = residuals[0]
+    return _blocked_backward(*residuals, d_out, _scan_block(q, q.shape[1]))
+
+
+_topk_attention.defvjp(_forward, _topk_attention_bwd)
+
+
+def topk_attention(q, k, v, top_k, *, impl="auto", kernel_blocks=None):
+    """Top-K causal attention (semantics of `topk_attention_ref`), differentiable.
+
+    impl: "auto" (Pallas on a TPU/GPU backend, the jnp twin elsewhere), "ref", "blocked",
+      "pallas" (TPU/GPU backend only) or "pallas_interpret".
+    kernel_blocks: optional (block_q, block_k) for the Pallas pass-2 kernel.
+    """
+    _check_top_k(top_k)
+    kind, interpret = resolve_impl(impl, q.shape[-1], allowed=IMPLS + ("blocked",))
+    if kind == "ref":
+        return topk_attention_ref(q, k, v, top_k)
+    return _topk_attention(q, k, v, top_k, (kind, interpret, kernel_blocks))
+
+
+__all__ = ["topk_attention", "topk_attention_ref", "TIE_TOLERANCE"]

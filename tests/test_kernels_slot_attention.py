@@ -1,0 +1,161 @@
+"""Slot attention: the Pallas kernels (interpreted on the CPU) against the jnp twin, the twin against
+a per-query numpy loop, the dispatcher, and lowering of both kernels for TPU and CUDA."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import slot_attention, slot_attention_ref
+from pallas_kernels.slot_attention import slot_attention_gpu, slot_attention_tpu
+
+TOL = 2e-6
+
+
+def make_inputs(seed, batch, n_q, n_heads, n_kv, head_dim, n_slots, valid_fraction=0.8, dtype=jnp.float32):
+    """Random q/k/v, slots holding shuffled positions 0..S-1, the queries at the last Q positions.
+    (numpy's generator: eager jax.random costs seconds per new shape.)"""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+    q = normal(batch, n_q, n_heads, head_dim)
+    k = normal(batch, n_slots, n_kv, head_dim)
+    v = normal(batch, n_slots, n_kv, head_dim)
+    slot_positions = jnp.asarray(np.stack([rng.permutation(n_slots) for _ in range(batch)]), jnp.int32)
+    slot_valid = jnp.asarray(rng.random((batch, n_slots)) < valid_fraction)
+    q_positions = jnp.broadcast_to(jnp.arange(n_slots - n_q, n_slots, dtype=jnp.int32), (batch, n_q))
+    return q, k, v, q_positions, slot_positions, slot_valid
+
+
+# (batch, Q, H, G, D, S): GQA ratios 1, 3 and 8; Q = 1 (R = 0) and 9 (R = 8); S not a multiple
+# of the 16-slot test block (and, for the TPU kernel, of the 128 it rounds to).
+GRID = [
+    (1, 1, 2, 2, 16, 37),
+    (3, 9, 6, 2, 32, 40),
+    (1, 9, 8, 1, 16, 80),
+    (3, 1, 24, 3, 16, 23),
+]
+
+KERNELS = {
+    "tpu": functools.partial(slot_attention_tpu, block_slots=16, interpret=pltpu.InterpretParams()),
+    "gpu": functools.partial(slot_attention_gpu, block_slots=16, n_split=2, interpret=True),
+    "ref": slot_attention_ref,
+}
+
+
+def run(kernel, inputs, return_mass=True):
+    """Jitted: un-jitted, every op of the wrappers compiles on its own (seconds per call)."""
+    return jax.jit(functools.partial(KERNELS[kernel], return_mass=return_mass))(*inputs)
+
+
+def assert_close(actual, expected, tol):
+    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: "B{}-Q{}-H{}-G{}-D{}-S{}".format(*s))
+def test_kernel_matches_twin(kernel, shape):
+    inputs = make_inputs(0, *shape)
+    out, mass = run(kernel, inputs)
+    ref_out, ref_mass = run("ref", inputs)
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
+    assert mass.shape == ref_mass.shape and mass.dtype == jnp.float32
+    assert_close(out, ref_out, TOL)
+    assert_close(mass, ref_mass, TOL)
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+def test_kernel_without_mass(kernel):
+    inputs = make_inputs(1, 2, 9, 6, 2, 16, 37)
+    assert_close(run(kernel, inputs, return_mass=False), run("ref", inputs, return_mass=False), TOL)
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+def test_one_valid_slot(kernel):
+    """All slots invalid but one: each row copies that slot's value or, if it lies in the row's
+    future (batch 1), sees nothing and is zero."""
+    q, k, v, q_positions, slot_positions, _ = make_inputs(2, 3, 9, 6, 2, 16, 37)
+    target = jnp.array([5, 30, 12])
+    slot_valid = jnp.arange(37)[None, :] == target[:, None]
+    slot_positions = slot_positions.at[0, 5].set(0).at[2, 12].set(0)
+    slot_positions = slot_positions.at[1, 30].set(100)  # after every query of batch 1
+    inputs = (q, k, v, q_positions, slot_positions, slot_valid)
+    out, mass = run(kernel, inputs)
+    ref_out, ref_mass = run("ref", inputs)
+    assert_close(out, ref_out, TOL)
+    assert_close(mass, ref_mass, TOL)
+    np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
+    assert_close(out[0], jnp.repeat(v[0, 5], 3, axis=0)[None].repeat(9, axis=0), TOL)
+    assert_close(mass[2].sum(-1), jnp.full((9, 2), 3.0), TOL)
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+def test_bfloat16(kernel):
+    inputs = make_inputs(3, 2, 9, 6, 2, 32, 40, dtype=jnp.bfloat16)
+    out, mass = run(kernel, inputs)
+    ref_out, ref_mass = run("ref", inputs)
+    assert out.dtype == jnp.bfloat16
+    assert_close(out, ref_out, 2e-2)
+    assert_close(mass, ref_mass, 2e-2)
+
+
+def test_twin_matches_numpy_loop():
+    q, k, v, q_positions, slot_positions, slot_valid = map(np.asarray, make_inputs(4, 2, 3, 6, 2, 16, 11))
+    out, mass = run("ref", (q, k, v, q_positions, slot_positions, slot_valid))
+    group = 3
+    for b in range(2):
+        for i in range(3):
+            seen = slot_valid[b] & (slot_positions[b] <= q_positions[b, i])
+            expected_mass = np.zeros((2, 11))
+            for h in range(6):
+                logits = k[b, :, h // group] @ q[b, i, h] / 4.0
+                p = np.where(seen, np.exp(logits - logits[seen].max()), 0.0)
+                p /= p.sum()
+                np.testing.assert_allclose(out[b, i, h], p @ v[b, :, h // group], atol=1e-5)
+                expected_mass[h // group] += p
+            np.testing.assert_allclose(mass[b, i], expected_mass, atol=1e-6)
+
+
+def test_dispatcher():
+    inputs = make_inputs(5, 1, 1, 6, 2, 16, 20)
+    ref = slot_attention_ref(*inputs, return_mass=True)
+    assert jax.default_backend() == "cpu"
+    for got, want in zip(slot_attention(*inputs, return_mass=True), ref):  # "auto" on the CPU: the twin
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    interpreted = jax.jit(functools.partial(slot_attention, return_mass=True, impl="pallas_interpret"))
+    for got, want in zip(interpreted(*inputs), ref):
+        assert_close(got, want, TOL)
+    with pytest.raises(ValueError, match="impl='pallas' needs a TPU or GPU"):
+        slot_attention(*inputs, impl="pallas")
+    allowed = "'auto', 'ref', 'pallas', 'pallas_interpret'"
+    with pytest.raises(ValueError, match=f"impl must be one of {allowed}; got impl='xla'"):
+        slot_attention(*inputs, impl="xla")
+
+
+def test_gpu_kernel_rejects_non_triton_sizes():
+    inputs = make_inputs(6, 1, 1, 2, 1, 24, 20)
+    with pytest.raises(ValueError, match=r"head_dim \(24\) and block_slots \(64\) to be powers of two >= 16"):
+        slot_attention_gpu(*inputs, interpret=True)
+
+
+def abstract_inputs(dtype):
+    batch, n_q, n_heads, n_kv, head_dim, n_slots = 2, 9, 9, 3, 64, 1000
+    return (jax.ShapeDtypeStruct((batch, n_q, n_heads, head_dim), dtype),
+            jax.ShapeDtypeStruct((batch, n_slots, n_kv, head_dim), dtype),
+            jax.ShapeDtypeStruct((batch, n_slots, n_kv, head_dim), dtype),
+            jax.ShapeDtypeStruct((batch, n_q), jnp.int32),
+            jax.ShapeDtypeStruct((batch, n_slots), jnp.int32),
+            jax.ShapeDtypeStruct((batch, n_slots), jnp.bool_))
+
+
+@pytest.mark.parametrize("platform, kernel, custom_call", [
+    ("tpu", slot_attention_tpu, "tpu_custom_call"),
+    ("cuda", slot_attention_gpu, "__gpu$xla.gpu.triton"),
+])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_lowers(platform, kernel, custom_call, dtype):
+    """Lowering on this CPU machine runs Pallas -> Mosaic / Triton IR (not the backend compiler)."""
+    f = jax.jit(functools.partial(kernel, return_mass=True))
+    text = f.trace(*abstract_inputs(dtype)).lower(lowering_platforms=(platform,)).as_text()
+    assert custom_call in text

@@ -1,0 +1,303 @@
+"""Cache policies and ADORE's release/rebuild loop against independent references."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adore_jax
+from adore_jax import cache as kv_cache
+from adore_jax import controller as ctrl
+from adore_jax import timing
+from adore_jax.model import (BlockInput, attention_inputs, attention_output, forward, forward_block, init_params,
+                             lm_logits, mlp_block, rms_norm)
+from adore_jax.policies import TopKSlotAttention
+from adore_jax.rope import inverse_frequencies
+
+PROMPT = 4
+
+
+def distance_controller(embed_dim, scores_by_distance):
+    """A query-aware controller whose score of token i for query t is scores_by_distance[t - i].
+
+    GRU weights are zero, so z stays 0; a learned position table carries the score.
+    """
+    scores = np.asarray(scores_by_distance, np.float32)
+    offset = 1e4  # keeps the MLP's relu input positive
+    config = ctrl.ControllerConfig(embed_dim=embed_dim, width=2, hidden=1, score_form="query_aware",
+                                   position_embedding="learned", max_positions=len(scores))
+    params = jax.tree_util.tree_map(jnp.zeros_like, ctrl.init_controller(config, jax.random.key(0)))
+    params.update(positions=jnp.stack([jnp.asarray(scores), jnp.zeros_like(scores)], axis=1),
+                  w_1=jnp.array([[1.0], [0.0]]), b_1=jnp.array([offset]), w_2=jnp.array([1.0]),
+                  b_2=jnp.array(-offset))
+    return config, params
+
+
+def recency_controller(embed_dim, length=512):
+    return distance_controller(embed_dim, -np.arange(length))
+
+
+@pytest.fixture(scope="module")
+def sequences(tiny_model):
+    return np.random.default_rng(7).integers(3, tiny_model.config.vocab_size, size=(2, 40)).astype(np.int32)
+
+
+def masked_reference_logits(model, tokens, visible):
+    """Full forward in which query position i sees key position j iff visible(i, j) (and j <= i)."""
+    def attention(q, k, v, q_positions, slot_positions, slot_valid):
+        allowed = visible(q_positions[:, :, None], slot_positions[:, None, :])  # [B, Q, S]
+        logits = jnp.einsum("bqgrd,bsgd->bgrqs", q.reshape(*q.shape[:2], k.shape[2], -1, q.shape[-1]), k)
+        logits = logits / np.sqrt(q.shape[-1])
+        mask = (allowed & slot_valid[:, None, :] & (slot_positions[:, None, :] <= q_positions[:, :, None]))
+        probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, -jnp.inf), axis=-1)
+        return jnp.einsum("bgrqs,bsgd->bqgrd", probs, v).reshape(q.shape)
+
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    cache = kv_cache.init_cache(model.config, batch, length)
+    hidden, _, _ = forward_block(model.params, model.config, cache,
+                                 BlockInput(tokens, positions, positions, jnp.ones((batch, length), bool)),
+                                 attention=attention)
+    return np.asarray(lm_logits(model.params, hidden))
+
+
+def policy_logits(model, sequences, **options):
+    _, logits = adore_jax.teacher_force(model, sequences, PROMPT, return_logits=True, **options)
+    return logits  # [B, T - PROMPT, V]: predictions for positions PROMPT..T-1
+
+
+@pytest.mark.parametrize("options", [
+    dict(policy="window"), dict(policy="streaming_llm"), dict(policy="h2o"), dict(policy="tova"),
+    dict(policy="oracle_topk", attn_top_k=64), dict(policy="adore"), dict(policy="adore", cache_update="onehot"),
+    dict(policy="window", cache_update="onehot"),
+], ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_every_policy_equals_full_attention_when_nothing_is_released(tiny_model, sequences, options):
+    if options["policy"] == "adore":
+        options = dict(options, controller=ctrl_random(tiny_model))
+    logits = policy_logits(tiny_model, sequences, cache_size=64, **options)
+    full = np.asarray(forward(tiny_model.params, tiny_model.config, sequences))[:, PROMPT - 1:-1]
+    np.testing.assert_allclose(logits, full, atol=1e-4)
+
+
+def ctrl_random(model):
+    config = ctrl.ControllerConfig(embed_dim=model.config.hidden_size, width=16, hidden=8)
+    return config, ctrl.init_controller(config, jax.random.key(1))
+
+
+def test_window_equals_sliding_window_reference(tiny_model, sequences):
+    m = 6
+    logits = policy_logits(tiny_model, sequences, policy="window", cache_size=m)
+    reference = masked_reference_logits(tiny_model, sequences, lambda i, j: i - j <= m)[:, PROMPT - 1:-1]
+    np.testing.assert_allclose(logits, reference, atol=1e-4)
+    full = np.asarray(forward(tiny_model.params, tiny_model.config, sequences))[:, PROMPT - 1:-1]
+    assert np.max(np.abs(logits - full)) > 1e-2, "the window released nothing: the test proves nothing"
+
+
+def test_streaming_llm_keeps_exactly_sinks_and_recent(tiny_model, sequences):
+    m, sinks = 8, 2
+    logits = policy_logits(tiny_model, sequences, policy="streaming_llm", cache_size=m, sinks=sinks)
+    reference = masked_reference_logits(tiny_model, sequences, lambda i, j: (j < sinks) | (i - j <= m - sinks))
+    np.testing.assert_allclose(logits, reference[:, PROMPT - 1:-1], atol=1e-4)
+    out = adore_jax.generate(tiny_model, [[5, 6, 7], [8, 9, 10, 11, 12]], max_new_tokens=20, policy="streaming_llm",
+                             cache_size=m, sinks=sinks, return_state=True)
+    for row, length in enumerate((3, 5)):
+        last = length + 20 - 2  # the last token fed to the model
+        kept = np.asarray(out.cache.slot_positions[row])[np.asarray(out.cache.slot_valid[row])]
+        assert sorted(kept.tolist()) == [0, 1] + list(range(last - (m - sinks) + 1, last + 1))
+
+
+def test_oracle_topk_attends_exactly_to_each_querys_top_k():
+    rng = np.random.default_rng(3)
+    batch, n_q, heads, kv_heads, dim, slots, top_k = 2, 3, 4, 2, 8, 12, 5
+    q = rng.normal(size=(batch, n_q, heads, dim)).astype(np.float32)
+    k = rng.normal(size=(batch, slots, kv_heads, dim)).astype(np.float32)
+    v = rng.normal(size=(batch, slots, kv_heads, dim)).astype(np.float32)
+    slot_positions = np.stack([rng.permutation(slots) for _ in range(batch)]).astype(np.int32)
+    slot_valid = rng.random((batch, slots)) > 0.15
+    q_positions = np.array([[6, 9, 11], [4, 10, 11]], np.int32)
+    out = np.asarray(TopKSlotAttention(top_k)(q, k, v, q_positions, slot_positions, slot_valid))
+    for b in range(batch):
+        for i in range(n_q):
+            for h in range(heads):
+                g = h // (heads // kv_heads)
+                seen = [s for s in range(slots) if slot_valid[b, s] and slot_positions[b, s] <= q_positions[b, i]]
+                logits = {s: q[b, i, h] @ k[b, s, g] / np.sqrt(dim) for s in seen}
+                chosen = sorted(seen, key=lambda s: -logits[s])[:top_k]
+                weights = np.exp([logits[s] - max(logits.values()) for s in chosen])
+                expected = (weights / weights.sum()) @ v[b, chosen, g]
+                np.testing.assert_allclose(out[b, i, h], expected, atol=1e-5)
+
+
+def test_oracle_topk_changes_logits_when_k_is_small(tiny_model, sequences):
+    small = policy_logits(tiny_model, sequences, policy="oracle_topk", attn_top_k=3)
+    full = np.asarray(forward(tiny_model.params, tiny_model.config, sequences))[:, PROMPT - 1:-1]
+    assert np.max(np.abs(small - full)) > 1e-2
+
+
+def test_adore_with_a_recency_controller_equals_window(tiny_model, sequences):
+    controller = recency_controller(tiny_model.config.hidden_size)
+    adore = policy_logits(tiny_model, sequences, policy="adore", cache_size=6, controller=controller)
+    window = policy_logits(tiny_model, sequences, policy="window", cache_size=6)
+    np.testing.assert_allclose(adore, window, atol=1e-5)
+    adaptive = policy_logits(tiny_model, sequences, policy="adore", cache_size=6, rebuild=2, adaptive_rebuild=True,
+                             controller=controller)
+    np.testing.assert_allclose(adaptive, window, atol=1e-5)  # nothing released ever outranks a cached token
+
+
+class EventReference:
+    """Hand-assembled ADORE: every token computation is an event attending an explicit set of events."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+        self.inv_freq = jnp.asarray(inverse_frequencies(model.config))
+        self.events = []  # dicts: position, k, v (per layer [G, D])
+
+    def run_block(self, tokens, positions, context):
+        """Compute events for `tokens` at `positions`, attending `context` event ids and each other causally."""
+        params, config = self.model.params, self.config
+        x = params["embed"][jnp.asarray(tokens)][None]  # [1, Q, E]
+        pos = jnp.asarray(positions)[None]
+        ks, vs = [], []
+        for l, layer in enumerate(params["layers"]):
+            q, k, v = attention_inputs(layer, config, rms_norm(x, layer["attn_norm"], config.rms_norm_eps), pos,
+                                       self.inv_freq)
+            keys = jnp.concatenate([jnp.stack([self.events[e]["k"][l] for e in context])[None], k], axis=1) \
+                if context else k
+            values = jnp.concatenate([jnp.stack([self.events[e]["v"][l] for e in context])[None], v], axis=1) \
+                if context else v
+            key_pos = np.array([self.events[e]["position"] for e in context] + list(positions))
+            group = config.num_heads // config.num_kv_heads
+            logits = jnp.einsum("qhd,shd->hqs", q[0], jnp.repeat(keys[0], group, axis=1)) / np.sqrt(config.head_dim)
+            mask = key_pos[None, :] <= np.array(positions)[:, None]
+            probs = jax.nn.softmax(jnp.where(mask[None], logits, -jnp.inf), axis=-1)
+            attn = jnp.einsum("hqs,shd->qhd", probs, jnp.repeat(values[0], group, axis=1))[None]
+            x = mlp_block(layer, config, attention_output(layer, x, attn))
+            ks.append(k[0])
+            vs.append(v[0])
+        ids = []
+        for i, p in enumerate(positions):
+            self.events.append(dict(position=p, k=[kl[i] for kl in ks], v=[vl[i] for vl in vs]))
+            ids.append(len(self.events) - 1)
+        hidden = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+        return ids, np.asarray(lm_logits(params, hidden[0, -1]))
+
+
+def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False):
+    """Logits of every step and the rebuilt positions, from the event reference."""
+    ref = EventReference(model)
+    cache, _ = ref.run_block(tokens[:PROMPT], list(range(PROMPT)), [])
+    logits, rebuilt = [], []
+    for t in range(PROMPT, len(tokens) - 1):
+        score = {i: score_of_distance[t - i] for i in range(t + 1)}
+        cached_positions = {ref.events[e]["position"] for e in cache}
+        released = sorted((i for i in range(t) if i not in cached_positions), key=lambda i: -score[i])
+        picked = released[:rebuild]
+        if adaptive:
+            weakest = min(score[p] for p in cached_positions)
+            picked = [i for i in picked if score[i] > weakest]
+        picked = sorted(picked)
+        block_ids, step_logits = ref.run_block([tokens[i] for i in picked] + [tokens[t]], picked + [t], cache)
+        logits.append(step_logits)
+        rebuilt.append(picked)
+        candidates = cache + block_ids
+        cache = sorted(candidates, key=lambda e: -score[ref.events[e]["position"]])[:m]
+    return np.stack(logits), rebuilt
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention(tiny_model, sequences, adaptive):
+    """Scores fall with distance except at distance 5, where a token jumps to the top: once released
+    (m = 4), it must come back through the rebuild block and then stay in the cache for that step."""
+    m, rebuild, boosted = 4, 1, 5
+    scores = -np.arange(64, dtype=np.float32)
+    scores[boosted] = 100.0
+    controller = distance_controller(tiny_model.config.hidden_size, scores)
+    tokens = sequences[:1, :24]
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, policy="adore",
+                                        cache_size=m, rebuild=rebuild, adaptive_rebuild=adaptive,
+                                        controller=controller)
+    expected, rebuilt = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, adaptive)
+    assert any(t - boosted in picks for t, picks in zip(range(PROMPT, 24), rebuilt)), "no boosted token was rebuilt"
+    np.testing.assert_allclose(logits[0, 1:], expected, atol=1e-4)
+    out = adore_jax.generate(tiny_model, [tokens[0, :PROMPT].tolist()], max_new_tokens=16, policy="adore",
+                             cache_size=m, rebuild=rebuild, adaptive_rebuild=adaptive, controller=controller,
+                             return_state=True)
+    last = PROMPT + 16 - 2
+    kept = np.asarray(out.cache.slot_positions[0])[np.asarray(out.cache.slot_valid[0])]
+    assert last - boosted in kept.tolist(), "the rebuilt token did not enter the cache"
+    if adaptive:
+        assert 0 < out.stats["rebuild_steps"] < 15
+
+
+def test_batch_rows_are_independent(tiny_model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [12] * 13]
+    controller = ctrl_random(tiny_model)
+    for options in (dict(policy="adore", rebuild=2, controller=controller), dict(policy="h2o"), dict(policy="tova")):
+        batch = adore_jax.generate(tiny_model, prompts, max_new_tokens=20, cache_size=6, **options)
+        for prompt, ids in zip(prompts, batch.token_ids):
+            assert adore_jax.generate(tiny_model, [prompt], max_new_tokens=20, cache_size=6, **options).token_ids[0] == ids
+
+
+def test_decoding_length_never_changes_the_compiled_step():
+    """64 and 4096 decoded tokens run the same compiled chunk: no shape depends on n."""
+    config = adore_jax.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
+                                   num_kv_heads=1, head_dim=16, max_position_embeddings=8192)
+    model = adore_jax.Model(config, init_params(config, jax.random.key(0)), None, "tiny-long")
+    controller = ctrl.ControllerConfig(embed_dim=32, width=8, hidden=4)
+    options = dict(policy="adore", cache_size=32, rebuild=2, max_length=4224, decode_chunk=63,
+                   controller=(controller, ctrl.init_controller(controller, jax.random.key(0))))
+    adore_jax.generate(model, [[1, 2, 3]], max_new_tokens=64, **options)
+    with timing.track_compiles() as stats:
+        out = adore_jax.generate(model, [[1, 2, 3]], max_new_tokens=4096, **options)
+    assert out.stats["decode_steps"] == 4095
+    assert stats.count == 0, f"{stats.count} compilations"
+
+
+def test_chunked_prefill_memory_is_bounded_by_m_plus_chunk(tiny_model):
+    """The compiled prefill's temporaries do not grow with the prompt; the cache is m + chunk slots."""
+    from adore_jax.api import _prepare
+    from adore_jax.decode import prefill
+    from adore_jax.policies import CacheConfig
+
+    sizes = {}
+    for length in (64, 200):
+        prep = _prepare(tiny_model, [[7] * length], 8, CacheConfig("window", cache_size=16, prefill_chunk=16),
+                        None, None, None, "auto")
+        assert prep.cache.num_slots == 16 + 16
+        compiled = prefill.lower(tiny_model.params, {}, prep.cache, prep.ps, prep.tokens, prep.lengths,
+                                 plan=prep.plan, chunk=prep.chunk).compile()
+        sizes[length] = compiled.memory_analysis().temp_size_in_bytes
+    assert sizes[200] <= 1.1 * sizes[64], sizes
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(policy="window", cache_size=0), r"cache_size \(m\) must be >= 1"),
+    (dict(policy="window"), r"cache_size \(m\) must be >= 1"),
+    (dict(policy="adore", cache_size=8, rebuild=-1), r"rebuild \(R\) must be >= 0"),
+    (dict(policy="adore", cache_size=8, rebuild=8), r"rebuild \(R=8\) must be < cache_size \(m=8\)"),
+    (dict(policy="window", cache_size=8, attn_top_k=9), r"attn_top_k \(K\) must be in \[1, cache_size=8\]"),
+    (dict(policy="streaming_llm", cache_size=8, sinks=4, recent=5), r"sinks \+ recent \(4 \+ 5\) must be <= "),
+    (dict(policy="window", cache_size=300, max_length=256), r"cache_size \(300\) must be <= max_length \(256\)"),
+    (dict(policy="lru", cache_size=8), "policy must be one of full, window"),
+    (dict(policy="oracle_topk"), "needs attn_top_k"),
+    (dict(policy="window", cache_size=8, rebuild=2), "only for policy 'adore'"),
+    (dict(policy="adore", cache_size=8), "needs a controller"),
+])
+def test_bad_cache_configuration_is_refused(tiny_model, options, message):
+    with pytest.raises(ValueError, match=message):
+        adore_jax.generate(tiny_model, [[1, 2, 3]], max_new_tokens=4, **options)
+
+
+def test_controller_for_another_model_is_refused(tiny_model, tmp_path):
+    config = ctrl.ControllerConfig(embed_dim=tiny_model.config.hidden_size + 1, width=8, hidden=4)
+    ctrl.save_controller(str(tmp_path / "c"), config, ctrl.init_controller(config, jax.random.key(0)))
+    with pytest.raises(ValueError, match="built for embedding width 65, but the model's is 64"):
+        adore_jax.generate(tiny_model, [[1, 2, 3]], max_new_tokens=4, policy="adore", cache_size=8,
+                           controller=str(tmp_path / "c"))
+    good = dataclasses.replace(config, embed_dim=tiny_model.config.hidden_size)
+    params = ctrl.init_controller(good, jax.random.key(0))
+    ctrl.save_controller(str(tmp_path / "good"), good, params)
+    loaded_config, loaded = ctrl.load_controller(str(tmp_path / "good"), tiny_model.config.hidden_size)
+    assert loaded_config == good
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
