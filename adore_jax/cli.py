@@ -16,8 +16,34 @@ def _add_generate(subparsers):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--cache-size", type=int, default=None, help="cache slots (default: as needed)")
+    _add_cache_options(p)
     p.set_defaults(run=_run_generate)
+
+
+def _add_cache_options(p):
+    """Cache-policy flags; they override the keys of --config (a YAML file, see configs/policies/)."""
+    p.add_argument("--config", help="YAML file of cache options (configs/policies/*.yaml)")
+    p.add_argument("--policy", help="full, window, streaming_llm, h2o, tova, oracle_topk or adore")
+    p.add_argument("--cache-size", type=int, help="m: tokens kept (full: cache slots)")
+    p.add_argument("--rebuild", type=int, help="R: released tokens rebuilt per step (adore)")
+    p.add_argument("--adaptive-rebuild", action="store_const", const=True,
+                   help="run the rebuild block only when a released token outranks a cached one")
+    p.add_argument("--attn-top-k", type=int, help="K of top-K attention (oracle_topk)")
+    p.add_argument("--sinks", type=int, help="first tokens always kept")
+    p.add_argument("--recent", type=int, help="most recent tokens always kept")
+    p.add_argument("--controller", help="trained controller directory (adore; default: the model's)")
+
+
+def cache_options(args) -> dict:
+    """generate() keyword arguments from --config and the cache flags."""
+    from adore_jax.configfile import CACHE_KEYS, read_config
+
+    options = read_config(args.config) if args.config else {}
+    for key in CACHE_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            options[key] = value
+    return options
 
 
 class _StreamPrinter:
@@ -44,14 +70,15 @@ def _run_generate(args):
     printer = _StreamPrinter(model) if args.stream else None
     out = adore_jax.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             seed=args.seed, cache_size=args.cache_size, stream=printer)
+                             seed=args.seed, stream=printer, **cache_options(args))
     for i, (prompt, text) in enumerate(zip(args.prompt, out.texts)):
         if printer is not None and i == 0:
             print()
             continue
         print(f"--- [{i}] {prompt}\n{text}")
     s = out.stats
-    print(f"[timing] batch {s['batch']}, prompt tokens {s['prompt_tokens']}: prefill {s['prefill_s']:.2f} s, "
+    print(f"[timing] {s['policy']}, batch {s['batch']}, prompt tokens {s['prompt_tokens']}: "
+          f"prefill {s['prefill_s']:.2f} s, "
           f"decode {s['decode_steps']} steps at {s['ms_per_step']:.1f} ms/step "
           f"({s['decode_tokens_per_s']:.1f} tokens/s), compile {s['compile_s']:.1f} s")
 

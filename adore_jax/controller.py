@@ -97,16 +97,26 @@ def token_features(config: ControllerConfig, params, states, positions):
     return features
 
 
-def score(config: ControllerConfig, params, features, key_positions, query_state, query_position):
+def distance_table(config: ControllerConfig, params, max_distance: int):
+    """W_1 p_d for every distance d in [0, max_distance): [max_distance, h]. Query-aware scoring
+    looks rows up here instead of embedding and projecting n distances every step."""
+    return position_embedding(config, params, jnp.arange(max_distance)) @ params["w_1"]
+
+
+def score(config: ControllerConfig, params, features, key_positions, query_state, query_position, table=None):
     """Score logits of past tokens for one query per sequence.
 
-    features: [B, N, h]; key_positions: [B, N] or [N]; query_state: [B, c]; query_position: [B].
+    features: [B, N, h]; key_positions: [B, N] or [N]; query_state: [B, c]; query_position: [B];
+    table: optional `distance_table` covering every distance that occurs.
     Returns [B, N] float32 (higher = more likely in the query's top-K).
     """
     pre = features + params["b_1"]
     if config.score_form == "query_aware":
         distance = jnp.maximum(query_position[:, None] - key_positions, 0)  # [B, N]
-        pre = pre + position_embedding(config, params, distance) @ params["w_1"]
+        if table is None:
+            pre = pre + position_embedding(config, params, distance) @ params["w_1"]
+        else:
+            pre = pre + table[jnp.minimum(distance, table.shape[0] - 1)]
         pre = pre + (query_state @ params["u"])[:, None, :]
     return jax.nn.relu(pre) @ params["w_2"] + params["b_2"]
 

@@ -96,10 +96,18 @@ def _advance_controller(plan, params, cparams, ps: PolicyState, tokens, position
         features=ps.features.at[rows, where].set(features, mode="drop"))
 
 
-def _controller_scores(plan, cparams, ps: PolicyState, query_position):
+def _distance_table(plan, cparams, ps: PolicyState):
+    """The controller's per-distance features for every distance in the buffer (adore), else None."""
+    if plan.cache.policy != "adore" or plan.controller.score_form != "query_aware":
+        return None
+    return ctrl.distance_table(plan.controller, cparams, ps.token_ids.shape[1])
+
+
+def _controller_scores(plan, cparams, ps: PolicyState, query_position, table):
     """Score logits of every buffered token for the current query: [B, N]; unseen tokens -inf."""
     n = ps.token_ids.shape[1]
-    scores = ctrl.score(plan.controller, cparams, ps.features, jnp.arange(n), ps.controller_state, query_position)
+    scores = ctrl.score(plan.controller, cparams, ps.features, jnp.arange(n), ps.controller_state, query_position,
+                        table)
     return jnp.where(jnp.arange(n)[None, :] <= query_position[:, None], scores, -jnp.inf)
 
 
@@ -162,7 +170,7 @@ def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, ch
         token_scores = None
         if plan.cache.policy == "adore":
             ps = _advance_controller(plan, params, cparams, ps, chunk_tokens, positions, valid)
-            token_scores = _controller_scores(plan, cparams, ps, current)
+            token_scores = _controller_scores(plan, cparams, ps, current, table)
         block = block_for(plan, cache, chunk_tokens, positions, valid)
         hidden, cache, ps = _run_block(plan, params, cache, ps, block, last_row)
         if plan.cache.bounded:
@@ -172,12 +180,13 @@ def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, ch
         last_hidden = jnp.where(jnp.any(is_last, axis=1)[:, None], found, last_hidden)
         return (cache, ps, last_hidden), None
 
+    table = _distance_table(plan, cparams, ps)
     last_hidden = jnp.zeros((batch, plan.model.hidden_size), params["embed"].dtype)
     (cache, ps, last_hidden), _ = jax.lax.scan(consume, (cache, ps, last_hidden), (chunks, starts))
     return lm_logits(params, last_hidden), cache, ps
 
 
-@functools.partial(jax.jit, static_argnames=("num_slots",), donate_argnames=("cache", "ps"))
+@functools.partial(jax.jit, static_argnames=("num_slots",))
 def compact(cache, ps, *, num_slots: int):
     """Shrink a bounded cache to `num_slots` slots, valid slots first (after a wide prefill)."""
     order = jnp.argsort(~cache.slot_valid, axis=1, stable=True)[:, :num_slots]  # [B, S']
@@ -192,14 +201,14 @@ def compact(cache, ps, *, num_slots: int):
     return cache, ps
 
 
-def _decode_block(plan, params, cparams, cache, ps, token, position):
+def _decode_block(plan, params, cparams, cache, ps, token, position, table):
     """One decoding step's model work. Returns (hidden of the current token [B, E], cache, ps)."""
     batch = token.shape[0]
     current = BlockInput(token[:, None], position[:, None], None, jnp.ones((batch, 1), bool))
     token_scores = None
     if plan.cache.policy == "adore":
         ps = _advance_controller(plan, params, cparams, ps, current.tokens, current.positions, current.valid)
-        token_scores = _controller_scores(plan, cparams, ps, position)
+        token_scores = _controller_scores(plan, cparams, ps, position, table)
 
     def current_only(cache, ps):
         block = block_for(plan, cache, current.tokens, current.positions, current.valid)
@@ -257,10 +266,11 @@ def decode(params, cparams, cache, ps, state: DecodeState, temperature, top_k, t
     A finished sequence emits `pad_id` from the step after its end-of-sequence token.
     """
     eos_ids = jnp.asarray(plan.model.eos_token_ids or (-1,), jnp.int32)
+    table = _distance_table(plan, cparams, ps)
 
     def step(carry, forced_next):
         cache, ps, state = carry
-        hidden, cache, ps = _decode_block(plan, params, cparams, cache, ps, state.token, state.position)
+        hidden, cache, ps = _decode_block(plan, params, cparams, cache, ps, state.token, state.position, table)
         logits = lm_logits(params, hidden)
         key, subkey = jax.random.split(state.key)
         token = sample(logits, subkey, temperature, top_k, top_p, greedy=greedy)

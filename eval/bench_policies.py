@@ -1,0 +1,144 @@
+"""Decode speed of every cache policy at long contexts, and where the time of an ADORE step goes.
+
+Each configuration decodes from a cache already holding a context of n tokens (random K/V at the
+real shapes; a step's cost does not depend on the values), so an 8k context costs no 8k prefill.
+All rows come from one run: compare them as ratios (full attention = 1).
+
+    python eval/bench_policies.py --out runs/bench_policies.json
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import adore_jax
+from adore_jax import cache as kv_cache
+from adore_jax import controller as ctrl
+from adore_jax import decode
+from adore_jax.api import DEFAULT_CONTROLLERS
+from adore_jax.policies import CacheConfig
+
+POLICY_ROWS = {
+    "full": dict(policy="full"),
+    "window": dict(policy="window"),
+    "streaming_llm": dict(policy="streaming_llm"),
+    "h2o": dict(policy="h2o"),
+    "tova": dict(policy="tova"),
+    "adore R=0": dict(policy="adore"),
+    "adore R=8": dict(policy="adore", rebuild=8),
+    "adore R=8 adaptive": dict(policy="adore", rebuild=8, adaptive_rebuild=True),
+}
+# Extra rows that split an ADORE step into its parts (differences of these, same batch and context).
+BREAKDOWN_ROWS = {
+    "window m=16": dict(policy="window", cache_size=16),  # ~ the weights alone
+    "window onehot": dict(policy="window", cache_update="onehot"),  # matrix-slicing cache update
+}
+
+
+def synthetic_state(model, plan, batch, context, max_length, rng):
+    """Cache, policy state and decode state of sequences that have seen `context` tokens."""
+    cfg = plan.cache
+    slots = cfg.cache_size + cfg.block_rows if cfg.bounded else max_length
+    kept = min(context, cfg.cache_size) if cfg.bounded else context
+    cache = kv_cache.init_cache(model.config, batch, slots, model.dtype)
+    shape = cache.k[0].shape
+    k = tuple(jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.5) for _ in cache.k)
+    v = tuple(jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.5) for _ in cache.v)
+    positions = np.zeros((batch, slots), np.int32)
+    positions[:, :kept] = np.arange(context - kept, context)
+    valid = np.zeros((batch, slots), bool)
+    valid[:, :kept] = True
+    cache = kv_cache.KVCache(k, v, jnp.asarray(positions), jnp.asarray(valid))
+    ps = decode.init_policy_state(plan, batch, slots, max_length)
+    if cfg.policy == "adore":
+        ps = dataclasses.replace(
+            ps, token_ids=jnp.asarray(rng.integers(0, model.config.vocab_size, ps.token_ids.shape, dtype=np.int32)),
+            features=jnp.asarray(rng.normal(size=ps.features.shape).astype(np.float32)))
+    state = decode.DecodeState(jnp.asarray(rng.integers(0, model.config.vocab_size, batch, dtype=np.int32)),
+                               jnp.full((batch,), context, jnp.int32), jnp.zeros((batch,), bool),
+                               jax.random.key(0))
+    return cache, ps, state
+
+
+def time_steps(model, plan, cparams, batch, context, steps, repeats, rng):
+    """Median ms/step of `steps`-step decode chunks (compiled once beforehand)."""
+    max_length = -(-(context + (repeats + 1) * steps + 1) // 128) * 128
+    cache, ps, state = synthetic_state(model, plan, batch, context, max_length, rng)
+    run = dict(plan=plan, num_steps=steps, greedy=True, pad_id=0)
+    args = (jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
+    times = []
+    for i in range(repeats + 1):  # the first run compiles
+        start = time.perf_counter()
+        out, cache, ps, state = jax.block_until_ready(
+            decode.decode(model.params, cparams, cache, ps, state, *args, **run))
+        if i:
+            times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times)) / steps, int(ps.rebuild_steps)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--context", type=int, nargs="+", default=[1024, 4096, 8064])
+    parser.add_argument("--cache-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per timed chunk")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--policies", nargs="+", default=list(POLICY_ROWS) + list(BREAKDOWN_ROWS))
+    parser.add_argument("--out", default="runs/bench_policies.json")
+    args = parser.parse_args()
+
+    model = adore_jax.load_model(args.model)
+    model = dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_ids=()))
+    controller_path = DEFAULT_CONTROLLERS.get(args.model)
+    if controller_path and os.path.isdir(controller_path):
+        controller_cfg, cparams = ctrl.load_controller(controller_path, model.config.hidden_size)
+    else:  # the cost of a step does not depend on the controller's values
+        controller_cfg = ctrl.ControllerConfig(embed_dim=model.config.hidden_size)
+        cparams = ctrl.init_controller(controller_cfg, jax.random.key(0))
+    rows_by_name = {**POLICY_ROWS, **BREAKDOWN_ROWS}
+    rng = np.random.default_rng(0)
+    results = []
+    print(f"{'batch':>5} {'context':>7} {'policy':<20} {'ms/step':>8} {'tokens/s':>9} {'vs full':>8} {'rebuild%':>8}")
+    for batch in args.batch:
+        for context in args.context:
+            full_ms = None
+            for name in args.policies:
+                options = {"cache_size": args.cache_size, **rows_by_name[name]}
+                if options["policy"] == "full":
+                    options.pop("cache_size")
+                cfg = CacheConfig(**options).validate(max_length=context + 4096)
+                plan = decode.DecodePlan(model.config, cfg, controller_cfg if cfg.policy == "adore" else None)
+                ms, rebuild_steps = time_steps(model, plan, cparams if cfg.policy == "adore" else {}, batch, context,
+                                               args.steps, args.repeats, rng)
+                full_ms = ms if name == "full" else full_ms
+                fired = 100.0 * rebuild_steps / ((args.repeats + 1) * args.steps) if cfg.rebuild else float("nan")
+                row = dict(batch=batch, context=context, policy=name, ms_per_step=ms, tokens_per_s=1e3 * batch / ms,
+                           speedup_vs_full=(full_ms / ms) if full_ms else None, rebuild_fired_pct=fired)
+                results.append(row)
+                ratio = f"{full_ms / ms:7.2f}x" if full_ms else "       -"
+                print(f"{batch:>5} {context:>7} {name:<20} {ms:>8.1f} {row['tokens_per_s']:>9.1f} {ratio:>8} "
+                      f"{fired:>8.0f}", flush=True)
+            by = {r["policy"]: r["ms_per_step"] for r in results if r["batch"] == batch and r["context"] == context}
+            if {"window m=16", "window", "adore R=0", "adore R=8"} <= set(by):
+                parts = dict(weights=by["window m=16"], attention=by["window"] - by["window m=16"],
+                             controller=by["adore R=0"] - by["window"], rebuild=by["adore R=8"] - by["adore R=0"])
+                results.append(dict(batch=batch, context=context, breakdown_ms=parts))
+                print(f"      breakdown of an ADORE R=8 step (ms): " +
+                      ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(model=args.model, cache_size=args.cache_size, steps=args.steps,
+                       machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
+                                    backend=jax.default_backend()), rows=results), f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
