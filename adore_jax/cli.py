@@ -2,6 +2,8 @@
 import argparse
 import sys
 
+from train import cli as train_cli
+
 
 def _add_generate(subparsers):
     p = subparsers.add_parser("generate", help="generate text from prompts")
@@ -87,13 +89,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="adore", description="ADORE adaptive token release for JAX")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
+    train_cli.add_subcommands(subparsers)
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        result = args.run(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"adore {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""Config-driven runs: every shipped config loads; typos and bad overrides are refused clearly."""
+import argparse
+import glob
+import os
+
+import pytest
+
+from train import cli
+from train.config import ConfigError, ControllerTrainConfig, FinetuneConfig, LabelsConfig, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = {"labels": LabelsConfig, "train": ControllerTrainConfig, "finetune": FinetuneConfig}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
+def test_shipped_configs_load(path):
+    kind = os.path.basename(path).split("_")[0]
+    if kind in KINDS:
+        load_config(KINDS[kind], path)
+
+
+def test_typo_names_key_and_closest_valid_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: x\nlabels_dir: y\noptim:\n  learnin_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"'optim.learnin_rate'; did you mean 'learning_rate'"):
+        load_config(ControllerTrainConfig, str(path))
+    with pytest.raises(ConfigError, match=r"'batchsize'; did you mean 'batch_size'"):
+        load_config(ControllerTrainConfig, str(path), ["batchsize=4"])
+    with pytest.raises(ConfigError, match="must be int"):
+        load_config(FinetuneConfig, None, ["run_dir=x", "steps=many"])
+    with pytest.raises(ConfigError, match="missing required key"):
+        load_config(ControllerTrainConfig, None, ["run_dir=x"])
+
+
+def test_cli_subcommands_parse_and_apply_overrides(tmp_path):
+    parser = argparse.ArgumentParser()
+    cli.add_subcommands(parser.add_subparsers(dest="command", required=True))
+    config = os.path.join(REPO, "configs", "train_controller_tiny.yaml")
+    args = parser.parse_args(["train-controller", config, "--set", "steps=3", "--set", "optim.clip_norm=0.5"])
+    assert args.run is cli.run_train_controller and args.overrides == ["steps=3", "optim.clip_norm=0.5"]
+    loaded = load_config(ControllerTrainConfig, args.config, args.overrides)
+    assert loaded.steps == 3 and loaded.optim.clip_norm == 0.5
+    bad = parser.parse_args(["train-controller", config, "--set", "optim.clipnorm=1"])
+    with pytest.raises(ConfigError, match="clip_norm"):
+        bad.run(bad)
+    missing = parser.parse_args(["train-controller", config, "--set", f"labels_dir={tmp_path}/none",
+                                 "--set", f"run_dir={tmp_path}/run"])
+    with pytest.raises(FileNotFoundError, match="labels_meta.json"):
+        missing.run(missing)
+    for name in ("labels", "finetune"):
+        assert parser.parse_args([name, "x.yaml"]).run.__name__ == f"run_{name}"

@@ -1,0 +1,76 @@
+"""Controller training: kill-and-resume is bit-identical; loss falls; bad checkpoints refused."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from adore_jax.controller import load_controller
+from train import labels
+from train.config import ControllerTrainConfig, DataConfig, LabelsConfig, load_config
+from train.controller_training import train_controller
+from train.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_labels(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("labels")
+    config = LabelsConfig(run_dir=str(directory), top_k=4, batch_size=4, data=DataConfig(
+        dataset="news", seq_len=48, min_tokens=16, train_sequences=12, validation_sequences=4))
+    labels.run_labels(config, tiny_model())
+    return str(directory)
+
+
+def _config(run_dir, labels_dir, *overrides):
+    return load_config(ControllerTrainConfig, None, [
+        f"run_dir={run_dir}", f"labels_dir={labels_dir}", "steps=8", "batch_size=4", "log_every=1",
+        "eval_every=0", "checkpoint_every=4", "queries_per_sequence=16", "controller.width=16",
+        "controller.hidden=16", "optim.learning_rate=1e-2", "optim.warmup_steps=2", *overrides])
+
+
+def _digests(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["data_digest"], r["loss"]) for r in map(json.loads, f) if "data_digest" in r]
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, tiny_labels):
+    model = tiny_model()
+    whole = _config(tmp_path / "whole", tiny_labels)
+    train_controller(whole, model_params=model.params)
+    killed = _config(tmp_path / "killed", tiny_labels)
+    assert train_controller(killed, stop_after=5, model_params=model.params) == {"stopped_at": 5}
+    assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["4"]  # step 5 was never saved
+    # the restarted run resumes from step 4; its step 5 overwrites nothing and replays the same batch
+    train_controller(killed, model_params=model.params)
+    resumed = _digests(tmp_path / "killed")
+    whole_log = _digests(tmp_path / "whole")
+    assert dict((s, d) for s, d, _ in resumed) == dict((s, d) for s, d, _ in whole_log)
+    assert [loss for s, _, loss in resumed if s > 5] == [loss for s, _, loss in whole_log if s > 5]
+    _, a = load_controller(str(tmp_path / "whole" / "controller"), model.config.hidden_size)
+    _, b = load_controller(str(tmp_path / "killed" / "controller"), model.config.hidden_size)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert os.path.isfile(tmp_path / "whole" / "loss.png") and os.path.isfile(tmp_path / "whole" / "config.yaml")
+
+
+def test_static_form_loss_falls(tmp_path, tiny_labels):  # query_aware: the resume test and the real-text test
+    form = "static"
+    config = _config(tmp_path / form, tiny_labels, "steps=20", f"controller.score_form={form}", "checkpoint_every=0")
+    summary = train_controller(config, model_params=tiny_model().params)
+    losses = [loss for _, _, loss in _digests(tmp_path / form)]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3])
+    assert 0 <= summary["eval_recall_controller@m=1K"] <= 1
+
+
+def test_checkpoint_of_other_shape_refused(tmp_path, tiny_labels):
+    model = tiny_model()
+    train_controller(_config(tmp_path / "run", tiny_labels, "steps=2", "checkpoint_every=2"), model_params=model.params)
+    wider = _config(tmp_path / "run", tiny_labels, "steps=4", "controller.width=24")
+    with pytest.raises(ValueError, match="different model shape"):
+        train_controller(wider, model_params=model.params)
+
+
+def test_missing_labels_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="labels_meta.json"):
+        train_controller(_config(tmp_path / "run", str(tmp_path / "nolabels")), model_params=tiny_model().params)

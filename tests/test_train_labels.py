@@ -1,0 +1,119 @@
+"""Top-K labels: equal to a brute-force numpy top-K; compact storage; bad input refused."""
+import numpy as np
+import pytest
+
+from train import labels
+from train.config import DataConfig, LabelsConfig
+from train.testing import tiny_model
+
+
+def _rms(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def _rope(x, inv_freq):
+    angles = np.arange(x.shape[0])[:, None] * inv_freq  # [T, D/2]
+    cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
+    x1, x2 = np.split(x, 2, -1)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def numpy_attention(params, cfg, tokens):
+    """Brute force: per layer, per head attention probabilities [L, H, T, T] of one sequence."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items() if k != "layers"}
+    layers = [{k: np.asarray(v, np.float64) for k, v in layer.items()} for layer in params["layers"]]
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
+    x, t, out = p["embed"][tokens], len(tokens), []
+    group = cfg.num_heads // cfg.num_kv_heads
+    for layer in layers:
+        h = _rms(x, layer["attn_norm"], cfg.rms_norm_eps)
+        q = _rope((h @ layer["wq"]).reshape(t, cfg.num_heads, -1), inv_freq)
+        k = _rope((h @ layer["wk"]).reshape(t, cfg.num_kv_heads, -1), inv_freq)
+        v = (h @ layer["wv"]).reshape(t, cfg.num_kv_heads, -1)
+        k, v = np.repeat(k, group, 1), np.repeat(v, group, 1)
+        logits = np.einsum("thd,shd->hts", q, k) / np.sqrt(cfg.head_dim)
+        logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out.append(probs)
+        x = x + np.einsum("hts,shd->thd", probs, v).reshape(t, -1) @ layer["wo"]
+        h = _rms(x, layer["mlp_norm"], cfg.rms_norm_eps)
+        gate = h @ layer["w_gate"]
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ layer["w_up"])) @ layer["w_down"]
+    return np.stack(out)
+
+
+def brute_force_labels(probs, top_k, aggregation):
+    """[L, H, T, T] -> [T, T] bool by sorting each row in numpy."""
+    layers, heads, t, _ = probs.shape
+    mask = np.zeros((t, t), bool)
+    for query in range(t):
+        if aggregation == "union":
+            for l in range(layers):
+                for h in range(heads):
+                    mask[query, np.argsort(-probs[l, h, query, :query + 1])[:top_k]] = True
+            continue
+        per_layer = probs[:, :, query, :query + 1].mean(1)
+        stat = per_layer.mean(0) if aggregation == "mean" else per_layer.max(0)
+        mask[query, np.argsort(-stat)[:top_k]] = True
+    return mask
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "max", "union"])
+def test_labels_equal_brute_force_top_k(aggregation):
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    length, valid_length, top_k = 24, 20, 5
+    tokens = np.zeros((2, length), np.int32)
+    tokens[:, :valid_length] = rng.integers(2, 258, (2, valid_length))
+    valid = np.arange(length)[None] < np.array([[valid_length], [length]])
+    got, hits = labels.label_pass_jit(model.params, model.config, tokens, valid, top_k=top_k,
+                                      aggregation=aggregation, cache_sizes=(5, 10))
+    got = np.asarray(got)
+    for b, n in enumerate((valid_length, length)):
+        probs = numpy_attention(model.params, model.config, tokens[b, :n])
+        want = brute_force_labels(probs, top_k, aggregation)
+        np.testing.assert_array_equal(got[b, :n, :n], want)
+        assert not got[b, n:].any() and not got[b, :, n:].any()
+    counts = got[1].sum(-1)
+    if aggregation != "union":  # exactly min(t + 1, K) keys per query
+        np.testing.assert_array_equal(counts, np.minimum(np.arange(length) + 1, top_k))
+    assert np.all(np.asarray(hits)[1, :, 0] <= counts) and np.all(np.asarray(hits)[1, :, 1] >= np.asarray(hits)[1, :, 0])
+
+
+def test_records_are_compact_and_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    mask = np.tril(rng.random((30, 30)) < 0.2)
+    offsets, indices = labels.mask_to_csr(mask)
+    record = labels.encode_record(np.arange(30), offsets, indices, np.zeros((30, 2)))
+    path = str(tmp_path / "x.array_record")
+    assert labels.write_records(path, [record, record]) == 2
+    back = labels.LabelSource(path)[1]
+    assert back["indices"].dtype == np.uint16 and len(back["indices"]) == mask.sum()
+    np.testing.assert_array_equal(labels.csr_to_mask(back["offsets"], back["indices"], 30), mask)
+
+
+def _config(tmp_path, **data):
+    base = dict(dataset="news", seq_len=64, min_tokens=16, train_sequences=4, validation_sequences=2)
+    return LabelsConfig(run_dir=str(tmp_path / "labels"), top_k=4, data=DataConfig(**{**base, **data}))
+
+
+def test_run_labels_writes_splits_and_meta(tmp_path):
+    meta = labels.run_labels(_config(tmp_path), tiny_model())
+    assert meta["sequences"] == {"train": 4, "validation": 2} and meta["cache_sizes"] == [4, 8, 16]
+    assert len(labels.LabelSource(str(tmp_path / "labels" / "train.array_record"))) == 4
+
+
+def test_bad_label_inputs_are_refused(tmp_path):
+    import dataclasses
+    model = tiny_model()
+    with pytest.raises(ValueError, match="top_k=100 must be between 1 and the sequence length 64"):
+        labels.run_labels(dataclasses.replace(_config(tmp_path), top_k=100), model)
+    with pytest.raises(ValueError, match="no rows of at least 100000 tokens: the dataset is empty"):
+        labels.run_labels(_config(tmp_path, seq_len=200000, min_tokens=100000), model)
+    with pytest.raises(ValueError, match="aggregation"):
+        labels.run_labels(dataclasses.replace(_config(tmp_path), aggregation="sum"), model)
+    with pytest.raises(Exception, match="(?i)split"):
+        list(labels.document_rows(DataConfig(dataset="news"), "nosuchsplit", model.tokenizer, 1))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        labels.LabelSource(str(tmp_path / "missing.array_record"))

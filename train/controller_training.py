@@ -1,0 +1,257 @@
+"""Train the ADORE controller on top-K labels (ADORE.md 2): BCE over all pairs i <= t.
+
+    summary = train_controller(load_config(ControllerTrainConfig, "configs/train_controller_smollm2.yaml"))
+
+Held-out metrics, per cache size m (= K x the labels' eval_cache_multiples), over the queries t
+whose history is longer than m (shorter ones keep everything, recall 1 for every method):
+  recall@m     |top-m controller scores of keys <= t  ∩  label set of t| / |label set of t|
+  precision@m  the same hits / m
+  recency / h2o recall@m: the last m tokens; the top-m accumulated attention (from the labels pass)
+The kept set is the best m for each query on its own (no release history), so it measures how
+well the score ranks keys, the quantity ADORE's release step relies on.
+"""
+import json
+import os
+import zlib
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adore_jax.controller import ControllerConfig, encode_sequence, init_controller, pairwise_scores, score, \
+    save_controller
+from train import labels as label_io
+from train import sharding
+from train.config import ControllerTrainConfig, save_config
+from train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics
+
+
+class DenseLabels(grain.transforms.Map):
+    """A decoded label record -> fixed-shape arrays of padded length T."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def map(self, record):
+        n, t = len(record["tokens"]), self.length
+        tokens = np.zeros(t, np.int32)
+        tokens[:n] = record["tokens"]
+        valid = np.arange(t) < n
+        labels = np.zeros((t, t), bool)
+        labels[:n, :n] = label_io.csr_to_mask(record["offsets"], record["indices"], n)
+        hits = np.zeros((t, record["h2o_hits"].shape[1]), np.int32)
+        hits[:n] = record["h2o_hits"]
+        return {"tokens": tokens, "valid": valid, "labels": labels, "h2o_hits": hits}
+
+
+def label_iterator(source, length: int, batch_size: int, seed: int, shuffle: bool = True, num_epochs=None):
+    """Checkpointable batches of dense labels: grain shuffles anew every epoch."""
+    dataset = grain.MapDataset.source(source)
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    dataset = dataset.repeat(num_epochs).map(DenseLabels(length))
+    return iter(dataset.to_iter_dataset().batch(batch_size, drop_remainder=num_epochs is None))
+
+
+def query_scores(config: ControllerConfig, params, states, features, query_index):
+    """Score logits of every key for some queries: states [B,T,c], features [B,T,h], query_index [Q]
+    -> [B, Q, T] (callers mask keys after the query)."""
+    batch, length = states.shape[:2]
+    positions = jnp.arange(length)
+
+    def one(t):
+        return score(config, params, features, positions, states[:, t], jnp.full((batch,), t))
+
+    return jax.vmap(one, out_axes=1)(query_index)
+
+
+def pair_mask(valid, query_index):
+    """[B,T] valid, [Q] queries -> [B,Q,T] bool: key i <= t, both real tokens."""
+    keys = jnp.arange(valid.shape[1])
+    return (keys[None, None, :] <= query_index[None, :, None]) & valid[:, None, :] & valid[:, query_index, None]
+
+
+def controller_loss(config: ControllerConfig, params, embed, batch, query_index, positive_weight=1.0):
+    """Mean BCE over the pairs (t in query_index, i <= t) of real tokens. Returns (loss, metrics)."""
+    x = jax.lax.stop_gradient(embed[batch["tokens"]])  # the LLM's frozen input embeddings [B,T,E]
+    states, features, _ = encode_sequence(config, params, x, batch["valid"])
+    logits = query_scores(config, params, states, features, query_index)  # [B,Q,T]
+    targets = batch["labels"][:, query_index, :]
+    mask = pair_mask(batch["valid"], query_index)
+    weight = jnp.where(targets, positive_weight, 1.0) * mask
+    bce = optax.sigmoid_binary_cross_entropy(logits, targets.astype(jnp.float32))
+    loss = jnp.sum(bce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    return loss, {"loss": loss}
+
+
+def sample_queries(key, length: int, count: int):
+    if count <= 0 or count >= length:
+        return jnp.arange(length)
+    return jnp.sort(jax.random.choice(key, length, (count,), replace=False))
+
+
+def make_train_step(config: ControllerConfig, optimizer, queries: int, positive_weight: float, seed: int):
+    def train_step(state, embed, batch, step):
+        query_index = sample_queries(jax.random.fold_in(jax.random.key(seed), step), batch["tokens"].shape[1],
+                                     queries)
+        grad_fn = jax.value_and_grad(controller_loss, argnums=1, has_aux=True)
+        (_, metrics), grads = grad_fn(config, state["params"], embed, batch, query_index, positive_weight)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return {"params": params, "opt_state": opt_state}, metrics
+    return train_step
+
+
+def eval_counts(config: ControllerConfig, params, embed, batch, cache_sizes):
+    """Per-query counts for the held-out metrics: dict of [B,T] / [B,T,M] arrays."""
+    x = embed[batch["tokens"]]
+    valid, labels = batch["valid"], batch["labels"]
+    states, features, _ = encode_sequence(config, params, x, valid)
+    logits = pairwise_scores(config, params, states, features)  # [B,T,T]
+    length = valid.shape[1]
+    allowed = pair_mask(valid, jnp.arange(length))
+    bce = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
+    masked = jnp.where(allowed, logits, -jnp.inf)
+    keys = jnp.arange(length)
+    hits, recent = [], []
+    for m in cache_sizes:
+        kth = jax.lax.top_k(masked, min(m, length))[0][..., -1]
+        hits.append(jnp.sum(labels & allowed & (masked >= kth[..., None]), axis=-1))
+        in_window = keys[None, :] > keys[:, None] - m  # [T,T]
+        recent.append(jnp.sum(labels & allowed & in_window[None], axis=-1))
+    predicted = allowed & (logits > 0)
+    return {
+        "hits": jnp.stack(hits, -1), "recency_hits": jnp.stack(recent, -1),
+        "labels": jnp.sum(labels & allowed, -1),
+        "bce_sum": jnp.sum(jnp.where(allowed, bce, 0.0), -1), "pairs": jnp.sum(allowed, -1),
+        "true_positive": jnp.sum(predicted & labels, -1), "predicted": jnp.sum(predicted, -1),
+    }
+
+
+def evaluate(eval_fn, params, embed, batches, cache_sizes, top_k):
+    """Aggregate held-out metrics over batches (see the module doc)."""
+    sums = {}
+    recall = {name: {m: [] for m in cache_sizes} for name in ("controller", "recency", "h2o")}
+    precision = {m: [] for m in cache_sizes}
+    for batch in batches:
+        counts = jax.device_get(eval_fn(params, embed, {k: batch[k] for k in ("tokens", "valid", "labels")}))
+        for key in ("bce_sum", "pairs", "true_positive", "predicted", "labels"):
+            sums[key] = sums.get(key, 0) + float(np.sum(counts[key]))
+        positions = np.arange(batch["valid"].shape[1])
+        for j, m in enumerate(cache_sizes):
+            use = batch["valid"] & (positions[None] + 1 > m) & (counts["labels"] > 0)
+            n = np.maximum(counts["labels"], 1)
+            recall["controller"][m].append((counts["hits"][..., j] / n)[use])
+            recall["recency"][m].append((counts["recency_hits"][..., j] / n)[use])
+            recall["h2o"][m].append((batch["h2o_hits"][..., j] / n)[use])
+            precision[m].append((counts["hits"][..., j] / m)[use])
+    metrics = {
+        "eval_loss": sums["bce_sum"] / max(sums["pairs"], 1),
+        "eval_precision@0.5": sums["true_positive"] / max(sums["predicted"], 1),
+        "eval_recall@0.5": sums["true_positive"] / max(sums["labels"], 1),
+    }
+    for m in cache_sizes:
+        tag = f"m={m}" if m % top_k else f"m={m // top_k}K"
+        for name, values in recall.items():
+            joined = np.concatenate(values[m]) if values[m] else np.zeros(0)
+            metrics[f"eval_recall_{name}@{tag}"] = float(joined.mean()) if joined.size else float("nan")
+        joined = np.concatenate(precision[m]) if precision[m] else np.zeros(0)
+        metrics[f"eval_precision@{tag}"] = float(joined.mean()) if joined.size else float("nan")
+    return metrics
+
+
+def _eval_batches(source, length, count):
+    total = len(source) if count <= 0 else min(count, len(source))
+    dense = DenseLabels(length)
+    for index in range(total):
+        record = dense.map(source[index])
+        yield {k: v[None] for k, v in record.items()}
+
+
+def _digest(tokens) -> int:
+    return zlib.crc32(np.ascontiguousarray(np.asarray(tokens)).tobytes())
+
+
+def train_controller(config: ControllerTrainConfig, stop_after=None, model_params=None) -> dict:
+    """Run (or resume) one controller training run; returns the final held-out metrics.
+
+    stop_after: end right after this step (and its checkpoint), as if killed: for resume tests.
+    model_params: the LLM params (only `embed` is used); None loads config.model.
+    """
+    run_dir = os.path.abspath(config.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(config, os.path.join(run_dir, "config.yaml"))
+    sharding.initialize_distributed(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
+    meta = label_io.read_meta(config.labels_dir)
+    length, top_k = meta["seq_len"], meta["top_k"]
+    cache_sizes = tuple(meta["cache_sizes"])
+    train_source = label_io.LabelSource(os.path.join(config.labels_dir, "train.array_record"))
+    eval_source = label_io.LabelSource(os.path.join(config.labels_dir, "validation.array_record"))
+    if model_params is None:
+        from adore_jax import load_model
+        model_params = load_model(config.model).params
+    embed = model_params["embed"]
+    if meta.get("embed_shape") and list(embed.shape) != list(meta["embed_shape"]):
+        raise ValueError(f"labels in {config.labels_dir!r} were made with embeddings {meta['embed_shape']}, "
+                         f"but model {config.model!r} has {list(embed.shape)}")
+    ccfg = ControllerConfig(embed_dim=embed.shape[1], **vars(config.controller))
+    optimizer, schedule = make_optimizer(config.optim, config.steps)
+    params = init_controller(ccfg, jax.random.key(config.seed))
+    state = {"params": params, "opt_state": optimizer.init(params)}
+    state_shardings = sharding.tree_shardings(state, mesh, sharding.LLM_RULES)
+    state = jax.device_put(state, state_shardings)
+    embed = sharding.shard_tree({"embed": embed}, mesh, sharding.LLM_RULES)["embed"]
+
+    iterator = label_iterator(train_source, length, config.batch_size, config.seed)
+    checkpoints = Checkpoints(os.path.join(run_dir, "checkpoints"), config.max_to_keep, config.checkpoint_every)
+    start = 0
+    if checkpoints.latest_step() is not None:
+        start = checkpoints.latest_step()
+        state, data_state, _ = checkpoints.restore(start, state)
+        iterator.set_state(data_state)
+
+    step_fn = jax.jit(make_train_step(ccfg, optimizer, config.queries_per_sequence, config.positive_weight,
+                                      config.seed), out_shardings=(state_shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(lambda p, e, b: eval_counts(ccfg, p, e, b, cache_sizes))
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), config.steps, start, desc="controller")
+
+    def run_eval(step):
+        metrics = evaluate(eval_fn, state["params"], embed, _eval_batches(eval_source, length, config.eval_sequences),
+                           cache_sizes, top_k)
+        return log.log(step, **metrics)
+
+    for step in range(start, config.steps):
+        batch = next(iterator)
+        device_batch = sharding.shard_batch({k: batch[k] for k in ("tokens", "valid", "labels")}, mesh)
+        state, metrics = step_fn(state, embed, device_batch, jnp.asarray(step, jnp.int32))
+        done = step + 1
+        log.advance()
+        if done % config.log_every == 0 or done == config.steps:
+            log.log(done, **jax.device_get(metrics), learning_rate=float(schedule(step)),
+                    data_digest=_digest(batch["tokens"]))
+        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+            run_eval(done)
+        checkpoints.save(done, state, iterator.get_state(), {"step": done, "top_k": top_k},
+                         force=done == config.steps)
+        if stop_after is not None and done >= stop_after:
+            log.close()
+            checkpoints.close()
+            return {"stopped_at": done}
+    final = run_eval(config.steps)
+    log.close()
+    checkpoints.close()
+    export_dir = config.export_dir or os.path.join(run_dir, "controller")
+    save_controller(export_dir, ccfg, jax.device_get(state["params"]))
+    if jax.process_index() == 0:
+        metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        plot_metrics(metrics_path, os.path.join(run_dir, "loss.png"), ["loss", "eval_loss", "grad_norm"])
+        recall_keys = [k for k in final if k.startswith("eval_recall_")]
+        plot_metrics(metrics_path, os.path.join(run_dir, "recall.png"), recall_keys)
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({**final, "export_dir": export_dir, "top_k": top_k, "cache_sizes": list(cache_sizes)}, f,
+                      indent=2)
+    return final

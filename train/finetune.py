@@ -1,0 +1,145 @@
+"""Sparse fine-tuning (ADORE.md 1): next-token loss under top-K attention, LoRA or full weights.
+
+    summary = finetune(load_config(FinetuneConfig, "configs/finetune_smollm2.yaml"))
+
+Rows are single documents truncated to seq_len (not packed): the top-K kernel is causal without
+segment ids, and a row's padding sits after its document, where no real query can see it. At the
+end the adapters are merged and the model is exported as a Hugging Face directory (config.json +
+model.safetensors + tokenizer), which `adore_jax.load_model(export_dir)` loads.
+"""
+import json
+import os
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train import lora as lora_lib
+from train import sharding
+from train.config import FinetuneConfig, save_config
+from train.forward import forward_logits, make_attention, next_token_loss
+from train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics
+
+
+def model_params(trainable, frozen, lora_scale):
+    """The params the forward sees: base + adapters (LoRA) or the trainable params themselves."""
+    return trainable if lora_scale is None else lora_lib.apply_lora(frozen, trainable, lora_scale)
+
+
+def loss_fn(trainable, frozen, model_config, batch, attention, lora_scale):
+    params = model_params(trainable, frozen, lora_scale)
+    logits = forward_logits(params, model_config, batch["tokens"], batch["positions"], attention)
+    loss, count = next_token_loss(logits, batch["tokens"], batch["segment_ids"])
+    return loss, {"loss": loss, "tokens": count}
+
+
+def make_train_step(model_config, optimizer, attention, lora_scale):
+    """(state {params, opt_state}, frozen, batch) -> (state, metrics); lora_scale None = full FT."""
+    def train_step(state, frozen, batch):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(state["params"], frozen, model_config, batch, attention, lora_scale)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, metrics
+    return train_step
+
+
+def decay_mask(params):
+    """AdamW weight decay on matrices only (not norms or biases)."""
+    return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def setup_training(config: FinetuneConfig, base_params, total_steps):
+    """(trainable params, frozen params or None, lora scale or None, optimizer, schedule)."""
+    if config.lora.enabled:
+        lora_lib.check_targets(config.lora.targets)
+        trainable = lora_lib.init_lora(base_params, config.lora.rank, config.lora.targets,
+                                       jax.random.key(config.seed))
+        frozen, scale = base_params, config.lora.alpha / config.lora.rank
+    else:
+        trainable, frozen, scale = base_params, None, None
+    optimizer, schedule = make_optimizer(config.optim, total_steps, mask=decay_mask)
+    return trainable, frozen, scale, optimizer, schedule
+
+
+def _batches(config: FinetuneConfig, tokenizer, split, num_epochs, shuffle):
+    from adore_jax.data import BatchConfig, batch_iterator, load_split
+
+    records = load_split(config.data.dataset, split, config.data.data_dir)
+    return batch_iterator(records, tokenizer, BatchConfig(
+        seq_len=config.data.seq_len, batch_size=config.batch_size, pack=False, shuffle=shuffle,
+        seed=config.data.seed, num_epochs=num_epochs, drop_remainder=True))
+
+
+def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
+    """Run (or resume) a sparse fine-tune; returns the final metrics. See train_controller for stop_after."""
+    run_dir = os.path.abspath(config.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(config, os.path.join(run_dir, "config.yaml"))
+    if config.attention == "topk" and not 1 <= config.top_k <= config.data.seq_len:
+        raise ValueError(f"top_k={config.top_k} must be between 1 and the sequence length {config.data.seq_len}")
+    sharding.initialize_distributed(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
+    if model is None:
+        from adore_jax import load_model
+        model = load_model(config.model, config.dtype)
+    attention = make_attention(config.attention, config.top_k, impl=config.kernel_impl)
+    trainable, frozen, scale, optimizer, schedule = setup_training(config, model.params, config.steps)
+    state = {"params": trainable, "opt_state": optimizer.init(trainable)}
+    state_shardings = sharding.tree_shardings(state, mesh, sharding.LLM_RULES)
+    state = jax.device_put(state, state_shardings)
+    if frozen is not None:
+        frozen = sharding.shard_tree(frozen, mesh, sharding.LLM_RULES)
+
+    iterator = _batches(config, model.tokenizer, "train", None, True)
+    checkpoints = Checkpoints(os.path.join(run_dir, "checkpoints"), config.max_to_keep, config.checkpoint_every)
+    start = checkpoints.latest_step() or 0
+    if start:
+        state, data_state, _ = checkpoints.restore(start, state)
+        iterator.set_state(data_state)
+
+    step_fn = jax.jit(make_train_step(model.config, optimizer, attention, scale),
+                      out_shardings=(state_shardings, None), donate_argnums=0)
+    eval_loss = jax.jit(lambda p, f, b: loss_fn(p, f, model.config, b, attention, scale)[1])
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), config.steps, start, desc="finetune")
+
+    def run_eval(step):
+        total, count = 0.0, 0.0
+        batches = _batches(config, model.tokenizer, "validation", 1, False)
+        for _, batch in zip(range(config.eval_batches), batches):
+            metrics = jax.device_get(eval_loss(state["params"], frozen, sharding.shard_batch(batch, mesh)))
+            total += float(metrics["loss"]) * float(metrics["tokens"])
+            count += float(metrics["tokens"])
+        mean = total / max(count, 1.0)
+        return log.log(step, eval_loss=mean, eval_perplexity=float(np.exp(mean)))
+
+    for step in range(start, config.steps):
+        batch = next(iterator)
+        state, metrics = step_fn(state, frozen, sharding.shard_batch(batch, mesh))
+        done = step + 1
+        log.advance()
+        if done % config.log_every == 0 or done == config.steps:
+            log.log(done, **jax.device_get(metrics), learning_rate=float(schedule(step)),
+                    data_digest=zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes()))
+        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+            run_eval(done)
+        checkpoints.save(done, state, iterator.get_state(), {"step": done}, force=done == config.steps)
+        if stop_after is not None and done >= stop_after:
+            log.close()
+            checkpoints.close()
+            return {"stopped_at": done}
+    final = run_eval(config.steps)
+    log.close()
+    checkpoints.close()
+    trained = jax.device_get(state["params"])
+    merged = trained if scale is None else lora_lib.merge_lora(jax.device_get(frozen), trained, scale)
+    export_dir = config.export_dir or os.path.join(run_dir, "model")
+    if jax.process_index() == 0:
+        lora_lib.export_hf(export_dir, merged, model.config, model.tokenizer)
+        plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"),
+                     ["loss", "eval_loss", "grad_norm"])
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({**final, "export_dir": export_dir}, f, indent=2)
+    return {**final, "export_dir": export_dir}

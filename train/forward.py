@@ -1,0 +1,106 @@
+"""Whole-sequence training forward built from the model's layer pieces, with a pluggable attention.
+
+    hidden, aux = forward_hidden(params, config, tokens, positions, attention)
+
+`attention(q [B,T,H,D], k [B,T,G,D], v [B,T,G,D]) -> (out [B,T,H,D], aux)`; `aux` is collected per
+layer (labels use it for attention statistics; training returns None). Masks live in the attention
+function: `full_attention` (causal, optionally within packed segments) and `sparse_attention`
+(top-K causal, the backbone's fine-tuning target, ADORE.md 1).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from adore_jax.config import ModelConfig
+from adore_jax.model import attention_inputs, attention_output, lm_logits, mlp_block, rms_norm
+from adore_jax.rope import inverse_frequencies
+
+NEG_INF = -1e30
+
+
+def attention_mask(length, segment_ids=None):
+    """Causal (and same-segment) mask: [T] or [B,T] segment ids -> [1 or B, T_q, T_k] bool."""
+    causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+    if segment_ids is None:
+        return causal[None]
+    return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+
+def attention_logits(q, k):
+    """Scaled logits with GQA: q [B,T,H,D], k [B,S,G,D] -> [B,H,T,S] float32."""
+    batch, length, heads, dim = q.shape
+    groups = k.shape[2]
+    qg = q.reshape(batch, length, groups, heads // groups, dim)
+    logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
+    return logits.reshape(batch, heads, length, k.shape[1]) * dim ** -0.5
+
+
+def attend(probs, v):
+    """probs [B,H,T,S] x v [B,S,G,D] -> [B,T,H,D] in v's dtype."""
+    batch, heads, length, _ = probs.shape
+    groups, dim = v.shape[2], v.shape[3]
+    pg = probs.reshape(batch, groups, heads // groups, length, -1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", pg, v)
+    return out.reshape(batch, length, heads, dim)
+
+
+def attention_probs(q, k, segment_ids=None):
+    """Full causal softmax attention probabilities [B,H,T,T] float32 (0 where masked)."""
+    mask = attention_mask(q.shape[1], segment_ids)[:, None]  # [B|1, 1, T, T]
+    logits = jnp.where(mask, attention_logits(q, k), NEG_INF)
+    return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+
+
+def full_attention(q, k, v, segment_ids=None):
+    """Causal softmax attention within segments: -> (out [B,T,H,D], None)."""
+    return attend(attention_probs(q, k, segment_ids), v), None
+
+
+def sparse_attention(q, k, v, top_k, impl="auto"):
+    """Top-K causal attention via the kernel package (no segment support: use unpacked rows,
+    whose padding sits after the document, so real queries never see it)."""
+    from pallas_kernels.topk_attention import topk_attention
+    return topk_attention(q, k, v, top_k, impl=impl), None
+
+
+def make_attention(kind: str, top_k: int = 0, segment_ids=None, impl: str = "auto"):
+    """The attention function of a training config: kind "full" or "topk"."""
+    if kind == "full":
+        return functools.partial(full_attention, segment_ids=segment_ids)
+    if kind == "topk":
+        return functools.partial(sparse_attention, top_k=top_k, impl=impl)
+    raise ValueError(f"attention must be 'full' or 'topk'; got {kind!r}")
+
+
+def forward_hidden(params, config: ModelConfig, tokens, positions, attention):
+    """tokens, positions [B,T] int32 -> (final hidden [B,T,E], per-layer aux list)."""
+    inv_freq = jnp.asarray(inverse_frequencies(config))
+    x = params["embed"][tokens]
+    aux = []
+    for layer in params["layers"]:
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = attention_inputs(layer, config, h, positions, inv_freq)
+        out, layer_aux = attention(q, k, v)
+        aux.append(layer_aux)
+        x = mlp_block(layer, config, attention_output(layer, x, out))
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), aux
+
+
+def forward_logits(params, config: ModelConfig, tokens, positions, attention):
+    """tokens, positions [B,T] -> logits [B,T,V] float32."""
+    hidden, _ = forward_hidden(params, config, tokens, positions, attention)
+    return lm_logits(params, hidden)
+
+
+def next_token_loss(logits, tokens, segment_ids):
+    """Mean cross-entropy of next-token prediction within segments.
+
+    logits [B,T,V], tokens, segment_ids [B,T]. Returns (loss, number of predicted tokens).
+    """
+    targets = tokens[:, 1:]
+    weight = ((segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    count = jnp.sum(weight)
+    return jnp.sum(nll * weight) / jnp.maximum(count, 1.0), count

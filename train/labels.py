@@ -1,0 +1,277 @@
+"""Top-K attention labels (ADORE.md 2): which keys each query's ideal sparse attention keeps.
+
+A jit-compiled full-attention pass aggregates the attention of every layer and head into one
+[T, T] statistic per sequence and marks, per query t, its top-K keys i <= t:
+  mean   (default) top-K of the attention probability averaged over heads and layers;
+  max    top-K of max over layers of the head-averaged probability ("per-layer max");
+  union  every key in the top-K of at least one (layer, head): may be more than K keys.
+Queries with fewer than K predecessors label all of them. The same pass records, for the
+evaluation, how many label keys an H2O-style cache of size m would keep: its score is the
+accumulated mean attention sum_{s<=t} A[s, i] (computed here from full attention, so it is an
+optimistic H2O that never lost a token it later wanted).
+
+Labels are stored compactly, one ArrayRecord record per sequence (see `encode_record`): the
+tokens and, per query, a CSR list of label key indices — O(T K), never a [T, T] mask.
+"""
+import io
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.forward import attention_mask, attention_probs, attend, forward_hidden
+
+AGGREGATIONS = ("mean", "max", "union")
+
+
+def _label_attention(q, k, v, *, valid, top_k, aggregation):
+    """Full attention that also returns this layer's statistic: [B,T,T] f32 (or bool for union)."""
+    probs = attention_probs(q, k, valid.astype(jnp.int32))  # padding is its own segment (id 0)
+    if aggregation == "union":
+        mask = attention_mask(q.shape[1], valid.astype(jnp.int32))[:, None]
+        kth = _kth_largest(jnp.where(mask, probs, -1.0), top_k)
+        stat = jnp.any(mask & (probs >= kth[..., None]), axis=1)
+    else:
+        stat = jnp.mean(probs, axis=1)
+    return attend(probs, v), stat
+
+
+def _kth_largest(x, k):
+    """[..., S] -> [...]: the k-th largest entry along the last axis (k clipped to S)."""
+    return jax.lax.top_k(x, min(k, x.shape[-1]))[0][..., -1]
+
+
+def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = "mean",
+               cache_sizes: tuple = ()):
+    """tokens [B,T] int32, valid [B,T] bool (real tokens first, padding after).
+
+    Returns (labels [B,T,T] bool: key i is in query t's top-K set; h2o_hits [B,T,len(cache_sizes)]
+    int32: label keys inside the top-m of accumulated attention, per cache size m).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {aggregation!r}")
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+    def attention(q, k, v):
+        return _label_attention(q, k, v, valid=valid, top_k=top_k, aggregation=aggregation)
+
+    _, stats = forward_hidden(params, config, tokens, positions, attention)
+    allowed = attention_mask(length, valid.astype(jnp.int32)) & valid[:, None, :]  # [B,T,T]
+    mean = sum(s.astype(jnp.float32) for s in stats) / len(stats) if aggregation != "union" else None
+    if aggregation == "union":
+        labels = allowed & jnp.any(jnp.stack(stats), axis=0)
+    else:
+        stat = mean if aggregation == "mean" else jnp.max(jnp.stack(stats), axis=0)
+        stat = jnp.where(allowed, stat, -1.0)
+        labels = allowed & (stat >= _kth_largest(stat, top_k)[..., None])
+    hits = []
+    if cache_sizes:
+        if mean is None:  # union: the accumulated-attention baseline still needs mean attention
+            mean = _mean_attention(params, config, tokens, valid)
+        accumulated = jnp.where(allowed, jnp.cumsum(jnp.where(allowed, mean, 0.0), axis=1), -1.0)
+        for m in cache_sizes:
+            kept = allowed & (accumulated >= _kth_largest(accumulated, m)[..., None])
+            hits.append(jnp.sum(labels & kept, axis=-1))
+    hits = jnp.stack(hits, axis=-1).astype(jnp.int32) if hits else jnp.zeros((batch, length, 0), jnp.int32)
+    return labels, hits
+
+
+def _mean_attention(params, config, tokens, valid):
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+    def attention(q, k, v):
+        return _label_attention(q, k, v, valid=valid, top_k=1, aggregation="mean")
+
+    _, stats = forward_hidden(params, config, tokens, positions, attention)
+    return sum(stats) / len(stats)
+
+
+label_pass_jit = jax.jit(label_pass, static_argnames=("config", "top_k", "aggregation", "cache_sizes"))
+
+
+def mask_to_csr(mask):
+    """[T, T] bool -> (offsets [T+1] int32, indices [nnz] int32), row t listing its keys."""
+    rows, cols = np.nonzero(mask)
+    offsets = np.zeros(mask.shape[0] + 1, np.int64)
+    np.add.at(offsets, rows + 1, 1)
+    return np.cumsum(offsets).astype(np.int32), cols.astype(np.int32)
+
+
+def csr_to_mask(offsets, indices, length):
+    """Inverse of `mask_to_csr`: -> [length, length] bool."""
+    mask = np.zeros((length, length), bool)
+    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    mask[rows, indices] = True
+    return mask
+
+
+def encode_record(tokens, offsets, indices, h2o_hits) -> bytes:
+    """One sequence's labels as bytes (an .npz): tokens [n], CSR offsets [n+1]/indices, h2o_hits [n, M]."""
+    buffer = io.BytesIO()
+    index_dtype = np.uint16 if len(tokens) <= np.iinfo(np.uint16).max else np.int32
+    np.savez(buffer, tokens=np.asarray(tokens, np.int32), offsets=np.asarray(offsets, np.int32),
+             indices=np.asarray(indices).astype(index_dtype), h2o_hits=np.asarray(h2o_hits, np.int16))
+    return buffer.getvalue()
+
+
+def decode_record(data: bytes) -> dict:
+    with np.load(io.BytesIO(data)) as f:
+        return {name: f[name] for name in f.files}
+
+
+def write_records(path: str, records) -> int:
+    """Write encoded records (bytes) to one ArrayRecord file; returns how many."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    writer = ArrayRecordWriter(path, "group_size:1")
+    count = 0
+    for record in records:
+        writer.write(record)
+        count += 1
+    writer.close()
+    return count
+
+
+class LabelSource:
+    """Random access to a labels ArrayRecord file (a grain data source): record i -> dict."""
+
+    def __init__(self, path: str):
+        import grain
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"labels file {path!r} does not exist (run `adore labels` first)")
+        self._source = grain.sources.ArrayRecordDataSource([path])
+        self.path = path
+        if len(self._source) == 0:
+            raise ValueError(f"labels file {path!r} holds no sequences: the dataset is empty")
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, index):
+        return decode_record(self._source[index])
+
+
+def label_sequences(params, config, rows, *, top_k, aggregation="mean", cache_sizes=(), batch_size=1,
+                    progress=None):
+    """Label token rows (each a 1-D int32 array of one document, length <= T, padded to T here).
+
+    rows: an iterable of arrays that all share the padded length T = len(row) of the first.
+    Yields encoded records (bytes), one per row, in order.
+    """
+    pending = []
+
+    def flush():
+        width = len(pending[0])
+        tokens = np.zeros((batch_size, width), np.int32)
+        valid = np.zeros((batch_size, width), bool)
+        for b, (row, length) in enumerate(zip(pending, lengths)):
+            tokens[b, :length] = row[:length]
+            valid[b, :length] = True
+        labels, hits = label_pass_jit(params, config, jnp.asarray(tokens), jnp.asarray(valid), top_k=top_k,
+                                      aggregation=aggregation, cache_sizes=tuple(cache_sizes))
+        labels, hits = np.asarray(labels), np.asarray(hits)
+        out = []
+        for b, length in enumerate(lengths):
+            offsets, indices = mask_to_csr(labels[b, :length, :length])
+            out.append(encode_record(tokens[b, :length], offsets, indices, hits[b, :length]))
+        return out
+
+    lengths = []
+    for row, length in rows:
+        if top_k > len(row):
+            raise ValueError(f"top_k={top_k} is larger than the sequence length {len(row)}")
+        pending.append(row)
+        lengths.append(length)
+        if len(pending) == batch_size:
+            yield from flush()
+            if progress is not None:
+                progress.update(len(pending))
+            pending, lengths = [], []
+    if pending:
+        yield from flush()
+        if progress is not None:
+            progress.update(len(pending))
+
+
+def write_meta(directory, meta: dict):
+    with open(os.path.join(directory, "labels_meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def read_meta(directory) -> dict:
+    path = os.path.join(directory, "labels_meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labels directory {directory!r} has no labels_meta.json (run `adore labels`)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def document_rows(data_config, split: str, tokenizer, count: int):
+    """Up to `count` (0: all) rows (tokens [T] int32, length) of one split, documents truncated to
+    seq_len, shorter than min_tokens skipped, in the seeded shuffle order."""
+    from adore_jax.data import BatchConfig, batch_iterator, load_split
+
+    records = load_split(data_config.dataset, split, data_config.data_dir)
+    batches = batch_iterator(records, tokenizer, BatchConfig(
+        seq_len=data_config.seq_len, batch_size=1, pack=False, shuffle=True, seed=data_config.seed,
+        num_epochs=1, drop_remainder=False))
+    taken = 0
+    for batch in batches:
+        length = int(np.sum(batch["segment_ids"][0] > 0))
+        if length < data_config.min_tokens:
+            continue
+        yield batch["tokens"][0], length
+        taken += 1
+        if count and taken >= count:
+            return
+
+
+def run_labels(config, model=None) -> dict:
+    """The `adore labels` stage: label train and validation rows into config.run_dir.
+
+    model: an adore_jax Model (or anything with .config, .params, .tokenizer); None loads config.model.
+    Writes train.array_record, validation.array_record, labels_meta.json and config.yaml.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from train.config import save_config
+
+    data = config.data
+    if config.aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {config.aggregation!r}")
+    if config.top_k < 1 or config.top_k > data.seq_len:
+        raise ValueError(f"top_k={config.top_k} must be between 1 and the sequence length {data.seq_len}")
+    if data.min_tokens > data.seq_len:
+        raise ValueError(f"data.min_tokens={data.min_tokens} is larger than data.seq_len={data.seq_len}")
+    cache_sizes = tuple(int(config.top_k * multiple) for multiple in config.eval_cache_multiples)
+    run_dir = os.path.abspath(config.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(config, os.path.join(run_dir, "config.yaml"))
+    if model is None:
+        from adore_jax import load_model
+        model = load_model(config.model, config.dtype)
+    counts, start = {}, time.time()
+    for split, count in (("train", data.train_sequences), ("validation", data.validation_sequences)):
+        rows = document_rows(data, split, model.tokenizer, count)
+        with tqdm(total=count or None, desc=f"labels {split}", dynamic_ncols=True) as progress:
+            records = label_sequences(model.params, model.config, rows, top_k=config.top_k,
+                                      aggregation=config.aggregation, cache_sizes=cache_sizes,
+                                      batch_size=config.batch_size, progress=progress)
+            path = os.path.join(run_dir, f"{split}.array_record")
+            counts[split] = write_records(path, records)
+        if counts[split] == 0:
+            raise ValueError(f"dataset {data.dataset!r} split {split!r} gave no rows of at least "
+                             f"{data.min_tokens} tokens: the dataset is empty")
+    meta = {"model": config.model, "dataset": data.dataset, "seq_len": data.seq_len, "top_k": config.top_k,
+            "aggregation": config.aggregation, "cache_sizes": list(cache_sizes), "sequences": counts,
+            "embed_shape": list(model.params["embed"].shape), "wall_s": round(time.time() - start, 1)}
+    write_meta(run_dir, meta)
+    return meta
