@@ -13,9 +13,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml requirements-assets.txt
 	touch $@
 
 demo: setup
-	$(PY) -m adore_jax.cli generate --chat --max-new-tokens 64 \
-	  --prompt "What is the capital of France, and what is it famous for?" \
-	  --prompt "Write a haiku about the sea."
+	$(PY) -m adore_jax.cli demo
 
 test: setup
 	$(PY) scripts/run_tests.py

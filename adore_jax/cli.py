@@ -2,6 +2,7 @@
 import argparse
 import sys
 
+from eval import cli as eval_cli
 from train import cli as train_cli
 
 
@@ -90,6 +91,7 @@ def main(argv=None):
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     train_cli.add_subcommands(subparsers)
+    eval_cli.add_subcommands(subparsers)
     args = parser.parse_args(argv)
     try:
         result = args.run(args)

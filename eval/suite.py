@@ -1,0 +1,343 @@
+"""The evaluation suite: every policy at the same cache budget m, on quality and on speed.
+
+    config = load_eval_config("configs/eval_smollm2.yaml")
+    results = run_suite(config)           # dict, also written as results.json + report.md + plots
+
+Parts (EvalConfig.parts):
+  perplexity   teacher-forced log-likelihood through the generation path (prefill + decode scan),
+               so a policy is scored only on what it kept
+  generation   greedy answers per policy, scored against full attention's and against references
+  streaming    multi-turn conversations fed turn by turn, the cache bounded at m throughout
+  speed        decode ms/step and tokens/s vs context and batch (synthetic caches), and the largest
+               batch each policy fits in a memory budget with its throughput there
+  diagnostics  top-K recall of what each query could attend (kept + rebuilt) vs the oracle
+"""
+import dataclasses
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+import adore_jax
+from adore_jax import controller as ctrl
+from eval import diagnostics, metrics, sources
+from eval.config import EvalConfig, depends_on_cache_size, policy_options
+
+
+@dataclasses.dataclass
+class Context:
+    """What every part needs: the config, the model, the controller and the notices collected."""
+    config: EvalConfig
+    model: adore_jax.Model
+    controller: tuple  # (ControllerConfig, params) for adore rows
+    notices: list
+
+    def options(self, name: str, cache_size: int) -> dict:
+        options = policy_options(name, cache_size, self.config.oracle_k)
+        if options["policy"] == "adore":
+            options["controller"] = self.controller
+        return options
+
+    def bar(self, iterable, desc: str, total=None):
+        if not self.config.progress:
+            return iterable
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def policy_grid(config: EvalConfig, names=None, cache_sizes=None):
+    """(name, m) pairs to run; rows that do not depend on m run once, at m = None."""
+    grid = []
+    for name in names or config.policies:
+        if depends_on_cache_size(name, config.oracle_k):
+            grid += [(name, m) for m in cache_sizes or config.cache_sizes]
+        else:
+            grid.append((name, None))
+    return grid
+
+
+def resolve_controller(model, source, seed: int = 0):
+    """((ControllerConfig, params), description): a trained controller, or an untrained random one."""
+    from adore_jax.api import DEFAULT_CONTROLLERS
+
+    if source is None:
+        path = DEFAULT_CONTROLLERS.get(model.source)
+        if path and os.path.isdir(path):
+            source = path
+        else:
+            source = "random"
+    if source == "random":
+        config = ctrl.ControllerConfig(embed_dim=model.config.hidden_size)
+        params = ctrl.init_controller(config, jax.random.key(seed))
+        return (config, params), dict(source="random", trained=False)
+    return ctrl.load_controller(source, model.config.hidden_size), dict(source=source, trained=True)
+
+
+def _batches(items, size):
+    """Fixed-size batches, the last padded by repeating its first item: [(batch, real count)]."""
+    out = []
+    for start in range(0, len(items), size):
+        batch = list(items[start:start + size])
+        real = len(batch)
+        batch += [batch[0]] * (size - real) if len(items) > size else []
+        out.append((batch, real))
+    return out
+
+
+# ---------------------------------------------------------------- perplexity
+
+def run_perplexity(ctx: Context) -> dict:
+    """Datasets of equal (length, prompt_length) share teacher-forcing batches (one compile per policy row)."""
+    cfg = ctx.config.perplexity
+    groups = {}  # (length, prompt_length) -> [(dataset, [N, T] documents)]
+    for spec in cfg.datasets:
+        docs = sources.lm_documents(ctx.model, spec["name"], spec["count"], spec["length"], cfg.splits,
+                                    ctx.config.seed)
+        if len(docs) < spec["count"]:
+            ctx.notices.append(f"perplexity: {spec['name']} has {len(docs)} documents of >= {spec['length']} "
+                               f"tokens in splits {list(cfg.splits)} (asked for {spec['count']})")
+        if len(docs):
+            groups.setdefault((spec["length"], spec["prompt_length"]), []).append((spec["name"], docs))
+    rows = []
+    for (length, prompt_length), members in groups.items():
+        docs = np.concatenate([d for _, d in members])
+        owner = np.concatenate([[name] * len(d) for name, d in members])
+        for name, m in ctx.bar(policy_grid(ctx.config), f"perplexity ({len(docs)} x {length} tokens)"):
+            start = time.perf_counter()
+            logprobs = np.concatenate([
+                adore_jax.teacher_force(ctx.model, np.stack(batch), prompt_length, **ctx.options(name, m))[:real]
+                for batch, real in _batches(list(docs), cfg.batch_size)])  # [N, T - P]
+            seconds = time.perf_counter() - start
+            for dataset, _ in members:
+                mine = logprobs[owner == dataset]
+                nll = -float(mine.mean())
+                rows.append(dict(dataset=dataset, policy=name, cache_size=m, perplexity=float(np.exp(nll)),
+                                 nll_per_token=nll, tokens=int(mine.size), documents=len(mine), length=length,
+                                 prompt_length=prompt_length, per_document=[metrics.perplexity(r) for r in mine],
+                                 seconds=seconds))
+    return dict(rows=_with_full_reference(rows, "perplexity", ("dataset",)))
+
+
+def _with_full_reference(rows, key, group_keys):
+    """Add `<key>_vs_full` (relative change against the full-attention row of the same group)."""
+    full = {tuple(r[g] for g in group_keys): r[key] for r in rows if r["policy"] == "full"}
+    for row in rows:
+        reference = full.get(tuple(row[g] for g in group_keys))
+        row[f"{key}_vs_full"] = metrics.relative_change(row[key], reference) if reference else None
+    return rows
+
+
+# ---------------------------------------------------------------- generation
+
+def _generate_all(ctx, prompt_ids, name, m, max_new_tokens, batch_size):
+    """Greedy outputs (texts) of every prompt under one policy row, and its decode speed."""
+    steps, seconds = 0, 0.0
+    order = np.argsort([len(p) for p in prompt_ids], kind="stable")  # similar lengths share a prefill shape
+    outputs = [None] * len(prompt_ids)
+    for batch, real in _batches([int(i) for i in order], batch_size):
+        out = adore_jax.generate(ctx.model, [prompt_ids[i] for i in batch], max_new_tokens, **ctx.options(name, m))
+        for i, ids in zip(batch[:real], out.token_ids[:real]):
+            outputs[i] = sources.as_text(ctx.model, ids)
+        steps += out.stats["decode_steps"] * len(batch)
+        seconds += out.stats["decode_s"]
+    return outputs, (steps / seconds if seconds > 0 else float("nan"))
+
+
+def _scores(ctx, hypotheses, references):
+    return metrics.text_scores(hypotheses, references, ctx.config.bertscore_model)
+
+
+def run_generation(ctx: Context) -> dict:
+    cfg = ctx.config.generation
+    prompts = sources.generation_prompts(ctx.model, cfg.sources, cfg.splits, cfg.min_prompt_tokens,
+                                         cfg.max_prompt_tokens, ctx.config.seed)
+    if not prompts:
+        ctx.notices.append("generation: no prompts matched the configured sources and lengths")
+        return dict(rows=[], samples=[])
+    ids = [p.ids for p in prompts]
+    outputs, rows = {}, []
+    with_reference = [i for i, p in enumerate(prompts) if p.reference is not None]
+    for name, m in ctx.bar(policy_grid(ctx.config), "generation"):
+        start = time.perf_counter()
+        texts, tokens_per_s = _generate_all(ctx, ids, name, m, cfg.max_new_tokens, cfg.batch_size)
+        outputs[(name, m)] = texts
+        row = dict(policy=name, cache_size=m, prompts=len(prompts), decode_tokens_per_s=tokens_per_s,
+                   seconds=time.perf_counter() - start)
+        if with_reference:
+            row["vs_reference"] = _scores(ctx, [texts[i] for i in with_reference],
+                                          [prompts[i].reference for i in with_reference])
+            row["references"] = len(with_reference)
+        rows.append(row)
+    full = outputs.get(("full", None))
+    if full is not None:
+        for row in rows:
+            row["vs_full"] = _scores(ctx, outputs[(row["policy"], row["cache_size"])], full)
+    samples = [dict(source=p.source, prompt=p.text, prompt_tokens=len(p.ids), reference=p.reference,
+                    outputs={f"{name}" + (f" m={m}" if m else ""): texts[i] for (name, m), texts in outputs.items()})
+               for i, p in enumerate(prompts)]
+    return dict(rows=rows, samples=samples, prompt_tokens=[len(p) for p in ids])
+
+
+# ---------------------------------------------------------------- streaming
+
+def run_streaming(ctx: Context) -> dict:
+    cfg = ctx.config.streaming
+    convs = sources.conversations(ctx.model, cfg.source, cfg.conversations, cfg.turns, cfg.max_turn_tokens,
+                                  cfg.splits, ctx.config.seed)
+    if not convs:
+        ctx.notices.append(f"streaming: no {cfg.source} conversation has {cfg.turns} turns")
+        return dict(rows=[])
+    limit = ctx.model.config.max_position_embeddings - cfg.max_new_tokens
+    turn_prompts = []
+    for turn in range(cfg.turns):
+        prompts = [sources.turn_prompt(ctx.model, conv, turn) for conv in convs]
+        if max(map(len, prompts)) > limit:
+            ctx.notices.append(f"streaming: stopped after {turn} turns (turn {turn + 1} exceeds the model's context)")
+            break
+        turn_prompts.append(prompts)
+    rows, full = [], {}
+    grid = policy_grid(ctx.config)
+    grid.sort(key=lambda row: row[0] != "full")  # full first: the others are scored against it
+    for name, m in ctx.bar(grid, "streaming"):
+        per_turn = []
+        for turn, prompts in enumerate(turn_prompts):
+            out = adore_jax.generate(ctx.model, prompts, cfg.max_new_tokens, **ctx.options(name, m))
+            texts = [sources.as_text(ctx.model, ids) for ids in out.token_ids]
+            if name == "full":
+                full[turn] = texts
+            refs = [sources.reference_text(ctx.model, conv[turn][1]) for conv in convs]
+            entry = dict(turn=turn + 1, max_prompt_tokens=max(map(len, prompts)), cache_slots=out.stats["cache_slots"],
+                         decode_tokens_per_s=out.stats["decode_tokens_per_s"],
+                         vs_reference=_scores(ctx, texts, refs))
+            if turn in full:
+                entry["vs_full"] = _scores(ctx, texts, full[turn])
+            per_turn.append(entry)
+        rows.append(dict(policy=name, cache_size=m, conversations=len(convs), turns=per_turn))
+    return dict(rows=rows)
+
+
+# ---------------------------------------------------------------- speed
+
+def _plan(ctx, name, m, max_length):
+    from adore_jax import decode
+    from adore_jax.policies import CacheConfig
+
+    options = ctx.options(name, m)
+    options.pop("controller", None)
+    cache = CacheConfig(**options).validate(max_length)
+    controller = ctx.controller[0] if cache.policy == "adore" else None
+    return decode.DecodePlan(ctx.model.config, cache, controller)
+
+
+def state_bytes(model, plan, batch: int, context: int, steps: int) -> int:
+    """Bytes of the cache and policy state of `batch` sequences decoding at `context` (no weights)."""
+    from adore_jax import cache as kv_cache
+    from adore_jax import decode
+
+    max_length = -(-(context + steps + 1) // 128) * 128
+    cfg = plan.cache
+    slots = cfg.cache_size + cfg.block_rows if cfg.bounded else max_length
+    shapes = jax.eval_shape(lambda: (kv_cache.init_cache(model.config, batch, slots, model.dtype),
+                                     decode.init_policy_state(plan, batch, slots, max_length)))
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
+
+
+def run_speed(ctx: Context) -> dict:
+    from eval.bench_policies import time_steps
+
+    cfg = ctx.config.speed
+    m = cfg.cache_size or max(ctx.config.cache_sizes)
+    names = cfg.policies or ctx.config.policies
+    model = dataclasses.replace(ctx.model, config=dataclasses.replace(ctx.model.config, eos_token_ids=()))
+    rng = np.random.default_rng(ctx.config.seed)
+    budget = cfg.memory_budget_gb * 2 ** 30
+    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
+    trained_context = model.config.max_position_embeddings
+    rows, skipped = [], []
+    grid = [(b, c, n) for b in cfg.batches for c in cfg.contexts for n in names]
+    for batch, context, name in ctx.bar(grid, "speed"):
+        if context + (cfg.repeats + 1) * cfg.steps > trained_context and not cfg.beyond_model_context:
+            continue
+        plan = _plan(ctx, name, m, context + 4096)
+        need = weights + state_bytes(model, plan, batch, context, (cfg.repeats + 1) * cfg.steps)
+        if need > budget:
+            skipped.append(dict(policy=name, batch=batch, context=context, gib=need / 2 ** 30))
+            continue
+        cparams = ctx.controller[1] if plan.cache.policy == "adore" else {}
+        ms, _ = time_steps(model, plan, cparams, batch, context, cfg.steps, cfg.repeats, rng)
+        rows.append(dict(policy=name, cache_size=m if plan.cache.bounded else None, batch=batch, context=context,
+                         ms_per_step=ms, tokens_per_s=1e3 * batch / ms,
+                         beyond_model_context=context > trained_context))
+    _speedups(rows)
+    throughput = []
+    for name in ctx.bar(names, "throughput"):
+        plan = _plan(ctx, name, m, cfg.throughput_context + 4096)
+        steps = (cfg.repeats + 1) * cfg.steps
+        per_sequence = state_bytes(model, plan, 2, cfg.throughput_context, steps) - \
+            state_bytes(model, plan, 1, cfg.throughput_context, steps)
+        largest = int((budget - weights - (state_bytes(model, plan, 1, cfg.throughput_context, steps) - per_sequence))
+                      // per_sequence)
+        row = dict(policy=name, context=cfg.throughput_context, state_mib_per_sequence=per_sequence / 2 ** 20,
+                   largest_batch=largest, measured_batch=min(largest, cfg.max_measured_batch))
+        if row["measured_batch"] >= 1:
+            cparams = ctx.controller[1] if plan.cache.policy == "adore" else {}
+            ms, _ = time_steps(model, plan, cparams, row["measured_batch"], cfg.throughput_context, cfg.steps,
+                               cfg.repeats, rng)
+            row.update(ms_per_step=ms, tokens_per_s=1e3 * row["measured_batch"] / ms)
+        throughput.append(row)
+    full = next((r for r in throughput if r["policy"] == "full" and "tokens_per_s" in r), None)
+    for row in throughput:
+        row["speedup_vs_full"] = row["tokens_per_s"] / full["tokens_per_s"] if full and "tokens_per_s" in row else None
+    return dict(rows=rows, throughput=throughput, skipped_over_budget=skipped, cache_size=m,
+                memory_budget_gb=cfg.memory_budget_gb, weights_mib=weights / 2 ** 20)
+
+
+def _speedups(rows):
+    full = {(r["batch"], r["context"]): r["tokens_per_s"] for r in rows if r["policy"] == "full"}
+    for row in rows:
+        reference = full.get((row["batch"], row["context"]))
+        row["speedup_vs_full"] = row["tokens_per_s"] / reference if reference else None
+
+
+# ---------------------------------------------------------------- the suite
+
+PART_RUNNERS = {"perplexity": run_perplexity, "generation": run_generation, "streaming": run_streaming,
+                "speed": run_speed, "diagnostics": lambda ctx: diagnostics.run_diagnostics(ctx)}
+
+
+def run_suite(config: EvalConfig, model=None, write: bool = True, log=print) -> dict:
+    """Run the configured parts; write results.json, report.md and plots into config.out_dir."""
+    from eval.report import write_report
+
+    started = time.time()
+    if model is None:
+        log(f"loading {config.model} ...")
+        model = adore_jax.load_model(config.model, dtype=config.dtype)
+    controller, controller_info = (None, dict(source=None, trained=False))
+    if any(policy_options(n, 1)["policy"] == "adore"
+           for n in config.policies + (config.speed.policies or ()) + config.diagnostics.policies):
+        controller, controller_info = resolve_controller(model, config.controller, config.seed)
+    ctx = Context(config, model, controller, [])
+    if controller_info["source"] == "random":
+        ctx.notices.append("ADORE rows use an UNTRAINED random controller (no trained controller was found or "
+                           "configured): their quality numbers measure the plumbing, not ADORE")
+    ok, reason = metrics.bertscore_status(config.bertscore_model)
+    if not ok:
+        ctx.notices.append(reason)
+    results = dict(meta=dict(model=model.source, config=dataclasses.asdict(config), controller=controller_info,
+                             machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
+                                          backend=jax.default_backend(), jax=jax.__version__),
+                             started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))))
+    for part in config.parts:
+        log(f"[{part}] ...")
+        part_start = time.perf_counter()
+        results[part] = PART_RUNNERS[part](ctx)
+        results[part]["seconds"] = time.perf_counter() - part_start
+        log(f"[{part}] done in {results[part]['seconds']:.0f} s")
+    results["meta"]["notices"] = ctx.notices
+    results["meta"]["seconds"] = time.time() - started
+    if write:
+        results["meta"]["files"] = write_report(results, config.out_dir)
+    return results

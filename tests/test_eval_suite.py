@@ -1,0 +1,94 @@
+"""The suite on a tiny random model: perplexity parity with a plain forward, the report with every policy."""
+import argparse
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+import adore_jax
+from adore_jax.model import forward
+from eval import cli, metrics
+from eval.config import POLICY_NAMES, eval_config
+from eval.diagnostics import attended_sets
+from eval.report import PLOTS
+from eval.suite import run_suite
+
+
+def test_full_perplexity_equals_a_plain_forward(tiny_model):
+    tokens = np.random.default_rng(0).integers(3, tiny_model.config.vocab_size, (2, 48)).astype(np.int32)
+    prompt_length = 20
+    logprobs = adore_jax.teacher_force(tiny_model, tokens, prompt_length, policy="full")
+    logits = forward(tiny_model.params, tiny_model.config, tokens)  # [B, T, V]
+    direct = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [B, T-1, V] predicts tokens 1..T-1
+    targets = np.take_along_axis(np.asarray(direct), tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+    expected = metrics.perplexity(targets[:, prompt_length - 1:])
+    assert metrics.perplexity(logprobs) == pytest.approx(expected, rel=1e-4)
+
+
+def test_full_policy_attends_everything_and_window_its_m(tiny_model):
+    tokens = np.random.default_rng(1).integers(3, tiny_model.config.vocab_size, (1, 40)).astype(np.int32)
+    full = attended_sets(tiny_model, tokens, 24, dict(policy="full"))  # [1, 16, 40]
+    assert np.array_equal(full[0], np.tril(np.ones((40, 40), bool))[24:])
+    window = attended_sets(tiny_model, tokens, 24, dict(policy="window", cache_size=8))
+    expected = np.zeros((16, 40), bool)
+    for step, t in enumerate(range(24, 40)):
+        expected[step, t - 8:t + 1] = True  # the 8 kept before the step, and the current token
+    assert np.array_equal(window[0], expected)
+
+
+TINY_SUITE = dict(
+    cache_sizes=[16], progress=False, parts=["perplexity", "generation", "speed", "diagnostics"],
+    perplexity=dict(datasets=[dict(name="synthetic", count=2, length=48, prompt_length=24)], batch_size=2),
+    generation=dict(sources=[dict(name="synthetic", count=2)], min_prompt_tokens=20, max_prompt_tokens=30,
+                    max_new_tokens=4, batch_size=2),
+    streaming=dict(source="synthetic", conversations=1, turns=2, max_turn_tokens=4, max_new_tokens=3),
+    speed=dict(contexts=[32], batches=[1], steps=2, repeats=1, memory_budget_gb=1, throughput_context=32,
+               max_measured_batch=1),  # the timed shapes repeat: compiled once
+    diagnostics=dict(dataset="synthetic", documents=1, length=40, prompt_length=24, top_k=4,
+                     policies=["window", "adore R=8"]),
+)
+
+
+def test_report_from_a_tiny_run_has_every_policy(tiny_model_dir, tmp_path, capsys):
+    """`adore eval CONFIG --set ...` end to end on the tiny model."""
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(dict(TINY_SUITE, model=tiny_model_dir)))
+    out = tmp_path / "run"
+    parser = argparse.ArgumentParser(prog="adore")
+    cli.add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", str(config_path), "--set", f"out_dir={out}"])
+    args.run(args)
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == sorted(["report.md", "results.json", *PLOTS])
+    saved = json.load(open(out / "results.json"))
+    for part in ("perplexity", "generation", "speed"):
+        assert {r["policy"] for r in saved[part]["rows"]} == set(POLICY_NAMES), part
+    assert {r["policy"] for r in saved["diagnostics"]["rows"]} == {"window", "adore R=8"}
+    full = [r for r in saved["generation"]["rows"] if r["policy"] == "full"][0]
+    assert full["vs_full"]["rougeL"] == 1.0  # full attention against itself
+    ppl = {r["policy"]: r for r in saved["perplexity"]["rows"]}
+    assert ppl["full"]["perplexity_vs_full"] == 0.0 and ppl["full"]["cache_size"] is None
+    report = (out / "report.md").read_text()
+    for name in POLICY_NAMES:
+        assert f"| {name} |" in report, name
+    for heading in ("## Perplexity", "## Generation", "## Speed", "## Controller diagnostics"):
+        assert heading in report
+    assert "UNTRAINED" in report and "BERTScore skipped" in report
+    cli.print_side_by_side(saved)  # the demo's console view
+    printed = capsys.readouterr().out
+    assert "--- full" in printed and "--- adore R=8 m=16" in printed and "perplexity synthetic" in printed
+
+
+def test_streaming_keeps_the_cache_at_m(tiny_model, tmp_path):
+    config = eval_config(dict(TINY_SUITE, parts=["streaming"], policies=["full", "window", "adore R=8"],
+                              out_dir=str(tmp_path)))
+    results = run_suite(config, model=tiny_model, log=lambda *_: None)
+    rows = {r["policy"]: r for r in results["streaming"]["rows"]}
+    assert [t["turn"] for t in rows["full"]["turns"]] == [1, 2]
+    assert all(t["vs_full"]["rougeL"] == 1.0 for t in rows["full"]["turns"])
+    assert {t["cache_slots"] for t in rows["window"]["turns"]} == {16 + 1}  # m + the current token
+    assert {t["cache_slots"] for t in rows["adore R=8"]["turns"]} == {16 + 9}  # m + the decode block (R=8)
+    assert "## Streaming" in (tmp_path / "report.md").read_text()
