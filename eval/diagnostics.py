@@ -15,9 +15,8 @@ import numpy as np
 
 from adore_jax import api, decode
 from adore_jax import controller as ctrl
-from adore_jax.model import attention_inputs, attention_output, mlp_block, rms_norm
-from adore_jax.rope import inverse_frequencies
 from eval import metrics, sources
+from train.forward import attend, attention_probs, forward_hidden
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "first_query"))
@@ -28,21 +27,12 @@ def oracle_sets(params, config, tokens, *, top_k: int, first_query: int):
     """
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
-    inv_freq = jnp.asarray(inverse_frequencies(config))
-    x = params["embed"][tokens]
-    layer_probs = []
-    for layer in params["layers"]:
-        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q, k, v = attention_inputs(layer, config, h, positions, inv_freq)
-        groups = config.num_heads // config.num_kv_heads
-        k_full, v_full = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k_full, preferred_element_type=jnp.float32)
-        logits = jnp.where(causal, logits * config.head_dim ** -0.5, -jnp.inf)
-        probs = jax.nn.softmax(logits, axis=-1)  # [B, H, T, T]
-        attn = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v_full)
-        x = mlp_block(layer, config, attention_output(layer, x, attn))
-        layer_probs.append(jnp.mean(probs[:, :, first_query:], axis=1))  # [B, T', T]
+
+    def attention_with_head_mean(q, k, v):
+        probs = attention_probs(q, k)  # [B, H, T, T]
+        return attend(probs, v), jnp.mean(probs[:, :, first_query:], axis=1)  # aux [B, T', T]
+
+    _, layer_probs = forward_hidden(params, config, tokens, positions, attention_with_head_mean)
     stacked = jnp.stack(layer_probs, axis=1)  # [B, L, T', T]
     per_layer = jax.lax.top_k(stacked, top_k)[1]
     overall = jax.lax.top_k(jnp.mean(stacked, axis=1), top_k)[1]
