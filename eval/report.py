@@ -34,7 +34,8 @@ def _perplexity_section(part):
         subset = [r for r in rows if r["dataset"] == dataset]
         first = subset[0]
         out.append(f"**{dataset}**: {first['documents']} documents of {first['length']} tokens, the first "
-                   f"{first['prompt_length']} prefilled, {first['tokens']} tokens scored.\n")
+                   f"{first['prompt_length']} prefilled, the last {first['length'] - first['prompt_length']} of each "
+                   f"scored step by step ({first['tokens']} tokens in all).\n")
         out.append(_table(["policy", "m", "perplexity", "vs full", "seconds"],
                           [[r["policy"], _m(r["cache_size"]), _f(r["perplexity"], 3), _pct(r["perplexity_vs_full"]),
                             _f(r["seconds"], 0)] for r in subset]))

@@ -16,6 +16,7 @@ import dataclasses
 import os
 import platform
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -33,6 +34,7 @@ class Context:
     model: adore_jax.Model
     controller: tuple  # (ControllerConfig, params) for adore rows
     notices: list
+    log: Callable = print  # one line per finished row of the long parts
 
     def options(self, name: str, cache_size: int) -> dict:
         options = policy_options(name, cache_size, self.config.oracle_k)
@@ -117,6 +119,7 @@ def run_perplexity(ctx: Context) -> dict:
                                  nll_per_token=nll, tokens=int(mine.size), documents=len(mine), length=length,
                                  prompt_length=prompt_length, per_document=[metrics.perplexity(r) for r in mine],
                                  seconds=seconds))
+                ctx.log(f"perplexity {dataset} {name} m={m}: {rows[-1]['perplexity']:.3f} ({seconds:.0f} s)")
     return dict(rows=_with_full_reference(rows, "perplexity", ("dataset",)))
 
 
@@ -170,6 +173,7 @@ def run_generation(ctx: Context) -> dict:
                                           [prompts[i].reference for i in with_reference])
             row["references"] = len(with_reference)
         rows.append(row)
+        ctx.log(f"generation {name} m={m}: {tokens_per_s:.1f} tokens/s ({row['seconds']:.0f} s)")
     full = outputs.get(("full", None))
     if full is not None:
         for row in rows:
@@ -319,7 +323,7 @@ def run_suite(config: EvalConfig, model=None, write: bool = True, log=print) -> 
     if any(policy_options(n, 1)["policy"] == "adore"
            for n in config.policies + (config.speed.policies or ()) + config.diagnostics.policies):
         controller, controller_info = resolve_controller(model, config.controller, config.seed)
-    ctx = Context(config, model, controller, [])
+    ctx = Context(config, model, controller, [], log)
     if controller_info["source"] == "random":
         ctx.notices.append("ADORE rows use an UNTRAINED random controller (no trained controller was found or "
                            "configured): their quality numbers measure the plumbing, not ADORE")
@@ -336,8 +340,8 @@ def run_suite(config: EvalConfig, model=None, write: bool = True, log=print) -> 
         results[part] = PART_RUNNERS[part](ctx)
         results[part]["seconds"] = time.perf_counter() - part_start
         log(f"[{part}] done in {results[part]['seconds']:.0f} s")
-    results["meta"]["notices"] = ctx.notices
-    results["meta"]["seconds"] = time.time() - started
-    if write:
-        results["meta"]["files"] = write_report(results, config.out_dir)
+        results["meta"]["notices"] = ctx.notices
+        results["meta"]["seconds"] = time.time() - started
+        if write:  # after every part, so a long run stopped midway keeps the parts it finished
+            results["meta"]["files"] = write_report(results, config.out_dir)
     return results
