@@ -9,7 +9,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import slot_attention, slot_attention_ref
-from pallas_kernels.slot_attention import slot_attention_gpu, slot_attention_tpu
+from pallas_kernels.slot_attention import (SLOT_BLOCK, live_slots, slot_attention_blocked, slot_attention_gpu,
+                                           slot_attention_tpu)
 
 TOL = 2e-6
 
@@ -128,9 +129,51 @@ def test_dispatcher():
         assert_close(got, want, TOL)
     with pytest.raises(ValueError, match="impl='pallas' needs a TPU or GPU"):
         slot_attention(*inputs, impl="pallas")
-    allowed = "'auto', 'ref', 'pallas', 'pallas_interpret'"
+    allowed = "'auto', 'ref', 'pallas', 'pallas_interpret', 'blocked'"
     with pytest.raises(ValueError, match=f"impl must be one of {allowed}; got impl='xla'"):
         slot_attention(*inputs, impl="xla")
+
+
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: "B{}-Q{}-H{}-G{}-D{}-S{}".format(*s))
+def test_blocked_matches_twin(shape):
+    """Blocks of 16 slots: S is not a multiple of 16, so the clamped last block overlaps."""
+    inputs = make_inputs(7, *shape)
+    blocked = jax.jit(functools.partial(slot_attention_blocked, block=16))
+    assert_close(blocked(*inputs), run("ref", inputs, return_mass=False), TOL)
+
+
+def test_blocked_visits_only_the_filled_prefix():
+    """A full-attention cache filled up to slot 21 of 80 (slots = positions): the same output as
+    the twin, from ceil(21 / 16) = 2 loop steps; rows that see nothing (no valid slot) are zeros."""
+    q, k, v, q_positions, _, _ = make_inputs(8, 3, 9, 6, 2, 16, 80)
+    slot_positions = jnp.broadcast_to(jnp.arange(80, dtype=jnp.int32), (3, 80))
+    lengths = jnp.array([21, 7, 0])
+    slot_valid = jnp.arange(80)[None, :] < lengths[:, None]
+    q_positions = jnp.broadcast_to(jnp.arange(12, 21, dtype=jnp.int32), (3, 9))
+    inputs = (q, k, v, q_positions, slot_positions, slot_valid)
+    assert int(live_slots(slot_valid)) == 21
+    assert int(live_slots(jnp.zeros((2, 5), bool))) == 0
+    out = jax.jit(functools.partial(slot_attention_blocked, block=16))(*inputs)
+    assert_close(out, run("ref", inputs, return_mass=False), TOL)
+    np.testing.assert_array_equal(np.asarray(out[2]), 0.0)
+    jaxpr = str(jax.make_jaxpr(functools.partial(slot_attention_blocked, block=16))(*inputs))
+    assert "while" in jaxpr  # a traced trip count, not a loop unrolled over all 5 blocks
+
+
+def test_dispatcher_uses_blocked_path_for_long_prefill():
+    """"auto" on the CPU: blocked for several queries over >= 2 * SLOT_BLOCK slots without mass;
+    the plain twin with mass and for one query (a decoding step)."""
+    inputs = make_inputs(9, 1, 9, 6, 2, 16, 2 * SLOT_BLOCK)
+    ref_out, ref_mass = slot_attention_ref(*inputs, return_mass=True)
+    auto = slot_attention(*inputs)
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(slot_attention_blocked(*inputs)))
+    assert_close(auto, ref_out, TOL)
+    for got, want in zip(slot_attention(*inputs, return_mass=True), (ref_out, ref_mass)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    one_query = make_inputs(9, 1, 1, 6, 2, 16, 2 * SLOT_BLOCK)
+    np.testing.assert_array_equal(np.asarray(slot_attention(*one_query)), np.asarray(slot_attention_ref(*one_query)))
+    with pytest.raises(ValueError, match="impl='blocked' has no return_mass"):
+        slot_attention(*inputs, return_mass=True, impl="blocked")
 
 
 def test_gpu_kernel_rejects_non_triton_sizes():

@@ -12,7 +12,6 @@ well the score ranks keys, the quantity ADORE's release step relies on.
 """
 import json
 import os
-import zlib
 
 import grain
 import jax
@@ -25,7 +24,7 @@ from adore_jax.controller import ControllerConfig, encode_sequence, init_control
 from train import labels as label_io
 from train import sharding
 from train.config import ControllerTrainConfig, save_config
-from train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics
+from train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, run_steps
 
 
 class DenseLabels(grain.transforms.Map):
@@ -171,10 +170,6 @@ def _eval_batches(source, length, count):
         yield {k: v[None] for k, v in record.items()}
 
 
-def _digest(tokens) -> int:
-    return zlib.crc32(np.ascontiguousarray(np.asarray(tokens)).tobytes())
-
-
 def train_controller(config: ControllerTrainConfig, stop_after=None, model_params=None) -> dict:
     """Run (or resume) one controller training run; returns the final held-out metrics.
 
@@ -219,31 +214,21 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
     eval_fn = jax.jit(lambda p, e, b: eval_counts(ccfg, p, e, b, cache_sizes))
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), config.steps, start, desc="controller")
 
-    def run_eval(step):
+    def run_eval(step, state):
         metrics = evaluate(eval_fn, state["params"], embed, _eval_batches(eval_source, length, config.eval_sequences),
                            cache_sizes, top_k)
         return log.log(step, **metrics)
 
-    for step in range(start, config.steps):
-        batch = next(iterator)
+    def train_step(state, batch, step):
         device_batch = sharding.shard_batch({k: batch[k] for k in ("tokens", "valid", "labels")}, mesh)
-        state, metrics = step_fn(state, embed, device_batch, jnp.asarray(step, jnp.int32))
-        done = step + 1
-        log.advance()
-        if done % config.log_every == 0 or done == config.steps:
-            log.log(done, **jax.device_get(metrics), learning_rate=float(schedule(step)),
-                    data_digest=_digest(batch["tokens"]))
-        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
-            run_eval(done)
-        checkpoints.save(done, state, iterator.get_state(), {"step": done, "top_k": top_k},
-                         force=done == config.steps)
-        if stop_after is not None and done >= stop_after:
-            log.close()
-            checkpoints.close()
-            return {"stopped_at": done}
-    final = run_eval(config.steps)
-    log.close()
-    checkpoints.close()
+        return step_fn(state, embed, device_batch, jnp.asarray(step, jnp.int32))
+
+    state, final = run_steps(state, iterator, train_step, first_step=start, total_steps=config.steps, log=log,
+                             checkpoints=checkpoints, schedule=schedule, evaluate=run_eval,
+                             log_every=config.log_every, eval_every=config.eval_every,
+                             meta=lambda step: {"step": step, "top_k": top_k}, stop_after=stop_after)
+    if "stopped_at" in final:
+        return final
     export_dir = config.export_dir or os.path.join(run_dir, "controller")
     save_controller(export_dir, ccfg, jax.device_get(state["params"]))
     if jax.process_index() == 0:

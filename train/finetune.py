@@ -9,7 +9,6 @@ model.safetensors + tokenizer), which `adore_jax.load_model(export_dir)` loads.
 """
 import json
 import os
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ from train import lora as lora_lib
 from train import sharding
 from train.config import FinetuneConfig, save_config
 from train.forward import forward_logits, make_attention, next_token_loss
-from train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics
+from train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, run_steps
 
 
 def model_params(trainable, frozen, lora_scale):
@@ -105,7 +104,7 @@ def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
     eval_loss = jax.jit(lambda p, f, b: loss_fn(p, f, model.config, b, attention, scale)[1])
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), config.steps, start, desc="finetune")
 
-    def run_eval(step):
+    def run_eval(step, state):
         total, count = 0.0, 0.0
         batches = _batches(config, model.tokenizer, "validation", 1, False)
         for _, batch in zip(range(config.eval_batches), batches):
@@ -115,24 +114,15 @@ def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
         mean = total / max(count, 1.0)
         return log.log(step, eval_loss=mean, eval_perplexity=float(np.exp(mean)))
 
-    for step in range(start, config.steps):
-        batch = next(iterator)
-        state, metrics = step_fn(state, frozen, sharding.shard_batch(batch, mesh))
-        done = step + 1
-        log.advance()
-        if done % config.log_every == 0 or done == config.steps:
-            log.log(done, **jax.device_get(metrics), learning_rate=float(schedule(step)),
-                    data_digest=zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes()))
-        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
-            run_eval(done)
-        checkpoints.save(done, state, iterator.get_state(), {"step": done}, force=done == config.steps)
-        if stop_after is not None and done >= stop_after:
-            log.close()
-            checkpoints.close()
-            return {"stopped_at": done}
-    final = run_eval(config.steps)
-    log.close()
-    checkpoints.close()
+    def train_step(state, batch, _):
+        return step_fn(state, frozen, sharding.shard_batch(batch, mesh))
+
+    state, final = run_steps(state, iterator, train_step, first_step=start, total_steps=config.steps, log=log,
+                             checkpoints=checkpoints, schedule=schedule, evaluate=run_eval,
+                             log_every=config.log_every, eval_every=config.eval_every,
+                             meta=lambda step: {"step": step}, stop_after=stop_after)
+    if "stopped_at" in final:
+        return final
     trained = jax.device_get(state["params"])
     merged = trained if scale is None else lora_lib.merge_lora(jax.device_get(frozen), trained, scale)
     export_dir = config.export_dir or os.path.join(run_dir, "model")

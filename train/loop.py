@@ -2,6 +2,7 @@
 import json
 import os
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -112,6 +113,39 @@ class MetricsLog:
 
     def close(self):
         self.bar.close()
+
+
+def run_steps(state, iterator, step_fn, *, first_step: int, total_steps: int, log: MetricsLog,
+              checkpoints: Checkpoints, schedule, evaluate, log_every: int, eval_every: int, meta,
+              stop_after=None):
+    """The step loop every stage shares; returns (state, the final held-out metrics), or
+    (state, {"stopped_at": step}) when stopped early.
+
+    step_fn(state, batch, step) -> (state, metrics); evaluate(step, state) -> metrics (logged).
+    Each step: train, log every `log_every` (with the learning rate and a digest of the batch's
+    tokens, so a resumed run can be compared step by step), evaluate every `eval_every`, and hand
+    the checkpoint manager the state with the iterator's state and `meta(step)` (the last step is
+    always saved). stop_after: end right after that step and its checkpoint, as if killed.
+    """
+    stopped_at = None
+    for step in range(first_step, total_steps):
+        batch = next(iterator)
+        state, metrics = step_fn(state, batch, step)
+        done = step + 1
+        log.advance()
+        if done % log_every == 0 or done == total_steps:
+            log.log(done, **jax.device_get(metrics), learning_rate=float(schedule(step)),
+                    data_digest=zlib.crc32(np.ascontiguousarray(np.asarray(batch["tokens"])).tobytes()))
+        if eval_every and done % eval_every == 0 and done != total_steps:
+            evaluate(done, state)
+        checkpoints.save(done, state, iterator.get_state(), meta(done), force=done == total_steps)
+        if stop_after is not None and done >= stop_after:
+            stopped_at = done
+            break
+    result = {"stopped_at": stopped_at} if stopped_at else evaluate(total_steps, state)
+    log.close()
+    checkpoints.close()
+    return state, result
 
 
 def _plain(value):
