@@ -134,4 +134,5 @@ def slot_attention(q, k, v, q_positions, slot_positions, slot_valid, *, return_m
     return slot_attention_ref(*args, return_mass=return_mass)
 
 
-__all__ = ["slot_attention", "slot_attention_ref", "slot_attention_blocked", "slot_attention_tpu", "slot_attention_gpu", "MASK_VALUE"]
+__all__ = ["slot_attention", "slot_attention_ref", "slot_attention_blocked", "slot_attention_tpu", "slot_attention_gpu",
+           "MASK_VALUE"]
