@@ -197,10 +197,7 @@ def write_plots(results, out_dir) -> list:
             if sizes:
                 ax.set_xticks(sizes)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, PLOTS[0]), dpi=110)
-        plt.close(fig)
-        written.append(PLOTS[0])
+        written.append(_save(fig, out_dir, PLOTS[0]))
     speed = (results.get("speed") or {}).get("rows") or []
     if speed:
         batches = list(dict.fromkeys(r["batch"] for r in speed))
@@ -211,10 +208,7 @@ def write_plots(results, out_dir) -> list:
                 ax.plot([r["context"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=name)
             ax.set(title=f"decode speed, batch {batch}", xlabel="context (tokens)", ylabel="tokens/s", xscale="log")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, PLOTS[1]), dpi=110)
-        plt.close(fig)
-        written.append(PLOTS[1])
+        written.append(_save(fig, out_dir, PLOTS[1]))
     diag = (results.get("diagnostics") or {}).get("rows") or []
     if diag:
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -224,11 +218,17 @@ def write_plots(results, out_dir) -> list:
         ax.set(title=f"top-{results['diagnostics']['top_k']} recall vs m", xlabel="cache size m (tokens)",
                ylabel="recall of the oracle set", ylim=(0, 1.02))
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, PLOTS[2]), dpi=110)
-        plt.close(fig)
-        written.append(PLOTS[2])
+        written.append(_save(fig, out_dir, PLOTS[2]))
     return written
+
+
+def _save(fig, out_dir, name) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    plt.close(fig)
+    return name
 
 
 def write_report(results, out_dir) -> dict:
