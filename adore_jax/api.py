@@ -198,17 +198,19 @@ def _prefill(model: Model, prep: _Prepared):
     return logits, cache, ps
 
 
-def _cache_config(policy, cache_size, rebuild, adaptive_rebuild, attn_top_k, sinks, recent, cache_update):
+def _cache_config(policy, cache_size, rebuild, adaptive_rebuild, attn_top_k, sinks, recent, cache_update,
+                  rebuild_into_cache=True):
     return CacheConfig(policy=policy, cache_size=cache_size, rebuild=rebuild, adaptive_rebuild=adaptive_rebuild,
+                       rebuild_into_cache=rebuild_into_cache,
                        attn_top_k=attn_top_k, sinks=sinks, recent=recent, cache_update=cache_update)
 
 
 def generate(model: Model, prompts: Sequence[Union[str, Sequence[int]]], max_new_tokens: int = 64, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = False,
              policy: str = "full", cache_size: Optional[int] = None, rebuild: int = 0,
-             adaptive_rebuild: bool = False, attn_top_k: Optional[int] = None, sinks: int = 0, recent: int = 0,
-             controller=None, cache_update: str = "scatter", prefill_chunk: Optional[int] = None,
-             max_length: Optional[int] = None, attention_impl: str = "auto",
+             adaptive_rebuild: bool = False, rebuild_into_cache: bool = True, attn_top_k: Optional[int] = None,
+             sinks: int = 0, recent: int = 0, controller=None, cache_update: str = "scatter",
+             prefill_chunk: Optional[int] = None, max_length: Optional[int] = None, attention_impl: str = "auto",
              stream: Optional[Callable[[np.ndarray], None]] = None, decode_chunk: Optional[int] = None,
              return_state: bool = False) -> GenerationResult:
     """Generate continuations of a batch of prompts under a cache policy.
@@ -216,7 +218,8 @@ def generate(model: Model, prompts: Sequence[Union[str, Sequence[int]]], max_new
     prompts: strings (tokenised, chat-formatted when chat=True) or lists of token ids.
     Sampling: greedy at temperature 0, else temperature / top_k / top_p with PRNG seed `seed`.
     Cache: `policy` in full, window, streaming_llm, h2o, tova, oracle_topk, adore; `cache_size` = m
-    tokens kept (bounded policies; for `full` the slot count, default as needed); `rebuild` = R;
+    tokens kept (bounded policies; for `full` the slot count, default as needed); `rebuild` = R
+    (`rebuild_into_cache=False`: rebuilt tokens serve their step only, never taking a cache slot);
     `attn_top_k` = K (oracle_topk); `controller` = a saved controller's path or a (config, params)
     pair (adore; default: the model's committed controller). `max_length` bounds prompt + new
     tokens (the release buffer's length; default: as needed, rounded up).
@@ -226,7 +229,8 @@ def generate(model: Model, prompts: Sequence[Union[str, Sequence[int]]], max_new
     """
     _validate(prompts, max_new_tokens)
     sampling = SamplingParams(temperature, top_k, top_p)
-    cache_cfg = _cache_config(policy, cache_size, rebuild, adaptive_rebuild, attn_top_k, sinks, recent, cache_update)
+    cache_cfg = _cache_config(policy, cache_size, rebuild, adaptive_rebuild, attn_top_k, sinks, recent, cache_update,
+                              rebuild_into_cache)
     prompt_ids = [list(p) if not isinstance(p, str) else model.encode(p, chat) for p in prompts]
     prep = _prepare(model, prompt_ids, max_new_tokens, cache_cfg, controller, max_length, prefill_chunk,
                     attention_impl)
@@ -284,8 +288,8 @@ def generate(model: Model, prompts: Sequence[Union[str, Sequence[int]]], max_new
 
 def teacher_force(model: Model, sequences, prompt_length: int, *, policy: str = "full",
                   cache_size: Optional[int] = None, rebuild: int = 0, adaptive_rebuild: bool = False,
-                  attn_top_k: Optional[int] = None, sinks: int = 0, recent: int = 0, controller=None,
-                  cache_update: str = "scatter", prefill_chunk: Optional[int] = None,
+                  rebuild_into_cache: bool = True, attn_top_k: Optional[int] = None, sinks: int = 0,
+                  recent: int = 0, controller=None, cache_update: str = "scatter", prefill_chunk: Optional[int] = None,
                   attention_impl: str = "auto", return_logits: bool = False):
     """Score given continuations through the same prefill + decode path that generation uses.
 
@@ -299,7 +303,8 @@ def teacher_force(model: Model, sequences, prompt_length: int, *, policy: str = 
         raise ValueError(f"sequences must be [B, T] with 1 <= prompt_length < T; got shape {sequences.shape} "
                          f"and prompt_length {prompt_length}")
     continuation = sequences.shape[1] - prompt_length
-    cache_cfg = _cache_config(policy, cache_size, rebuild, adaptive_rebuild, attn_top_k, sinks, recent, cache_update)
+    cache_cfg = _cache_config(policy, cache_size, rebuild, adaptive_rebuild, attn_top_k, sinks, recent, cache_update,
+                              rebuild_into_cache)
     prep = _prepare(model, [row[:prompt_length].tolist() for row in sequences], continuation, cache_cfg,
                     controller, None, prefill_chunk, attention_impl)
     logits, cache, ps = _prefill(model, prep)

@@ -31,6 +31,8 @@ def _add_cache_options(p):
     p.add_argument("--rebuild", type=int, help="R: released tokens rebuilt per step (adore)")
     p.add_argument("--adaptive-rebuild", action="store_const", const=True,
                    help="run the rebuild block only when a released token outranks a cached one")
+    p.add_argument("--transient-rebuild", dest="rebuild_into_cache", action="store_const", const=False,
+                   help="rebuilt tokens serve the current step only and never take a cache slot")
     p.add_argument("--attn-top-k", type=int, help="K of top-K attention (oracle_topk)")
     p.add_argument("--sinks", type=int, help="first tokens always kept")
     p.add_argument("--recent", type=int, help="most recent tokens always kept")

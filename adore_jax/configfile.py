@@ -3,8 +3,8 @@ import difflib
 
 import yaml
 
-CACHE_KEYS = ("policy", "cache_size", "rebuild", "adaptive_rebuild", "attn_top_k", "sinks", "recent", "controller",
-              "cache_update", "prefill_chunk", "max_length", "attention_impl")
+CACHE_KEYS = ("policy", "cache_size", "rebuild", "adaptive_rebuild", "rebuild_into_cache", "attn_top_k", "sinks",
+              "recent", "controller", "cache_update", "prefill_chunk", "max_length", "attention_impl")
 
 
 def check_keys(options: dict, allowed, where: str) -> dict:

@@ -12,7 +12,8 @@ state, attention mass) and the decode state (last token, position, done flags, P
 ADORE's step (`adore` policy): advance the controller with the current token, score every token
 seen, pick the R best released tokens, run them with the current token as one block at their
 original positions (RoPE at absolute positions: a rebuilt token's K/V equal what it would have had
-if never released, up to the context it now sees), then keep the m best of cache ∪ block.
+if never released, up to the context it now sees), then keep the m best of cache ∪ block — or of
+cache ∪ current token with `rebuild_into_cache=False`, where the rebuilt rows serve one step only.
 """
 import dataclasses
 import functools
@@ -234,6 +235,9 @@ def _decode_block(plan, params, cparams, cache, ps, token, position, table):
             positions = jnp.concatenate([picked.astype(jnp.int32), current.positions], axis=1)
             block = block_for(plan, cache, tokens, positions, jnp.concatenate([wanted, current.valid], axis=1))
             hidden, cache, ps = _run_block(plan, params, cache, ps, block, jnp.full((batch,), rebuild))
+            if not plan.cache.rebuild_into_cache:  # the rebuilt rows served this step only: free their slots
+                cache = dataclasses.replace(
+                    cache, slot_valid=cache.slot_valid.at[_rows(batch), block.slots[:, :rebuild]].set(False))
             ps = dataclasses.replace(ps, rebuild_steps=ps.rebuild_steps + 1,
                                      rebuilt_tokens=ps.rebuilt_tokens + jnp.sum(wanted, axis=1))
             return hidden[:, -1], cache, ps

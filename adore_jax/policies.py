@@ -34,6 +34,7 @@ class CacheConfig:
     cache_size: Optional[int] = None  # m, tokens kept; None = everything (full, oracle_topk)
     rebuild: int = 0  # R, released tokens rebuilt per step (adore)
     adaptive_rebuild: bool = False  # run the rebuild block only when a released token outranks a cached one
+    rebuild_into_cache: bool = True  # rebuilt tokens compete for the m slots (ADORE.md 4); False: they serve one step
     attn_top_k: Optional[int] = None  # K of top-K attention (oracle_topk; the controller's target)
     sinks: int = 0  # first tokens always kept (streaming_llm default 4; optional for h2o/adore)
     recent: int = 0  # most recent tokens always kept (streaming_llm: the rest of m; h2o default m/2)
@@ -65,6 +66,9 @@ class CacheConfig:
             raise ValueError(f"rebuild (R) must be >= 0; got {self.rebuild}")
         if self.rebuild and self.policy != "adore":
             raise ValueError(f"rebuild (R) is only for policy 'adore'; got R={self.rebuild} with {self.policy!r}")
+        if not self.rebuild_into_cache and not self.rebuild:
+            raise ValueError("rebuild_into_cache=False needs policy 'adore' with rebuild (R) >= 1; "
+                             f"got policy={self.policy!r}, R={self.rebuild}")
         if self.bounded and self.rebuild >= m:
             raise ValueError(f"rebuild (R={self.rebuild}) must be < cache_size (m={m})")
         if self.attn_top_k is not None and (self.attn_top_k < 1 or (m is not None and self.attn_top_k > m)):

@@ -13,14 +13,15 @@ from adore_jax.configfile import check_keys
 
 PARTS = ("perplexity", "generation", "streaming", "speed", "diagnostics")
 POLICY_NAMES = ("full", "window", "streaming_llm", "h2o", "tova", "oracle_topk", "adore R=0", "adore R=8")
-_ADORE = re.compile(r"^adore R=(\d+)( adaptive)?$")
+_ADORE = re.compile(r"^adore R=(\d+)( adaptive)?( transient)?$")
 
 
 def policy_options(name: str, cache_size: int, oracle_k: Optional[int] = None) -> dict:
     """generate()/teacher_force() cache keyword arguments of a named policy row at cache size m.
 
     Names: full, window, streaming_llm, h2o, tova, oracle_topk (K = oracle_k, default m), and
-    "adore R=<R>" or "adore R=<R> adaptive".
+    "adore R=<R>", optionally followed by " adaptive" (adaptive_rebuild) and/or " transient"
+    (rebuild_into_cache=False: rebuilt tokens serve their step and leave).
     """
     if name == "full":
         return dict(policy="full")
@@ -31,9 +32,9 @@ def policy_options(name: str, cache_size: int, oracle_k: Optional[int] = None) -
     match = _ADORE.match(name)
     if match:
         return dict(policy="adore", cache_size=cache_size, rebuild=int(match.group(1)),
-                    adaptive_rebuild=bool(match.group(2)))
+                    adaptive_rebuild=bool(match.group(2)), rebuild_into_cache=not match.group(3))
     raise ValueError(f"unknown policy row {name!r}: use one of {', '.join(POLICY_NAMES)}, "
-                     f"'adore R=<n>' or 'adore R=<n> adaptive'")
+                     f"or 'adore R=<n>' followed by ' adaptive' and/or ' transient'")
 
 
 def depends_on_cache_size(name: str, oracle_k: Optional[int]) -> bool:

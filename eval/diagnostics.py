@@ -80,7 +80,7 @@ def attended_sets(model, tokens, prompt_length: int, options: dict) -> np.ndarra
     controller = options.pop("controller", None)
     cache_cfg = api._cache_config(**{k: options.get(k, d) for k, d in dict(
         policy="full", cache_size=None, rebuild=0, adaptive_rebuild=False, attn_top_k=None, sinks=0, recent=0,
-        cache_update="scatter").items()})
+        cache_update="scatter", rebuild_into_cache=True).items()})
     prep = api._prepare(model, [row[:prompt_length].tolist() for row in tokens], length - prompt_length, cache_cfg,
                         controller, None, None, "auto")
     _, cache, ps = api._prefill(model, prep)

@@ -14,7 +14,9 @@ def test_policy_rows():
     assert policy_options("oracle_topk", 256, oracle_k=64)["attn_top_k"] == 64
     assert policy_options("h2o", 128) == dict(policy="h2o", cache_size=128)
     assert policy_options("adore R=8 adaptive", 256) == dict(policy="adore", cache_size=256, rebuild=8,
-                                                             adaptive_rebuild=True)
+                                                             adaptive_rebuild=True, rebuild_into_cache=True)
+    assert policy_options("adore R=8 transient", 512) == dict(policy="adore", cache_size=512, rebuild=8,
+                                                              adaptive_rebuild=False, rebuild_into_cache=False)
     with pytest.raises(ValueError, match="unknown policy row"):
         policy_options("adore R=x", 256)
 

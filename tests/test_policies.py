@@ -1,5 +1,7 @@
 """Cache policies and ADORE's release/rebuild loop against independent references."""
 import dataclasses
+import glob
+import os
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,8 @@ from adore_jax import controller as ctrl
 from adore_jax import timing
 from adore_jax.model import (BlockInput, attention_inputs, attention_output, forward, forward_block, init_params,
                              lm_logits, mlp_block, rms_norm)
-from adore_jax.policies import TopKSlotAttention
+from adore_jax.configfile import read_config
+from adore_jax.policies import CacheConfig, TopKSlotAttention
 from adore_jax.rope import inverse_frequencies
 
 PROMPT = 4
@@ -183,8 +186,11 @@ class EventReference:
         return ids, np.asarray(lm_logits(params, hidden[0, -1]))
 
 
-def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False):
-    """Logits of every step and the rebuilt positions, from the event reference."""
+def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False, into_cache=True):
+    """Logits of every step and the rebuilt positions, from the event reference.
+
+    into_cache=False: the rebuilt events serve their step only; the cache keeps the m best of
+    itself and the current token."""
     ref = EventReference(model)
     cache, _ = ref.run_block(tokens[:PROMPT], list(range(PROMPT)), [])
     logits, rebuilt = [], []
@@ -200,15 +206,18 @@ def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False)
         block_ids, step_logits = ref.run_block([tokens[i] for i in picked] + [tokens[t]], picked + [t], cache)
         logits.append(step_logits)
         rebuilt.append(picked)
-        candidates = cache + block_ids
+        candidates = cache + (block_ids if into_cache else block_ids[-1:])
         cache = sorted(candidates, key=lambda e: -score[ref.events[e]["position"]])[:m]
     return np.stack(logits), rebuilt
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention(tiny_model, sequences, adaptive):
+@pytest.mark.parametrize("adaptive, into_cache", [(False, True), (True, True), (False, False)],
+                         ids=["rebuild", "adaptive", "transient"])
+def test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention(tiny_model, sequences, adaptive,
+                                                                                into_cache):
     """Scores fall with distance except at distance 5, where a token jumps to the top: once released
-    (m = 4), it must come back through the rebuild block and then stay in the cache for that step."""
+    (m = 4), it must come back through the rebuild block and then stay in the cache for that step
+    (or, with rebuild_into_cache=False, leave again at once)."""
     m, rebuild, boosted = 4, 1, 5
     scores = -np.arange(64, dtype=np.float32)
     scores[boosted] = 100.0
@@ -216,16 +225,17 @@ def test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention(t
     tokens = sequences[:1, :24]
     _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, policy="adore",
                                         cache_size=m, rebuild=rebuild, adaptive_rebuild=adaptive,
-                                        controller=controller)
-    expected, rebuilt = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, adaptive)
+                                        rebuild_into_cache=into_cache, controller=controller)
+    expected, rebuilt = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, adaptive, into_cache)
     assert any(t - boosted in picks for t, picks in zip(range(PROMPT, 24), rebuilt)), "no boosted token was rebuilt"
     np.testing.assert_allclose(logits[0, 1:], expected, atol=1e-4)
     out = adore_jax.generate(tiny_model, [tokens[0, :PROMPT].tolist()], max_new_tokens=16, policy="adore",
-                             cache_size=m, rebuild=rebuild, adaptive_rebuild=adaptive, controller=controller,
-                             return_state=True)
+                             cache_size=m, rebuild=rebuild, adaptive_rebuild=adaptive, rebuild_into_cache=into_cache,
+                             controller=controller, return_state=True)
     last = PROMPT + 16 - 2
     kept = np.asarray(out.cache.slot_positions[0])[np.asarray(out.cache.slot_valid[0])]
-    assert last - boosted in kept.tolist(), "the rebuilt token did not enter the cache"
+    assert len(kept) == m
+    assert (last - boosted in kept.tolist()) == into_cache, "the rebuilt token's cache entry is wrong"
     if adaptive:
         assert 0 < out.stats["rebuild_steps"] < 15
 
@@ -282,11 +292,20 @@ def test_chunked_prefill_memory_is_bounded_by_m_plus_chunk(tiny_model):
     (dict(policy="lru", cache_size=8), "policy must be one of full, window"),
     (dict(policy="oracle_topk"), "needs attn_top_k"),
     (dict(policy="window", cache_size=8, rebuild=2), "only for policy 'adore'"),
+    (dict(policy="adore", cache_size=8, rebuild_into_cache=False), r"rebuild_into_cache=False needs policy 'adore' "
+                                                                    r"with rebuild \(R\) >= 1"),
     (dict(policy="adore", cache_size=8), "needs a controller"),
 ])
 def test_bad_cache_configuration_is_refused(tiny_model, options, message):
     with pytest.raises(ValueError, match=message):
         adore_jax.generate(tiny_model, [[1, 2, 3]], max_new_tokens=4, **options)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "policies",
+                                                             "*.yaml"))), ids=os.path.basename)
+def test_committed_policy_configs_are_valid(path):
+    options = read_config(path)
+    assert CacheConfig(**options).validate(max_length=4096).policy == options["policy"]
 
 
 def test_controller_for_another_model_is_refused(tiny_model, tmp_path):
