@@ -162,7 +162,8 @@ def evaluate(eval_fn, params, embed, batches, cache_sizes, top_k):
     return metrics
 
 
-def _eval_batches(source, length, count):
+def eval_batches(source, length, count):
+    """The first `count` rows of a label source (all when count <= 0) as dense batches of one row."""
     total = len(source) if count <= 0 else min(count, len(source))
     dense = DenseLabels(length)
     for index in range(total):
@@ -215,7 +216,7 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), config.steps, start, desc="controller")
 
     def run_eval(step, state):
-        metrics = evaluate(eval_fn, state["params"], embed, _eval_batches(eval_source, length, config.eval_sequences),
+        metrics = evaluate(eval_fn, state["params"], embed, eval_batches(eval_source, length, config.eval_sequences),
                            cache_sizes, top_k)
         return log.log(step, **metrics)
 
