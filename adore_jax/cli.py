@@ -2,9 +2,6 @@
 import argparse
 import sys
 
-from eval import cli as eval_cli
-from train import cli as train_cli
-
 
 def _add_generate(subparsers):
     p = subparsers.add_parser("generate", help="generate text from prompts")
@@ -92,6 +89,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="adore", description="ADORE adaptive token release for JAX")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
+    from adore_jax.eval import cli as eval_cli  # imported here: `import adore_jax.cli` stays light
+    from adore_jax.train import cli as train_cli
+
     train_cli.add_subcommands(subparsers)
     eval_cli.add_subcommands(subparsers)
     args = parser.parse_args(argv)

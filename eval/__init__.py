@@ -1,14 +1,14 @@
 """Evaluation of adore-jax: every cache policy at the same budget, on quality and speed.
 
-    from eval import load_eval_config, run_suite
+    from adore_jax.eval import load_eval_config, run_suite
     results = run_suite(load_eval_config("configs/eval_smollm2.yaml", ["speed.batches=[1]"]))
 
 Command line: `adore eval CONFIG [--set key=value]` and `adore demo` (see eval/cli.py).
 """
-from eval.config import EvalConfig, load_eval_config, policy_options
-from eval.metrics import bleu, perplexity, rouge, text_scores, topk_recall
-from eval.report import write_report
-from eval.suite import run_suite
+from adore_jax.eval.config import EvalConfig, load_eval_config, policy_options
+from adore_jax.eval.metrics import bleu, perplexity, rouge, text_scores, topk_recall
+from adore_jax.eval.report import write_report
+from adore_jax.eval.suite import run_suite
 
 __all__ = ["EvalConfig", "bleu", "load_eval_config", "perplexity", "policy_options", "rouge", "run_suite",
            "text_scores", "topk_recall", "write_report"]

@@ -29,16 +29,16 @@ def _summary(results):
 
 
 def run_eval(args):
-    from eval.config import load_eval_config
-    from eval.suite import run_suite
+    from adore_jax.eval.config import load_eval_config
+    from adore_jax.eval.suite import run_suite
 
     results = run_suite(load_eval_config(args.config, args.set))
     _summary(results)
 
 
 def run_demo(args):
-    from eval.config import load_eval_config
-    from eval.suite import run_suite
+    from adore_jax.eval.config import load_eval_config
+    from adore_jax.eval.suite import run_suite
 
     overrides = list(args.set)
     for key, value in (("model", args.model), ("controller", args.controller), ("out_dir", args.out)):

@@ -15,8 +15,8 @@ import numpy as np
 
 from adore_jax import api, decode
 from adore_jax import controller as ctrl
-from eval import metrics, sources
-from train.forward import attend, attention_probs, forward_hidden
+from adore_jax.eval import metrics, sources
+from adore_jax.train.forward import attend, attention_probs, forward_hidden
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "first_query"))
@@ -112,7 +112,7 @@ def run_diagnostics(ctx) -> dict:
     per_layer, overall = oracle_sets(ctx.model.params, ctx.model.config, jnp.asarray(docs), top_k=cfg.top_k,
                                      first_query=cfg.prompt_length)
     per_layer, overall = np.asarray(per_layer), np.asarray(overall)
-    from eval.suite import policy_grid
+    from adore_jax.eval.suite import policy_grid
 
     rows = []
     for name, m in ctx.bar(policy_grid(ctx.config, cfg.policies, cfg.cache_sizes), "diagnostics"):

@@ -23,8 +23,8 @@ import numpy as np
 
 import adore_jax
 from adore_jax import controller as ctrl
-from eval import diagnostics, metrics, sources
-from eval.config import EvalConfig, depends_on_cache_size, policy_options
+from adore_jax.eval import diagnostics, metrics, sources
+from adore_jax.eval.config import EvalConfig, depends_on_cache_size, policy_options
 
 
 @dataclasses.dataclass
@@ -249,7 +249,7 @@ def state_bytes(model, plan, batch: int, context: int, steps: int) -> int:
 
 
 def run_speed(ctx: Context) -> dict:
-    from eval.bench_policies import time_steps
+    from adore_jax.eval.bench_policies import time_steps
 
     cfg = ctx.config.speed
     m = cfg.cache_size or max(ctx.config.cache_sizes)
@@ -313,7 +313,7 @@ PART_RUNNERS = {"perplexity": run_perplexity, "generation": run_generation, "str
 
 def run_suite(config: EvalConfig, model=None, write: bool = True, log=print) -> dict:
     """Run the configured parts; write results.json, report.md and plots into config.out_dir."""
-    from eval.report import write_report
+    from adore_jax.eval.report import write_report
 
     started = time.time()
     if model is None:

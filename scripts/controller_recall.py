@@ -13,8 +13,8 @@ import jax
 
 from adore_jax import load_model
 from adore_jax.controller import load_controller
-from train import labels as label_io
-from train.controller_training import eval_batches, eval_counts, evaluate
+from adore_jax.train import labels as label_io
+from adore_jax.train.controller_training import eval_batches, eval_counts, evaluate
 
 
 def main(argv=None):

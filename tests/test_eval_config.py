@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from eval import cli
-from eval.config import apply_overrides, eval_config, load_eval_config, policy_options
+from adore_jax.eval import cli
+from adore_jax.eval.config import apply_overrides, eval_config, load_eval_config, policy_options
 
 
 def test_policy_rows():

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from eval import metrics
+from adore_jax.eval import metrics
 
 
 def test_perplexity_is_exp_of_mean_nll():

@@ -10,11 +10,11 @@ import yaml
 
 import adore_jax
 from adore_jax.model import forward
-from eval import cli, metrics
-from eval.config import POLICY_NAMES, eval_config
-from eval.diagnostics import attended_sets
-from eval.report import PLOTS
-from eval.suite import run_suite
+from adore_jax.eval import cli, metrics
+from adore_jax.eval.config import POLICY_NAMES, eval_config
+from adore_jax.eval.diagnostics import attended_sets
+from adore_jax.eval.report import PLOTS
+from adore_jax.eval.suite import run_suite
 
 
 def test_full_perplexity_equals_a_plain_forward(tiny_model):

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from train import cli
-from train.config import ConfigError, ControllerTrainConfig, FinetuneConfig, LabelsConfig, load_config
+from adore_jax.train import cli
+from adore_jax.train.config import ConfigError, ControllerTrainConfig, FinetuneConfig, LabelsConfig, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = {"labels": LabelsConfig, "train": ControllerTrainConfig, "finetune": FinetuneConfig}

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from adore_jax.controller import load_controller
-from train import labels
-from train.config import ControllerTrainConfig, DataConfig, LabelsConfig, load_config
-from train.controller_training import train_controller
-from train.testing import tiny_model
+from adore_jax.train import labels
+from adore_jax.train.config import ControllerTrainConfig, DataConfig, LabelsConfig, load_config
+from adore_jax.train.controller_training import train_controller
+from adore_jax.train.testing import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from train import labels
-from train.config import DataConfig, LabelsConfig
-from train.testing import tiny_model
+from adore_jax.train import labels
+from adore_jax.train.config import DataConfig, LabelsConfig
+from adore_jax.train.testing import tiny_model
 
 
 def _rms(x, w, eps):

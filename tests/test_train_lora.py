@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import adore_jax
-from train import lora
-from train.forward import forward_logits, make_attention
-from train.testing import tiny_model
+from adore_jax.train import lora
+from adore_jax.train.forward import forward_logits, make_attention
+from adore_jax.train.testing import tiny_model
 
 
 def _logits(params, config, tokens, attention="full"):

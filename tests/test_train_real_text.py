@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from train import labels
-from train.config import ControllerTrainConfig, DataConfig, LabelsConfig, load_config
-from train.controller_training import train_controller
+from adore_jax.train import labels
+from adore_jax.train.config import ControllerTrainConfig, DataConfig, LabelsConfig, load_config
+from adore_jax.train.controller_training import train_controller
 
 
 @pytest.mark.slow

@@ -10,11 +10,11 @@ import textwrap
 CHECK = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
-    from train import sharding
-    from train.config import FinetuneConfig, LoraConfig, MeshConfig
-    from train.finetune import make_train_step, setup_training
-    from train.forward import make_attention
-    from train.testing import tiny_model
+    from adore_jax.train import sharding
+    from adore_jax.train.config import FinetuneConfig, LoraConfig, MeshConfig
+    from adore_jax.train.finetune import make_train_step, setup_training
+    from adore_jax.train.forward import make_attention
+    from adore_jax.train.testing import tiny_model
 
     assert len(jax.devices()) == 8, jax.devices()
     model = tiny_model()

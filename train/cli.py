@@ -15,20 +15,20 @@ def _add(subparsers, name, help_text, run):
 
 
 def run_labels(args):
-    from train.config import LabelsConfig, load_config
-    from train.labels import run_labels as run
+    from adore_jax.train.config import LabelsConfig, load_config
+    from adore_jax.train.labels import run_labels as run
     return _report(run(load_config(LabelsConfig, args.config, args.overrides)))
 
 
 def run_train_controller(args):
-    from train.config import ControllerTrainConfig, load_config
-    from train.controller_training import train_controller
+    from adore_jax.train.config import ControllerTrainConfig, load_config
+    from adore_jax.train.controller_training import train_controller
     return _report(train_controller(load_config(ControllerTrainConfig, args.config, args.overrides)))
 
 
 def run_finetune(args):
-    from train.config import FinetuneConfig, load_config
-    from train.finetune import finetune
+    from adore_jax.train.config import FinetuneConfig, load_config
+    from adore_jax.train.finetune import finetune
     return _report(finetune(load_config(FinetuneConfig, args.config, args.overrides)))
 
 
@@ -46,7 +46,7 @@ def add_subcommands(subparsers):
 
 def main(argv=None):
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m train.cli")
+    parser = argparse.ArgumentParser(prog="python -m adore_jax.train.cli")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.run(args)

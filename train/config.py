@@ -56,7 +56,7 @@ class LabelsConfig:
     dtype: str = "float32"
     data: DataConfig = DataConfig()
     top_k: int = 32  # K: keys labelled per query
-    aggregation: str = "mean"  # "mean", "max" (per-layer max) or "union" (see train.labels)
+    aggregation: str = "mean"  # "mean", "max" (per-layer max) or "union" (see adore_jax.train.labels)
     eval_cache_multiples: tuple = (1, 2, 4)  # H2O baseline hits recorded at m = K * these
     batch_size: int = 1  # sequences per label pass
 
@@ -108,6 +108,7 @@ class FinetuneConfig:
     attention: str = "topk"  # "topk" (ADORE.md 1) or "full"
     top_k: int = 32
     kernel_impl: str = "auto"  # pallas_kernels.topk_attention impl
+    remat: bool = False  # gradient checkpointing: recompute each layer's activations in the backward pass
     lora: LoraConfig = LoraConfig()
     optim: OptimConfig = OptimConfig(learning_rate=2e-4)
     mesh: MeshConfig = MeshConfig()

@@ -21,10 +21,10 @@ import optax
 
 from adore_jax.controller import ControllerConfig, encode_sequence, init_controller, pairwise_scores, score, \
     save_controller
-from train import labels as label_io
-from train import sharding
-from train.config import ControllerTrainConfig, save_config
-from train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, run_steps
+from adore_jax.train import labels as label_io
+from adore_jax.train import sharding
+from adore_jax.train.config import ControllerTrainConfig, save_config
+from adore_jax.train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, run_steps
 
 
 class DenseLabels(grain.transforms.Map):

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train import lora as lora_lib
-from train import sharding
-from train.config import FinetuneConfig, save_config
-from train.forward import forward_logits, make_attention, next_token_loss
-from train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, run_steps
+from adore_jax.train import lora as lora_lib
+from adore_jax.train import sharding
+from adore_jax.train.config import FinetuneConfig, save_config
+from adore_jax.train.forward import forward_logits, make_attention, next_token_loss
+from adore_jax.train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, run_steps
 
 
 def model_params(trainable, frozen, lora_scale):
@@ -27,18 +27,19 @@ def model_params(trainable, frozen, lora_scale):
     return trainable if lora_scale is None else lora_lib.apply_lora(frozen, trainable, lora_scale)
 
 
-def loss_fn(trainable, frozen, model_config, batch, attention, lora_scale):
+def loss_fn(trainable, frozen, model_config, batch, attention, lora_scale, remat=False):
     params = model_params(trainable, frozen, lora_scale)
-    logits = forward_logits(params, model_config, batch["tokens"], batch["positions"], attention)
+    logits = forward_logits(params, model_config, batch["tokens"], batch["positions"], attention, remat=remat)
     loss, count = next_token_loss(logits, batch["tokens"], batch["segment_ids"])
     return loss, {"loss": loss, "tokens": count}
 
 
-def make_train_step(model_config, optimizer, attention, lora_scale):
-    """(state {params, opt_state}, frozen, batch) -> (state, metrics); lora_scale None = full FT."""
+def make_train_step(model_config, optimizer, attention, lora_scale, remat=False):
+    """(state {params, opt_state}, frozen, batch) -> (state, metrics); lora_scale None = full FT;
+    remat: recompute each layer's activations in the backward pass (jax.checkpoint)."""
     def train_step(state, frozen, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state["params"], frozen, model_config, batch, attention, lora_scale)
+        (_, metrics), grads = grad_fn(state["params"], frozen, model_config, batch, attention, lora_scale, remat)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         metrics["grad_norm"] = optax.tree.norm(grads)
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, metrics
@@ -69,7 +70,7 @@ def _batches(config: FinetuneConfig, tokenizer, split, num_epochs, shuffle):
     records = load_split(config.data.dataset, split, config.data.data_dir)
     return batch_iterator(records, tokenizer, BatchConfig(
         seq_len=config.data.seq_len, batch_size=config.batch_size, pack=False, shuffle=shuffle,
-        seed=config.data.seed, num_epochs=num_epochs, drop_remainder=True))
+        seed=config.data.seed, num_epochs=num_epochs, drop_remainder=True, min_tokens=config.data.min_tokens))
 
 
 def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
@@ -99,7 +100,7 @@ def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
         state, data_state, _ = checkpoints.restore(start, state)
         iterator.set_state(data_state)
 
-    step_fn = jax.jit(make_train_step(model.config, optimizer, attention, scale),
+    step_fn = jax.jit(make_train_step(model.config, optimizer, attention, scale, config.remat),
                       out_shardings=(state_shardings, None), donate_argnums=0)
     eval_loss = jax.jit(lambda p, f, b: loss_fn(p, f, model.config, b, attention, scale)[1])
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), config.steps, start, desc="finetune")
@@ -116,6 +117,9 @@ def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
 
     def train_step(state, batch, _):
         return step_fn(state, frozen, sharding.shard_batch(batch, mesh))
+
+    if start == 0 and config.eval_every:  # the base model's held-out loss under this attention: the curve's origin
+        run_eval(0, state)
 
     state, final = run_steps(state, iterator, train_step, first_step=start, total_steps=config.steps, log=log,
                              checkpoints=checkpoints, schedule=schedule, evaluate=run_eval,

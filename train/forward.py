@@ -73,23 +73,33 @@ def make_attention(kind: str, top_k: int = 0, segment_ids=None, impl: str = "aut
     raise ValueError(f"attention must be 'full' or 'topk'; got {kind!r}")
 
 
-def forward_hidden(params, config: ModelConfig, tokens, positions, attention):
-    """tokens, positions [B,T] int32 -> (final hidden [B,T,E], per-layer aux list)."""
+def forward_hidden(params, config: ModelConfig, tokens, positions, attention, remat: bool = False):
+    """tokens, positions [B,T] int32 -> (final hidden [B,T,E], per-layer aux list).
+
+    remat: wrap each layer in `jax.checkpoint`, so the backward pass recomputes its activations
+    instead of keeping them (memory O(one layer) instead of O(L layers) of [B,T,...] activations).
+    """
     inv_freq = jnp.asarray(inverse_frequencies(config))
-    x = params["embed"][tokens]
-    aux = []
-    for layer in params["layers"]:
+
+    def run_layer(layer, x):
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = attention_inputs(layer, config, h, positions, inv_freq)
         out, layer_aux = attention(q, k, v)
+        return mlp_block(layer, config, attention_output(layer, x, out)), layer_aux
+
+    if remat:
+        run_layer = jax.checkpoint(run_layer)
+    x = params["embed"][tokens]
+    aux = []
+    for layer in params["layers"]:
+        x, layer_aux = run_layer(layer, x)
         aux.append(layer_aux)
-        x = mlp_block(layer, config, attention_output(layer, x, out))
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), aux
 
 
-def forward_logits(params, config: ModelConfig, tokens, positions, attention):
+def forward_logits(params, config: ModelConfig, tokens, positions, attention, remat: bool = False):
     """tokens, positions [B,T] -> logits [B,T,V] float32."""
-    hidden, _ = forward_hidden(params, config, tokens, positions, attention)
+    hidden, _ = forward_hidden(params, config, tokens, positions, attention, remat)
     return lm_logits(params, hidden)
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train.forward import attention_mask, attention_probs, attend, forward_hidden
+from adore_jax.train.forward import attention_mask, attention_probs, attend, forward_hidden
 
 AGGREGATIONS = ("mean", "max", "union")
 
@@ -242,7 +242,7 @@ def run_labels(config, model=None) -> dict:
 
     from tqdm.auto import tqdm
 
-    from train.config import save_config
+    from adore_jax.train.config import save_config
 
     data = config.data
     if config.aggregation not in AGGREGATIONS:

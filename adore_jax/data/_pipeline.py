@@ -43,12 +43,15 @@ class BatchConfig:
     seed: int = 0  # the shuffle's seed
     num_epochs: int | None = None  # None: repeat forever
     drop_remainder: bool = True  # drop a last, smaller batch (keeps one compiled shape)
+    min_tokens: int = 0  # skip documents of fewer tokens (before packing or truncation)
 
     def __post_init__(self):
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (an input and its next-token target), got {self.seq_len}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be None (forever) or >= 1, got {self.num_epochs}")
 
@@ -95,6 +98,8 @@ def batch_iterator(records: Sequence[dict], tokenizer: Tokenizer, config: BatchC
     if config.shuffle:
         documents = documents.shuffle(seed=config.seed)
     tokens = documents.repeat(config.num_epochs).map(lambda record: {"tokens": document_tokens(record, tokenizer)})
+    if config.min_tokens:
+        tokens = tokens.filter(lambda doc: len(doc["tokens"]) >= config.min_tokens)
     if config.pack:
         rows = _packed_rows(tokens.to_iter_dataset(), config.seq_len)
     else:
