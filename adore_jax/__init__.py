@@ -1,8 +1,8 @@
 """adore-jax: ADORE adaptive token release for JAX.
 
     model = adore_jax.load_model("smollm2-135m")
-    out = adore_jax.generate(model, ["Tell me about Paris."], max_new_tokens=64, chat=True,
-                             policy="adore", cache_size=256, rebuild=8)
+    out = adore_jax.generate(model, ["Tell me about Paris."], 64, chat=True,
+                             cache=adore_jax.Adore(cache_size=256, rebuild=8))
     print(out.texts[0], out.stats["decode_tokens_per_s"])
 """
 import os as _os
@@ -17,8 +17,11 @@ if _os.path.isfile(_os.path.join(_checkout, "train", "__init__.py")):
 from adore_jax.api import GenerationResult, Model, generate, load_model, teacher_force
 from adore_jax.config import ModelConfig
 from adore_jax.controller import ControllerConfig, load_controller, save_controller
-from adore_jax.policies import POLICIES, CacheConfig
+from adore_jax.policies import (POLICIES, H2O, TOVA, Adore, CachePolicy, Full, OracleTopK, StreamingLLM, Window,
+                                make_policy)
 from adore_jax.sampling import SamplingParams
+from adore_jax.session import DecodeSession
 
-__all__ = ["POLICIES", "CacheConfig", "ControllerConfig", "GenerationResult", "Model", "ModelConfig",
-           "SamplingParams", "generate", "load_controller", "load_model", "save_controller", "teacher_force"]
+__all__ = ["H2O", "POLICIES", "TOVA", "Adore", "CachePolicy", "ControllerConfig", "DecodeSession", "Full",
+           "GenerationResult", "Model", "ModelConfig", "OracleTopK", "SamplingParams", "StreamingLLM", "Window",
+           "generate", "load_controller", "load_model", "make_policy", "save_controller", "teacher_force"]

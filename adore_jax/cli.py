@@ -20,10 +20,18 @@ def _add_generate(subparsers):
     p.set_defaults(run=_run_generate)
 
 
+CACHE_FLAGS = ("policy", "cache_size", "rebuild", "adaptive_rebuild", "rebuild_into_cache", "attn_top_k", "sinks",
+               "recent")
+
+
 def _add_cache_options(p):
     """Cache-policy flags; they override the keys of --config (a YAML file, see configs/policies/)."""
-    p.add_argument("--config", help="YAML file of cache options (configs/policies/*.yaml)")
-    p.add_argument("--policy", help="full, window, streaming_llm, h2o, tova, oracle_topk or adore")
+    from adore_jax.policies import POLICIES
+
+    p.add_argument("--config", help="YAML file of a cache policy (configs/policies/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a cache policy option of --config (e.g. cache_size=128); repeatable")
+    p.add_argument("--policy", help=", ".join(POLICIES))
     p.add_argument("--cache-size", type=int, help="m: tokens kept (full: cache slots)")
     p.add_argument("--rebuild", type=int, help="R: released tokens rebuilt per step (adore)")
     p.add_argument("--adaptive-rebuild", action="store_const", const=True,
@@ -36,16 +44,11 @@ def _add_cache_options(p):
     p.add_argument("--controller", help="trained controller directory (adore; default: the model's)")
 
 
-def cache_options(args) -> dict:
-    """generate() keyword arguments from --config and the cache flags."""
-    from adore_jax.configfile import CACHE_KEYS, read_config
+def cache_policy(args):
+    """The cache policy of --config, its --set overrides and the cache flags."""
+    from adore_jax.policies import load_policy
 
-    options = read_config(args.config) if args.config else {}
-    for key in CACHE_KEYS:
-        value = getattr(args, key, None)
-        if value is not None:
-            options[key] = value
-    return options
+    return load_policy(args.config, args.overrides, **{key: getattr(args, key, None) for key in CACHE_FLAGS})
 
 
 class _StreamPrinter:
@@ -68,18 +71,19 @@ class _StreamPrinter:
 def _run_generate(args):
     import adore_jax
 
+    policy = cache_policy(args)  # bad options fail before the model loads
+    sampling = adore_jax.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     model = adore_jax.load_model(args.model, dtype=args.dtype)
     printer = _StreamPrinter(model) if args.stream else None
-    out = adore_jax.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             seed=args.seed, stream=printer, **cache_options(args))
+    out = adore_jax.generate(model, args.prompt, args.max_new_tokens, cache=policy, sampling=sampling,
+                             controller=args.controller, chat=args.chat, seed=args.seed, stream=printer)
     for i, (prompt, text) in enumerate(zip(args.prompt, out.texts)):
         if printer is not None and i == 0:
             print()
             continue
         print(f"--- [{i}] {prompt}\n{text}")
     s = out.stats
-    print(f"[timing] {s['policy']}, batch {s['batch']}, prompt tokens {s['prompt_tokens']}: "
+    print(f"[timing] {s['cache']}, batch {s['batch']}, prompt tokens {s['prompt_tokens']}: "
           f"prefill {s['prefill_s']:.2f} s, "
           f"decode {s['decode_steps']} steps at {s['ms_per_step']:.1f} ms/step "
           f"({s['decode_tokens_per_s']:.1f} tokens/s), compile {s['compile_s']:.1f} s")

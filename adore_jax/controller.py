@@ -13,6 +13,7 @@ O(n h) for n past tokens. Ranking uses the logit s, not sigma (same order, no sa
 import dataclasses
 import json
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ POSITION_EMBEDDINGS = ("sinusoidal", "learned")
 
 @dataclasses.dataclass(frozen=True)
 class ControllerConfig:
-    embed_dim: int  # E, the LLM's embedding width (the controller's input)
+    embed_dim: Optional[int] = None  # E, the LLM's embedding width (the controller's input); None: not yet bound
     width: int = 128  # c, GRU state and position-embedding width
     hidden: int = 64  # h, the MLP's hidden width
     score_form: str = "query_aware"  # "static" (sigmoid(MLP(p_i + z_i))) or "query_aware"
@@ -38,7 +39,7 @@ class ControllerConfig:
             raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}; "
                              f"got {self.position_embedding!r}")
         for name in ("embed_dim", "width", "hidden", "max_positions"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"controller {name} must be >= 1; got {getattr(self, name)}")
 
 

@@ -1,6 +1,7 @@
 """Prefill and decoding under every cache policy: jit-compiled, fixed shapes, the cache donated.
 
-One code path serves all policies (see policies.py):
+One code path serves all policies; each policy is an object whose methods hold its rule
+(the protocol: adore_jax/policies/base.py):
 - unbounded (`full`, `oracle_topk`): the cache has a slot per position, a token's slot is its position;
 - bounded (all others): the cache has m + Q slots; a block of Q tokens is written into free slots,
   attended, then the lowest-scoring valid slots are released until m remain.
@@ -9,11 +10,12 @@ Prefill consumes right-padded prompts in chunks (one `lax.scan` over chunks). De
 `lax.scan` over steps whose carry holds the cache, the policy state (release buffer, controller
 state, attention mass) and the decode state (last token, position, done flags, PRNG key).
 
-ADORE's step (`adore` policy): advance the controller with the current token, score every token
-seen, pick the R best released tokens, run them with the current token as one block at their
-original positions (RoPE at absolute positions: a rebuilt token's K/V equal what it would have had
-if never released, up to the context it now sees), then keep the m best of cache ∪ block — or of
-cache ∪ current token with `rebuild_into_cache=False`, where the rebuilt rows serve one step only.
+A decode step: the policy observes the current token (adore: advances the controller), scores the
+tokens seen, picks up to R released tokens to rebuild, and the current token runs with them as one
+block at their original positions (RoPE at absolute positions: a rebuilt token's K/V equal what it
+would have had if never released, up to the context it now sees); then the policy sees the block's
+attention, and the cache keeps its m best slots — with `rebuild_into_cache=False` the rebuilt rows
+are freed first, so they serve one step only.
 """
 import dataclasses
 import functools
@@ -26,38 +28,18 @@ from adore_jax import cache as kv_cache
 from adore_jax import controller as ctrl
 from adore_jax.config import ModelConfig
 from adore_jax.model import BlockInput, forward_block, lm_logits
-from adore_jax.policies import CacheConfig, TopKSlotAttention, evict_to_capacity, free_slots, protect, slot_scores
+from adore_jax.policies import CachePolicy, PolicyState
+from adore_jax.policies.base import free_slots, release, rows
 from adore_jax.sampling import sample
-from pallas_kernels import slot_attention
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
     """Everything static about a run: the compiled programs are specialised on it."""
     model: ModelConfig
-    cache: CacheConfig
-    controller: Optional[ctrl.ControllerConfig] = None  # required for policy "adore"
+    policy: CachePolicy  # validated (defaults filled)
+    controller: Optional[ctrl.ControllerConfig] = None  # for a policy that needs_controller
     attention_impl: str = "auto"  # slot-attention implementation (see pallas_kernels)
-
-    @property
-    def needs_mass(self) -> bool:
-        return self.cache.policy in ("h2o", "tova")
-
-    def attention(self):
-        if self.cache.policy == "oracle_topk":
-            return TopKSlotAttention(self.cache.attn_top_k)
-        return functools.partial(slot_attention, impl=self.attention_impl)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class PolicyState:
-    token_ids: jax.Array  # [B, N] int32 release buffer: every token seen, at its position (adore)
-    features: jax.Array  # [B, N, h] float32 controller features a_i of every token seen (adore)
-    controller_state: jax.Array  # [B, c] float32 GRU state after the last token (adore)
-    mass: jax.Array  # [B, S] float32 attention mass per slot (h2o: accumulated, tova: latest query)
-    rebuild_steps: jax.Array  # [] int32 steps at which the rebuild block ran
-    rebuilt_tokens: jax.Array  # [B] int32 tokens rebuilt so far
 
 
 @jax.tree_util.register_dataclass
@@ -70,83 +52,39 @@ class DecodeState:
 
 
 def init_policy_state(plan: DecodePlan, batch: int, num_slots: int, max_length: int) -> PolicyState:
-    adore = plan.cache.policy == "adore"
-    n = max_length if adore else 0
-    hidden, width = (plan.controller.hidden, plan.controller.width) if adore else (0, 0)
-    return PolicyState(
-        token_ids=jnp.zeros((batch, n), jnp.int32), features=jnp.zeros((batch, n, hidden), jnp.float32),
-        controller_state=jnp.zeros((batch, width), jnp.float32),
-        mass=jnp.zeros((batch, num_slots if plan.needs_mass else 0), jnp.float32),
-        rebuild_steps=jnp.zeros((), jnp.int32), rebuilt_tokens=jnp.zeros((batch,), jnp.int32))
+    return plan.policy.init_state(batch, num_slots, max_length, plan.controller)
 
 
-def _rows(batch):
-    return jnp.arange(batch)[:, None]
+def position_limit(plan: DecodePlan, cache: kv_cache.KVCache, ps: PolicyState) -> Optional[int]:
+    """The first position the run's fixed shapes cannot hold (None: unlimited).
 
-
-def _advance_controller(plan, params, cparams, ps: PolicyState, tokens, positions, valid):
-    """Feed a block of tokens [B, T] (at positions, where valid) to the controller and the buffer."""
-    embeddings = params["embed"][tokens]  # [B, T, E]
-    _, features, state = ctrl.encode_sequence(plan.controller, cparams, embeddings, valid,
-                                              ps.controller_state, positions)
-    rows = _rows(tokens.shape[0])
-    where = jnp.where(valid, positions, ps.token_ids.shape[1])  # padding goes out of range: dropped
-    return dataclasses.replace(
-        ps, controller_state=state,
-        token_ids=ps.token_ids.at[rows, where].set(tokens, mode="drop"),
-        features=ps.features.at[rows, where].set(features, mode="drop"))
-
-
-def _distance_table(plan, cparams, ps: PolicyState):
-    """The controller's per-distance features for every distance in the buffer (adore), else None."""
-    if plan.cache.policy != "adore" or plan.controller.score_form != "query_aware":
-        return None
-    return ctrl.distance_table(plan.controller, cparams, ps.token_ids.shape[1])
-
-
-def _controller_scores(plan, cparams, ps: PolicyState, query_position, table):
-    """Score logits of every buffered token for the current query: [B, N]; unseen tokens -inf."""
-    n = ps.token_ids.shape[1]
-    scores = ctrl.score(plan.controller, cparams, ps.features, jnp.arange(n), ps.controller_state, query_position,
-                        table)
-    return jnp.where(jnp.arange(n)[None, :] <= query_position[:, None], scores, -jnp.inf)
-
-
-def _update_mass(plan, ps: PolicyState, block: BlockInput, mass, last_row):
-    """Fold a block's attention mass [B, Q, S] into the per-slot statistic."""
-    if not plan.needs_mass:
-        return ps
-    mass = mass * block.valid[:, :, None]
-    if plan.cache.policy == "h2o":
-        written = jnp.zeros(ps.mass.shape, bool).at[_rows(mass.shape[0]), block.slots].set(True)
-        new = jnp.where(written, 0.0, ps.mass) + jnp.sum(mass, axis=1)
-    else:  # tova: the latest query's attention
-        new = jnp.take_along_axis(mass, last_row[:, None, None], axis=1)[:, 0]
-    return dataclasses.replace(ps, mass=new)
-
-
-def _release(plan, cache, ps, token_scores, current_position, max_evictions):
-    """Keep the m best valid slots. token_scores: [B, N] controller scores (adore) or None."""
-    controller_slot_scores = None
-    if token_scores is not None:
-        controller_slot_scores = jnp.take_along_axis(token_scores, cache.slot_positions, axis=1)
-    scores = slot_scores(plan.cache, cache.slot_positions, ps.mass, controller_slot_scores)
-    scores = protect(plan.cache, scores, cache.slot_positions, current_position)
-    valid = evict_to_capacity(cache.slot_valid, scores, plan.cache.cache_size, max_evictions)
-    return dataclasses.replace(cache, slot_valid=valid)
+    An unbounded cache puts a token at the slot of its position; a controller's release buffer holds
+    every token seen at its position.
+    """
+    if not plan.policy.bounded:
+        return cache.num_slots
+    if plan.policy.needs_controller:
+        return ps.token_ids.shape[1]
+    return None
 
 
 def _run_block(plan, params, cache, ps, block, last_row):
-    """Forward a block and fold its attention mass in. Returns (hidden [B, Q, E], cache, ps)."""
-    hidden, cache, mass = forward_block(params, plan.model, cache, block, attention=plan.attention(),
-                                        collect_mass=plan.needs_mass, cache_update=plan.cache.cache_update)
-    return hidden, cache, _update_mass(plan, ps, block, mass, last_row)
+    """Forward a block and let the policy see its attention. Returns (hidden [B, Q, E], cache, ps)."""
+    policy = plan.policy
+    hidden, cache, mass = forward_block(params, plan.model, cache, block,
+                                        attention=policy.attention(plan.attention_impl),
+                                        collect_mass=policy.needs_mass, cache_update=policy.cache_update)
+    return hidden, cache, policy.update_state(ps, block, mass, last_row)
 
 
 def block_for(plan, cache, tokens, positions, valid):
     """Place a block: slots = positions (unbounded) or free slots (bounded)."""
-    slots = free_slots(cache.slot_valid, tokens.shape[1]) if plan.cache.bounded else positions
+    slots = free_slots(cache.slot_valid, tokens.shape[1]) if plan.policy.bounded else positions
     return BlockInput(tokens, positions, slots, valid)
+
+
+def _context(plan, params, cparams, ps):
+    return plan.policy.context(plan.controller, cparams, params["embed"], ps)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "chunk"), donate_argnames=("cache", "ps"))
@@ -156,6 +94,7 @@ def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, ch
     tokens: [B, P] int32 with P % chunk == 0; lengths: [B] int32, 1 <= lengths <= P.
     Returns (logits [B, V] float32 of each prompt's last token, cache, ps).
     """
+    policy = plan.policy
     batch, padded = tokens.shape
     n_chunks = padded // chunk
     chunks = tokens.reshape(batch, n_chunks, chunk).transpose(1, 0, 2)  # [n, B, C]
@@ -168,20 +107,18 @@ def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, ch
         valid = positions < lengths[:, None]
         last_row = jnp.clip(lengths - 1 - start, 0, chunk - 1)  # [B] last valid row in this chunk
         current = jnp.minimum(start + chunk, lengths) - 1  # [B] position of that row
-        token_scores = None
-        if plan.cache.policy == "adore":
-            ps = _advance_controller(plan, params, cparams, ps, chunk_tokens, positions, valid)
-            token_scores = _controller_scores(plan, cparams, ps, current, table)
+        ps = policy.observe(ps, ctx, chunk_tokens, positions, valid)
+        token_scores = policy.token_scores(ps, ctx, current)
         block = block_for(plan, cache, chunk_tokens, positions, valid)
         hidden, cache, ps = _run_block(plan, params, cache, ps, block, last_row)
-        if plan.cache.bounded:
-            cache = _release(plan, cache, ps, token_scores, current, max_evictions=chunk)
+        if policy.bounded:
+            cache = release(policy, cache, ps, token_scores, current, max_evictions=chunk)
         is_last = positions == lengths[:, None] - 1  # [B, C]
         found = jnp.einsum("bc,bce->be", is_last.astype(hidden.dtype), hidden)
         last_hidden = jnp.where(jnp.any(is_last, axis=1)[:, None], found, last_hidden)
         return (cache, ps, last_hidden), None
 
-    table = _distance_table(plan, cparams, ps)
+    ctx = _context(plan, params, cparams, ps)
     last_hidden = jnp.zeros((batch, plan.model.hidden_size), params["embed"].dtype)
     (cache, ps, last_hidden), _ = jax.lax.scan(consume, (cache, ps, last_hidden), (chunks, starts))
     return lm_logits(params, last_hidden), cache, ps
@@ -202,53 +139,51 @@ def compact(cache, ps, *, num_slots: int):
     return cache, ps
 
 
-def _decode_block(plan, params, cparams, cache, ps, token, position, table):
-    """One decoding step's model work. Returns (hidden of the current token [B, E], cache, ps)."""
+def _decode_block(plan, params, ctx, cache, ps, token, position):
+    """One decoding step's model work.
+
+    Returns (hidden of the current token [B, E], cache, ps, rebuilt [B, R] int32 positions rebuilt
+    this step, -1 where none).
+    """
+    policy = plan.policy
     batch = token.shape[0]
     current = BlockInput(token[:, None], position[:, None], None, jnp.ones((batch, 1), bool))
-    token_scores = None
-    if plan.cache.policy == "adore":
-        ps = _advance_controller(plan, params, cparams, ps, current.tokens, current.positions, current.valid)
-        token_scores = _controller_scores(plan, cparams, ps, position, table)
+    ps = policy.observe(ps, ctx, current.tokens, current.positions, current.valid)
+    token_scores = policy.token_scores(ps, ctx, position)
 
     def current_only(cache, ps):
         block = block_for(plan, cache, current.tokens, current.positions, current.valid)
         hidden, cache, ps = _run_block(plan, params, cache, ps, block, jnp.zeros((batch,), jnp.int32))
         return hidden[:, -1], cache, ps
 
-    rebuild = plan.cache.block_rows - 1
+    rebuild = policy.rebuild
     if rebuild == 0:
         hidden, cache, ps = current_only(cache, ps)
+        if policy.bounded:
+            cache = release(policy, cache, ps, token_scores, position, max_evictions=1)
+        return hidden, cache, ps, jnp.zeros((batch, 0), jnp.int32)
+    picked, wanted = policy.rebuild_choice(cache, token_scores, position)  # [B, R] each
+
+    def with_rebuild(cache, ps):
+        tokens = jnp.concatenate([jnp.take_along_axis(ps.token_ids, picked, axis=1), current.tokens], axis=1)
+        positions = jnp.concatenate([picked, current.positions], axis=1)
+        block = block_for(plan, cache, tokens, positions, jnp.concatenate([wanted, current.valid], axis=1))
+        hidden, cache, ps = _run_block(plan, params, cache, ps, block, jnp.full((batch,), rebuild))
+        if not policy.rebuild_into_cache:  # the rebuilt rows served this step only: free their slots
+            cache = dataclasses.replace(
+                cache, slot_valid=cache.slot_valid.at[rows(batch), block.slots[:, :rebuild]].set(False))
+        ps = dataclasses.replace(ps, rebuild_steps=ps.rebuild_steps + 1,
+                                 rebuilt_tokens=ps.rebuilt_tokens + jnp.sum(wanted, axis=1))
+        return hidden[:, -1], cache, ps
+
+    if policy.adaptive_rebuild:
+        ran = jnp.any(wanted)
+        hidden, cache, ps = jax.lax.cond(ran, with_rebuild, current_only, cache, ps)
+        wanted &= ran
     else:
-        n = ps.token_ids.shape[1]
-        in_cache = jnp.zeros((batch, n), bool).at[_rows(batch), cache.slot_positions].max(cache.slot_valid)
-        released = (jnp.arange(n)[None, :] < position[:, None]) & ~in_cache
-        picked_scores, picked = jax.lax.top_k(jnp.where(released, token_scores, -jnp.inf), rebuild)  # [B, R]
-        wanted = picked_scores > -jnp.inf
-        if plan.cache.adaptive_rebuild:  # only tokens that would displace the weakest cached one
-            cached_scores = jnp.take_along_axis(token_scores, cache.slot_positions, axis=1)
-            weakest = jnp.min(jnp.where(cache.slot_valid, cached_scores, jnp.inf), axis=1, keepdims=True)
-            wanted &= picked_scores > weakest
-
-        def with_rebuild(cache, ps):
-            tokens = jnp.concatenate([jnp.take_along_axis(ps.token_ids, picked, axis=1), current.tokens], axis=1)
-            positions = jnp.concatenate([picked.astype(jnp.int32), current.positions], axis=1)
-            block = block_for(plan, cache, tokens, positions, jnp.concatenate([wanted, current.valid], axis=1))
-            hidden, cache, ps = _run_block(plan, params, cache, ps, block, jnp.full((batch,), rebuild))
-            if not plan.cache.rebuild_into_cache:  # the rebuilt rows served this step only: free their slots
-                cache = dataclasses.replace(
-                    cache, slot_valid=cache.slot_valid.at[_rows(batch), block.slots[:, :rebuild]].set(False))
-            ps = dataclasses.replace(ps, rebuild_steps=ps.rebuild_steps + 1,
-                                     rebuilt_tokens=ps.rebuilt_tokens + jnp.sum(wanted, axis=1))
-            return hidden[:, -1], cache, ps
-
-        if plan.cache.adaptive_rebuild:
-            hidden, cache, ps = jax.lax.cond(jnp.any(wanted), with_rebuild, current_only, cache, ps)
-        else:
-            hidden, cache, ps = with_rebuild(cache, ps)
-    if plan.cache.bounded:
-        cache = _release(plan, cache, ps, token_scores, position, max_evictions=plan.cache.block_rows)
-    return hidden, cache, ps
+        hidden, cache, ps = with_rebuild(cache, ps)
+    cache = release(policy, cache, ps, token_scores, position, max_evictions=policy.block_rows)
+    return hidden, cache, ps, jnp.where(wanted, picked, -1)
 
 
 @jax.tree_util.register_dataclass
@@ -257,24 +192,40 @@ class StepOutputs:
     tokens: jax.Array  # [B, T] int32 sampled tokens
     logits: Optional[jax.Array]  # [B, T, V] float32, with return_logits
     forced_logprobs: Optional[jax.Array]  # [B, T] float32 log p(forced token), with teacher forcing
+    rebuilt: jax.Array  # [B, T, R] int32 positions rebuilt at each step (-1: none); R = 0 without rebuild
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "num_steps", "greedy", "pad_id", "return_logits"),
-                   donate_argnames=("cache", "ps"))
 def decode(params, cparams, cache, ps, state: DecodeState, temperature, top_k, top_p, forced=None, *,
            plan: DecodePlan, num_steps: int, greedy: bool, pad_id: int, return_logits: bool = False):
-    """Run `num_steps` decoding steps. Returns (StepOutputs, cache, ps, state).
+    """Run `num_steps` decoding steps (one compiled scan). Returns (StepOutputs, cache, ps, state).
 
     forced: optional [B, num_steps] int32 tokens fed after each step instead of the sampled ones
     (teacher forcing; their log-probabilities are returned, and the sampled tokens too).
     A finished sequence emits `pad_id` from the step after its end-of-sequence token.
+    Raises ValueError when the steps would run past the positions the run's shapes hold
+    (`position_limit`), instead of silently dropping tokens.
     """
+    limit = position_limit(plan, cache, ps)
+    if limit is not None:
+        last = int(jax.device_get(jnp.max(state.position))) + num_steps - 1  # the last position fed
+        if last >= limit:
+            raise ValueError(f"decoding {num_steps} steps would reach position {last}, past this run's "
+                             f"max_length ({limit} positions: prompt + new tokens); start the run with a larger "
+                             f"max_length")
+    return _decode(params, cparams, cache, ps, state, temperature, top_k, top_p, forced, plan=plan,
+                   num_steps=num_steps, greedy=greedy, pad_id=pad_id, return_logits=return_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "num_steps", "greedy", "pad_id", "return_logits"),
+                   donate_argnames=("cache", "ps"))
+def _decode(params, cparams, cache, ps, state: DecodeState, temperature, top_k, top_p, forced, *,
+            plan: DecodePlan, num_steps: int, greedy: bool, pad_id: int, return_logits: bool):
     eos_ids = jnp.asarray(plan.model.eos_token_ids or (-1,), jnp.int32)
-    table = _distance_table(plan, cparams, ps)
+    ctx = _context(plan, params, cparams, ps)
 
     def step(carry, forced_next):
         cache, ps, state = carry
-        hidden, cache, ps = _decode_block(plan, params, cparams, cache, ps, state.token, state.position, table)
+        hidden, cache, ps, rebuilt = _decode_block(plan, params, ctx, cache, ps, state.token, state.position)
         logits = lm_logits(params, hidden)
         key, subkey = jax.random.split(state.key)
         token = sample(logits, subkey, temperature, top_k, top_p, greedy=greedy)
@@ -288,9 +239,10 @@ def decode(params, cparams, cache, ps, state: DecodeState, temperature, top_k, t
         else:
             token_fed = token
         new_state = DecodeState(token_fed, state.position + 1, done, key)
-        return (cache, ps, new_state), StepOutputs(token, logits if return_logits else None, forced_logprob)
+        return (cache, ps, new_state), StepOutputs(token, logits if return_logits else None, forced_logprob, rebuilt)
 
     xs = None if forced is None else forced.T
     (cache, ps, state), out = jax.lax.scan(step, (cache, ps, state), xs, length=num_steps)
     swap = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)  # noqa: E731  [T, B, ...] -> [B, T, ...]
-    return StepOutputs(swap(out.tokens), swap(out.logits), swap(out.forced_logprobs)), cache, ps, state
+    return StepOutputs(swap(out.tokens), swap(out.logits), swap(out.forced_logprobs), swap(out.rebuilt)), \
+        cache, ps, state

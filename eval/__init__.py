@@ -5,10 +5,10 @@
 
 Command line: `adore eval CONFIG [--set key=value]` and `adore demo` (see eval/cli.py).
 """
-from adore_jax.eval.config import EvalConfig, load_eval_config, policy_options
+from adore_jax.eval.config import EvalConfig, PolicyRow, load_eval_config, policy_rows
 from adore_jax.eval.metrics import bleu, perplexity, rouge, text_scores, topk_recall
 from adore_jax.eval.report import write_report
 from adore_jax.eval.suite import run_suite
 
-__all__ = ["EvalConfig", "bleu", "load_eval_config", "perplexity", "policy_options", "rouge", "run_suite",
+__all__ = ["EvalConfig", "PolicyRow", "bleu", "load_eval_config", "perplexity", "policy_rows", "rouge", "run_suite",
            "text_scores", "topk_recall", "write_report"]

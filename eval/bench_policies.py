@@ -21,10 +21,10 @@ import adore_jax
 from adore_jax import cache as kv_cache
 from adore_jax import controller as ctrl
 from adore_jax import decode
-from adore_jax.api import DEFAULT_CONTROLLERS
-from adore_jax.policies import CacheConfig
+from adore_jax.policies import make_policy
+from adore_jax.weights import default_controller
 
-POLICY_ROWS = {
+POLICY_ROWS = {  # row name -> cache policy spec (at --cache-size unless it sets its own)
     "full": dict(policy="full"),
     "window": dict(policy="window"),
     "streaming_llm": dict(policy="streaming_llm"),
@@ -43,9 +43,9 @@ BREAKDOWN_ROWS = {
 
 def synthetic_state(model, plan, batch, context, max_length, rng):
     """Cache, policy state and decode state of sequences that have seen `context` tokens."""
-    cfg = plan.cache
-    slots = cfg.cache_size + cfg.block_rows if cfg.bounded else max_length
-    kept = min(context, cfg.cache_size) if cfg.bounded else context
+    policy = plan.policy
+    slots = policy.cache_size + policy.block_rows if policy.bounded else max_length
+    kept = min(context, policy.cache_size) if policy.bounded else context
     cache = kv_cache.init_cache(model.config, batch, slots, model.dtype)
     shape = cache.k[0].shape
     k = tuple(jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.5) for _ in cache.k)
@@ -56,7 +56,7 @@ def synthetic_state(model, plan, batch, context, max_length, rng):
     valid[:, :kept] = True
     cache = kv_cache.KVCache(k, v, jnp.asarray(positions), jnp.asarray(valid))
     ps = decode.init_policy_state(plan, batch, slots, max_length)
-    if cfg.policy == "adore":
+    if policy.needs_controller:
         ps = dataclasses.replace(
             ps, token_ids=jnp.asarray(rng.integers(0, model.config.vocab_size, ps.token_ids.shape, dtype=np.int32)),
             features=jnp.asarray(rng.normal(size=ps.features.shape).astype(np.float32)))
@@ -96,8 +96,8 @@ def main():
 
     model = adore_jax.load_model(args.model)
     model = dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_ids=()))
-    controller_path = DEFAULT_CONTROLLERS.get(args.model)
-    if controller_path and os.path.isdir(controller_path):
+    controller_path = default_controller(args.model)
+    if controller_path:
         controller_cfg, cparams = ctrl.load_controller(controller_path, model.config.hidden_size)
     else:  # the cost of a step does not depend on the controller's values
         controller_cfg = ctrl.ControllerConfig(embed_dim=model.config.hidden_size)
@@ -110,15 +110,13 @@ def main():
         for context in args.context:
             full_ms = None
             for name in args.policies:
-                options = {"cache_size": args.cache_size, **rows_by_name[name]}
-                if options["policy"] == "full":
-                    options.pop("cache_size")
-                cfg = CacheConfig(**options).validate(max_length=context + 4096)
-                plan = decode.DecodePlan(model.config, cfg, controller_cfg if cfg.policy == "adore" else None)
-                ms, rebuild_steps = time_steps(model, plan, cparams if cfg.policy == "adore" else {}, batch, context,
-                                               args.steps, args.repeats, rng)
+                policy = make_policy(rows_by_name[name]).at_cache_size(args.cache_size).validate(context + 4096)
+                reads = policy.needs_controller
+                plan = decode.DecodePlan(model.config, policy, controller_cfg if reads else None)
+                ms, rebuild_steps = time_steps(model, plan, cparams if reads else {}, batch, context, args.steps,
+                                               args.repeats, rng)
                 full_ms = ms if name == "full" else full_ms
-                fired = 100.0 * rebuild_steps / ((args.repeats + 1) * args.steps) if cfg.rebuild else float("nan")
+                fired = 100.0 * rebuild_steps / ((args.repeats + 1) * args.steps) if policy.rebuild else float("nan")
                 row = dict(batch=batch, context=context, policy=name, ms_per_step=ms, tokens_per_s=1e3 * batch / ms,
                            speedup_vs_full=(full_ms / ms) if full_ms else None, rebuild_fired_pct=fired)
                 results.append(row)

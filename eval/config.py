@@ -1,45 +1,44 @@
 """The evaluation suite's configuration: one frozen dataclass per part, every field commented.
 
 A YAML file (configs/eval_*.yaml) holds a mapping of these fields; nested parts are mappings too.
-Unknown keys are errors naming the closest valid ones. `--set part.key=value` overrides a key.
+It is read by the project's one config loader (adore_jax.configfile): unknown keys and wrong types
+are errors naming the key; `--set part.key=value` overrides a key.
+
+Policy rows (`policies`, `speed.policies`, `diagnostics.policies`) are cache policy specs: a name
+(`tova`) or a mapping (`{policy: adore, rebuild: 8, rebuild_into_cache: false}`), as
+`adore_jax.make_policy` takes them. A row without a cache size runs at every m of `cache_sizes`;
+its name in the report is the policy's label (e.g. "adore R=8 transient").
 """
 import dataclasses
-import re
 from typing import Optional
 
-import yaml
-
-from adore_jax.configfile import check_keys
+from adore_jax.configfile import ConfigError, from_dict, load_config
+from adore_jax.policies import CachePolicy, make_policy
 
 PARTS = ("perplexity", "generation", "streaming", "speed", "diagnostics")
-POLICY_NAMES = ("full", "window", "streaming_llm", "h2o", "tova", "oracle_topk", "adore R=0", "adore R=8")
-_ADORE = re.compile(r"^adore R=(\d+)( adaptive)?( transient)?$")
+DEFAULT_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "oracle_topk", {"policy": "adore"},
+                    {"policy": "adore", "rebuild": 8})
 
 
-def policy_options(name: str, cache_size: int, oracle_k: Optional[int] = None) -> dict:
-    """generate()/teacher_force() cache keyword arguments of a named policy row at cache size m.
-
-    Names: full, window, streaming_llm, h2o, tova, oracle_topk (K = oracle_k, default m), and
-    "adore R=<R>", optionally followed by " adaptive" (adaptive_rebuild) and/or " transient"
-    (rebuild_into_cache=False: rebuilt tokens serve their step and leave).
-    """
-    if name == "full":
-        return dict(policy="full")
-    if name == "oracle_topk":
-        return dict(policy="oracle_topk", attn_top_k=oracle_k or cache_size)
-    if name in ("window", "streaming_llm", "h2o", "tova"):
-        return dict(policy=name, cache_size=cache_size)
-    match = _ADORE.match(name)
-    if match:
-        return dict(policy="adore", cache_size=cache_size, rebuild=int(match.group(1)),
-                    adaptive_rebuild=bool(match.group(2)), rebuild_into_cache=not match.group(3))
-    raise ValueError(f"unknown policy row {name!r}: use one of {', '.join(POLICY_NAMES)}, "
-                     f"or 'adore R=<n>' followed by ' adaptive' and/or ' transient'")
+@dataclasses.dataclass(frozen=True)
+class PolicyRow:
+    """One row of the tables: a policy at one cache budget m (None: the row does not depend on m)."""
+    label: str
+    cache_size: Optional[int]
+    policy: CachePolicy
 
 
-def depends_on_cache_size(name: str, oracle_k: Optional[int]) -> bool:
-    """Whether a row changes with m (full never does; oracle_topk only when K follows m)."""
-    return name != "full" and not (name == "oracle_topk" and oracle_k)
+def policy_rows(specs, cache_sizes) -> list:
+    """The rows of `specs` at each budget of `cache_sizes`; a row that does not change with m runs once."""
+    rows = []
+    for spec in specs:
+        policy = make_policy(spec)
+        sized = [(m, policy.at_cache_size(m)) for m in cache_sizes]
+        if all(p == policy for _, p in sized):
+            rows.append(PolicyRow(policy.label, None, policy))
+        else:
+            rows += [PolicyRow(policy.label, m, p) for m, p in sized]
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +93,7 @@ class DiagnosticsConfig:
     prompt_length: int = 512  # prefilled; recall is measured on the decode steps after it
     top_k: int = 64  # K of the oracle's top-K sets (<= prompt_length)
     cache_sizes: Optional[tuple] = None  # default: the suite's cache_sizes
-    policies: tuple = ("window", "h2o", "adore R=0", "adore R=8")
+    policies: tuple = ("window", "h2o", {"policy": "adore"}, {"policy": "adore", "rebuild": 8})
     splits: tuple = ("test",)
 
 
@@ -105,9 +104,8 @@ class EvalConfig:
     controller: Optional[str] = None  # trained controller dir; None: the model's default; "random": untrained
     out_dir: str = "runs/eval"  # results.json, report.md and the plots go here
     parts: tuple = PARTS  # which parts to run
-    policies: tuple = POLICY_NAMES  # rows of every table (see policy_options)
+    policies: tuple = DEFAULT_POLICIES  # rows of every table: policy names or mappings (see make_policy)
     cache_sizes: tuple = (256, 512)  # m
-    oracle_k: Optional[int] = None  # K of oracle_topk; None: K = m
     seed: int = 0
     bertscore_model: Optional[str] = None  # local encoder directory for BERTScore; None: skipped
     progress: bool = True  # progress bars on stderr
@@ -118,69 +116,31 @@ class EvalConfig:
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
 
 
-SECTIONS = {"perplexity": PerplexityConfig, "generation": GenerationConfig, "streaming": StreamingConfig,
-            "speed": SpeedConfig, "diagnostics": DiagnosticsConfig}
-
-
-def _freeze(value):
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def _build(cls, options: dict, where: str):
-    names = [f.name for f in dataclasses.fields(cls)]
-    check_keys(options, names, where)
-    kwargs = {}
-    for key, value in options.items():
-        if key in SECTIONS and cls is EvalConfig:
-            value = _build(SECTIONS[key], value or {}, f"{where}: {key}")
-        kwargs[key] = _freeze(value)
-    return cls(**kwargs)
-
-
-def eval_config(options: dict, where: str = "eval config") -> EvalConfig:
-    """An EvalConfig from a (nested) mapping; validates policy names, parts and sizes."""
-    config = _build(EvalConfig, options, where)
+def _check(config: EvalConfig, where: str) -> EvalConfig:
+    """The checks beyond types: parts, policy rows, sizes."""
     for part in config.parts:
         if part not in PARTS:
-            raise ValueError(f"{where}: unknown part {part!r}; parts: {', '.join(PARTS)}")
-    for name in config.policies + (config.speed.policies or ()) + config.diagnostics.policies:
-        policy_options(name, 1)
-    if not config.cache_sizes or min(config.cache_sizes) < 1:
-        raise ValueError(f"{where}: cache_sizes must be a non-empty list of sizes >= 1")
+            raise ConfigError(f"{where}: unknown part {part!r}; parts: {', '.join(PARTS)}")
+    if not config.cache_sizes or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                     for m in config.cache_sizes):
+        raise ConfigError(f"{where}: cache_sizes must be a non-empty list of integers >= 1; got {config.cache_sizes}")
+    for key, specs in (("policies", config.policies), ("speed.policies", config.speed.policies or ()),
+                       ("diagnostics.policies", config.diagnostics.policies)):
+        for spec in specs:
+            try:
+                policy_rows([spec], config.cache_sizes)
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"{where}: {key}: row {spec!r}: {error}") from None
     if config.diagnostics.top_k > config.diagnostics.prompt_length:
-        raise ValueError(f"{where}: diagnostics.top_k must be <= diagnostics.prompt_length")
+        raise ConfigError(f"{where}: diagnostics.top_k must be <= diagnostics.prompt_length")
     return config
 
 
-def apply_overrides(options: dict, overrides) -> dict:
-    """Apply `key=value` / `part.key=value` strings (values parsed as YAML) to a nested mapping."""
-    options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in options.items()}
-    for item in overrides or ():
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value; got {item!r}")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
-        parts = key.strip().split(".")
-        if len(parts) > 2:
-            raise ValueError(f"--set key {key!r}: at most one dot (part.key)")
-        if len(parts) == 2:
-            if parts[0] not in SECTIONS:
-                raise ValueError(f"--set key {key!r}: {parts[0]!r} is not a part ({', '.join(SECTIONS)})")
-            options.setdefault(parts[0], {})
-            options[parts[0]] = {**(options[parts[0]] or {}), parts[1]: value}
-        else:
-            options[parts[0]] = value
-    return options
+def eval_config(options: dict, where: str = "eval config") -> EvalConfig:
+    """An EvalConfig from a (nested) mapping, checked."""
+    return _check(from_dict(EvalConfig, options), where)
 
 
 def load_eval_config(path: Optional[str], overrides=()) -> EvalConfig:
     """Read a YAML suite config (or the defaults when path is None) and apply --set overrides."""
-    options = {}
-    if path:
-        with open(path) as f:
-            options = yaml.safe_load(f) or {}
-        if not isinstance(options, dict):
-            raise ValueError(f"{path}: expected a mapping of keys to values")
-    return eval_config(apply_overrides(options, overrides), where=path or "eval config")
+    return _check(load_config(EvalConfig, path, overrides), path or "eval config")

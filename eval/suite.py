@@ -24,7 +24,8 @@ import numpy as np
 import adore_jax
 from adore_jax import controller as ctrl
 from adore_jax.eval import diagnostics, metrics, sources
-from adore_jax.eval.config import EvalConfig, depends_on_cache_size, policy_options
+from adore_jax.eval.config import EvalConfig, PolicyRow, policy_rows
+from adore_jax.policies import make_policy
 
 
 @dataclasses.dataclass
@@ -36,11 +37,12 @@ class Context:
     notices: list
     log: Callable = print  # one line per finished row of the long parts
 
-    def options(self, name: str, cache_size: int) -> dict:
-        options = policy_options(name, cache_size, self.config.oracle_k)
-        if options["policy"] == "adore":
-            options["controller"] = self.controller
-        return options
+    def options(self, row: PolicyRow) -> dict:
+        """generate() / teacher_force() arguments of a row: its policy, and the controller if it reads one."""
+        return dict(cache=row.policy, controller=self.controller if row.policy.needs_controller else None)
+
+    def controller_params(self, policy) -> dict:
+        return self.controller[1] if policy.needs_controller else {}
 
     def bar(self, iterable, desc: str, total=None):
         if not self.config.progress:
@@ -49,27 +51,17 @@ class Context:
         return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
-def policy_grid(config: EvalConfig, names=None, cache_sizes=None):
-    """(name, m) pairs to run; rows that do not depend on m run once, at m = None."""
-    grid = []
-    for name in names or config.policies:
-        if depends_on_cache_size(name, config.oracle_k):
-            grid += [(name, m) for m in cache_sizes or config.cache_sizes]
-        else:
-            grid.append((name, None))
-    return grid
+def policy_grid(config: EvalConfig, specs=None, cache_sizes=None) -> list:
+    """The rows to run (PolicyRow); rows that do not depend on m run once, at m = None."""
+    return policy_rows(specs or config.policies, cache_sizes or config.cache_sizes)
 
 
 def resolve_controller(model, source, seed: int = 0):
     """((ControllerConfig, params), description): a trained controller, or an untrained random one."""
-    from adore_jax.api import DEFAULT_CONTROLLERS
+    from adore_jax.weights import default_controller
 
     if source is None:
-        path = DEFAULT_CONTROLLERS.get(model.source)
-        if path and os.path.isdir(path):
-            source = path
-        else:
-            source = "random"
+        source = default_controller(model.source) or "random"
     if source == "random":
         config = ctrl.ControllerConfig(embed_dim=model.config.hidden_size)
         params = ctrl.init_controller(config, jax.random.key(seed))
@@ -106,10 +98,11 @@ def run_perplexity(ctx: Context) -> dict:
     for (length, prompt_length), members in groups.items():
         docs = np.concatenate([d for _, d in members])
         owner = np.concatenate([[name] * len(d) for name, d in members])
-        for name, m in ctx.bar(policy_grid(ctx.config), f"perplexity ({len(docs)} x {length} tokens)"):
+        for row in ctx.bar(policy_grid(ctx.config), f"perplexity ({len(docs)} x {length} tokens)"):
+            name, m = row.label, row.cache_size
             start = time.perf_counter()
             logprobs = np.concatenate([
-                adore_jax.teacher_force(ctx.model, np.stack(batch), prompt_length, **ctx.options(name, m))[:real]
+                adore_jax.teacher_force(ctx.model, np.stack(batch), prompt_length, **ctx.options(row))[:real]
                 for batch, real in _batches(list(docs), cfg.batch_size)])  # [N, T - P]
             seconds = time.perf_counter() - start
             for dataset, _ in members:
@@ -134,13 +127,13 @@ def _with_full_reference(rows, key, group_keys):
 
 # ---------------------------------------------------------------- generation
 
-def _generate_all(ctx, prompt_ids, name, m, max_new_tokens, batch_size):
+def _generate_all(ctx, prompt_ids, row, max_new_tokens, batch_size):
     """Greedy outputs (texts) of every prompt under one policy row, and its decode speed."""
     steps, seconds = 0, 0.0
     order = np.argsort([len(p) for p in prompt_ids], kind="stable")  # similar lengths share a prefill shape
     outputs = [None] * len(prompt_ids)
     for batch, real in _batches([int(i) for i in order], batch_size):
-        out = adore_jax.generate(ctx.model, [prompt_ids[i] for i in batch], max_new_tokens, **ctx.options(name, m))
+        out = adore_jax.generate(ctx.model, [prompt_ids[i] for i in batch], max_new_tokens, **ctx.options(row))
         for i, ids in zip(batch[:real], out.token_ids[:real]):
             outputs[i] = sources.as_text(ctx.model, ids)
         steps += out.stats["decode_steps"] * len(batch)
@@ -162,9 +155,10 @@ def run_generation(ctx: Context) -> dict:
     ids = [p.ids for p in prompts]
     outputs, rows = {}, []
     with_reference = [i for i, p in enumerate(prompts) if p.reference is not None]
-    for name, m in ctx.bar(policy_grid(ctx.config), "generation"):
+    for policy_row in ctx.bar(policy_grid(ctx.config), "generation"):
+        name, m = policy_row.label, policy_row.cache_size
         start = time.perf_counter()
-        texts, tokens_per_s = _generate_all(ctx, ids, name, m, cfg.max_new_tokens, cfg.batch_size)
+        texts, tokens_per_s = _generate_all(ctx, ids, policy_row, cfg.max_new_tokens, cfg.batch_size)
         outputs[(name, m)] = texts
         row = dict(policy=name, cache_size=m, prompts=len(prompts), decode_tokens_per_s=tokens_per_s,
                    seconds=time.perf_counter() - start)
@@ -203,11 +197,12 @@ def run_streaming(ctx: Context) -> dict:
         turn_prompts.append(prompts)
     rows, full = [], {}
     grid = policy_grid(ctx.config)
-    grid.sort(key=lambda row: row[0] != "full")  # full first: the others are scored against it
-    for name, m in ctx.bar(grid, "streaming"):
+    grid.sort(key=lambda row: row.label != "full")  # full first: the others are scored against it
+    for policy_row in ctx.bar(grid, "streaming"):
+        name, m = policy_row.label, policy_row.cache_size
         per_turn = []
         for turn, prompts in enumerate(turn_prompts):
-            out = adore_jax.generate(ctx.model, prompts, cfg.max_new_tokens, **ctx.options(name, m))
+            out = adore_jax.generate(ctx.model, prompts, cfg.max_new_tokens, **ctx.options(policy_row))
             texts = [sources.as_text(ctx.model, ids) for ids in out.token_ids]
             if name == "full":
                 full[turn] = texts
@@ -224,15 +219,11 @@ def run_streaming(ctx: Context) -> dict:
 
 # ---------------------------------------------------------------- speed
 
-def _plan(ctx, name, m, max_length):
+def _plan(ctx, row: PolicyRow, max_length):
     from adore_jax import decode
-    from adore_jax.policies import CacheConfig
 
-    options = ctx.options(name, m)
-    options.pop("controller", None)
-    cache = CacheConfig(**options).validate(max_length)
-    controller = ctx.controller[0] if cache.policy == "adore" else None
-    return decode.DecodePlan(ctx.model.config, cache, controller)
+    policy = row.policy.validate(max_length)
+    return decode.DecodePlan(ctx.model.config, policy, ctx.controller[0] if policy.needs_controller else None)
 
 
 def state_bytes(model, plan, batch: int, context: int, steps: int) -> int:
@@ -241,8 +232,8 @@ def state_bytes(model, plan, batch: int, context: int, steps: int) -> int:
     from adore_jax import decode
 
     max_length = -(-(context + steps + 1) // 128) * 128
-    cfg = plan.cache
-    slots = cfg.cache_size + cfg.block_rows if cfg.bounded else max_length
+    policy = plan.policy
+    slots = policy.cache_size + policy.block_rows if policy.bounded else max_length
     shapes = jax.eval_shape(lambda: (kv_cache.init_cache(model.config, batch, slots, model.dtype),
                                      decode.init_policy_state(plan, batch, slots, max_length)))
     return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
@@ -253,31 +244,32 @@ def run_speed(ctx: Context) -> dict:
 
     cfg = ctx.config.speed
     m = cfg.cache_size or max(ctx.config.cache_sizes)
-    names = cfg.policies or ctx.config.policies
+    grid = policy_grid(ctx.config, cfg.policies, (m,))
     model = dataclasses.replace(ctx.model, config=dataclasses.replace(ctx.model.config, eos_token_ids=()))
     rng = np.random.default_rng(ctx.config.seed)
     budget = cfg.memory_budget_gb * 2 ** 30
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
     trained_context = model.config.max_position_embeddings
     rows, skipped = [], []
-    grid = [(b, c, n) for b in cfg.batches for c in cfg.contexts for n in names]
-    for batch, context, name in ctx.bar(grid, "speed"):
+    runs = [(b, c, row) for b in cfg.batches for c in cfg.contexts for row in grid]
+    for batch, context, policy_row in ctx.bar(runs, "speed"):
+        name = policy_row.label
         if context + (cfg.repeats + 1) * cfg.steps > trained_context and not cfg.beyond_model_context:
             continue
-        plan = _plan(ctx, name, m, context + 4096)
+        plan = _plan(ctx, policy_row, context + 4096)
         need = weights + state_bytes(model, plan, batch, context, (cfg.repeats + 1) * cfg.steps)
         if need > budget:
             skipped.append(dict(policy=name, batch=batch, context=context, gib=need / 2 ** 30))
             continue
-        cparams = ctx.controller[1] if plan.cache.policy == "adore" else {}
-        ms, _ = time_steps(model, plan, cparams, batch, context, cfg.steps, cfg.repeats, rng)
-        rows.append(dict(policy=name, cache_size=m if plan.cache.bounded else None, batch=batch, context=context,
+        ms, _ = time_steps(model, plan, ctx.controller_params(plan.policy), batch, context, cfg.steps, cfg.repeats, rng)
+        rows.append(dict(policy=name, cache_size=m if plan.policy.bounded else None, batch=batch, context=context,
                          ms_per_step=ms, tokens_per_s=1e3 * batch / ms,
                          beyond_model_context=context > trained_context))
     _speedups(rows)
     throughput = []
-    for name in ctx.bar(names, "throughput"):
-        plan = _plan(ctx, name, m, cfg.throughput_context + 4096)
+    for policy_row in ctx.bar(grid, "throughput"):
+        name = policy_row.label
+        plan = _plan(ctx, policy_row, cfg.throughput_context + 4096)
         steps = (cfg.repeats + 1) * cfg.steps
         per_sequence = state_bytes(model, plan, 2, cfg.throughput_context, steps) - \
             state_bytes(model, plan, 1, cfg.throughput_context, steps)
@@ -286,9 +278,8 @@ def run_speed(ctx: Context) -> dict:
         row = dict(policy=name, context=cfg.throughput_context, state_mib_per_sequence=per_sequence / 2 ** 20,
                    largest_batch=largest, measured_batch=min(largest, cfg.max_measured_batch))
         if row["measured_batch"] >= 1:
-            cparams = ctx.controller[1] if plan.cache.policy == "adore" else {}
-            ms, _ = time_steps(model, plan, cparams, row["measured_batch"], cfg.throughput_context, cfg.steps,
-                               cfg.repeats, rng)
+            ms, _ = time_steps(model, plan, ctx.controller_params(plan.policy), row["measured_batch"],
+                               cfg.throughput_context, cfg.steps, cfg.repeats, rng)
             row.update(ms_per_step=ms, tokens_per_s=1e3 * row["measured_batch"] / ms)
         throughput.append(row)
     full = next((r for r in throughput if r["policy"] == "full" and "tokens_per_s" in r), None)
@@ -320,8 +311,8 @@ def run_suite(config: EvalConfig, model=None, write: bool = True, log=print) -> 
         log(f"loading {config.model} ...")
         model = adore_jax.load_model(config.model, dtype=config.dtype)
     controller, controller_info = (None, dict(source=None, trained=False))
-    if any(policy_options(n, 1)["policy"] == "adore"
-           for n in config.policies + (config.speed.policies or ()) + config.diagnostics.policies):
+    if any(make_policy(spec).needs_controller
+           for spec in config.policies + (config.speed.policies or ()) + config.diagnostics.policies):
         controller, controller_info = resolve_controller(model, config.controller, config.seed)
     ctx = Context(config, model, controller, [], log)
     if controller_info["source"] == "random":

@@ -12,8 +12,7 @@ from adore_jax.sampling import sample
 
 
 def _full_plan(config):
-    from adore_jax.policies import CacheConfig
-    return decode.DecodePlan(config, CacheConfig())
+    return decode.DecodePlan(config, adore_jax.Full())
 
 
 def test_incremental_decoding_matches_full_forward(tiny_model):

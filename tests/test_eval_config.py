@@ -5,45 +5,62 @@ import os
 import pytest
 
 from adore_jax.eval import cli
-from adore_jax.eval.config import apply_overrides, eval_config, load_eval_config, policy_options
+from adore_jax.eval.config import eval_config, load_eval_config, policy_rows
+from adore_jax.policies import H2O, Adore, Full, OracleTopK
 
 
-def test_policy_rows():
-    assert policy_options("full", 256) == dict(policy="full")
-    assert policy_options("oracle_topk", 256) == dict(policy="oracle_topk", attn_top_k=256)
-    assert policy_options("oracle_topk", 256, oracle_k=64)["attn_top_k"] == 64
-    assert policy_options("h2o", 128) == dict(policy="h2o", cache_size=128)
-    assert policy_options("adore R=8 adaptive", 256) == dict(policy="adore", cache_size=256, rebuild=8,
-                                                             adaptive_rebuild=True, rebuild_into_cache=True)
-    assert policy_options("adore R=8 transient", 512) == dict(policy="adore", cache_size=512, rebuild=8,
-                                                              adaptive_rebuild=False, rebuild_into_cache=False)
-    with pytest.raises(ValueError, match="unknown policy row"):
-        policy_options("adore R=x", 256)
+def test_policy_rows_are_policy_objects_at_each_cache_size():
+    rows = policy_rows(["full", "oracle_topk", {"policy": "oracle_topk", "attn_top_k": 64}, "h2o",
+                        {"policy": "adore", "rebuild": 8, "adaptive_rebuild": True},
+                        {"policy": "adore", "rebuild": 8, "rebuild_into_cache": False},
+                        {"policy": "window", "cache_size": 32}], (128, 256))
+    got = [(row.label, row.cache_size, row.policy) for row in rows]
+    assert got[0] == ("full", None, Full())  # full does not depend on m: one row
+    assert got[1:3] == [("oracle_topk", 128, OracleTopK(attn_top_k=128)), ("oracle_topk", 256, OracleTopK(attn_top_k=256))]
+    assert got[3] == ("oracle_topk attn_top_k=64", None, OracleTopK(attn_top_k=64))
+    assert got[4] == ("h2o", 128, H2O(cache_size=128))
+    assert got[6] == ("adore R=8 adaptive", 128, Adore(cache_size=128, rebuild=8, adaptive_rebuild=True))
+    assert got[9][:2] == ("adore R=8 transient", 256) and not got[9][2].rebuild_into_cache
+    assert got[10][:2] == ("window", None)  # its own m: one row
+    with pytest.raises(ValueError, match="policy 'adore' has no option 'R'"):
+        eval_config(dict(policies=[{"policy": "adore", "R": 8}]))
+    with pytest.raises(ValueError, match="policy must be one of"):
+        eval_config(dict(policies=["adore R=8"]))
 
 
 def test_typos_name_the_closest_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("cache_size: [128]\n")
-    with pytest.raises(ValueError, match="did you mean cache_sizes"):
+    with pytest.raises(ValueError, match="did you mean 'cache_sizes'"):
         load_eval_config(str(path))
-    with pytest.raises(ValueError, match="did you mean batches"):
+    with pytest.raises(ValueError, match="did you mean 'batches'"):
         eval_config(dict(speed=dict(batchs=[1])))
     with pytest.raises(ValueError, match="unknown part"):
         eval_config(dict(parts=["perplexity", "spead"]))
 
 
-def test_overrides_parse_yaml_values():
-    options = apply_overrides({"speed": {"steps": 4}}, ["cache_sizes=[64, 128]", "speed.batches=[1]", "seed=3"])
-    config = eval_config(options)
+def test_overrides_parse_yaml_values_and_types_are_checked(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("speed: {steps: 4}\n")
+    config = load_eval_config(str(path), ["cache_sizes=[64, 128]", "speed.batches=[1]", "seed=3"])
     assert config.cache_sizes == (64, 128) and config.speed.batches == (1,) and config.speed.steps == 4
     assert config.seed == 3
-    with pytest.raises(ValueError, match="not a part"):
-        apply_overrides({}, ["nope.key=1"])
+    with pytest.raises(ValueError, match="unknown config key 'nope'"):
+        load_eval_config(str(path), ["nope.key=1"])
+    with pytest.raises(ValueError, match="config key 'cache_sizes' must be a list; got 'abc'"):
+        load_eval_config(str(path), ["cache_sizes=abc"])
+    with pytest.raises(ValueError, match="config key 'speed.steps' must be int; got 4.5"):
+        load_eval_config(str(path), ["speed.steps=4.5"])
+    with pytest.raises(ValueError, match="cache_sizes must be a non-empty list of integers >= 1"):
+        load_eval_config(str(path), ["cache_sizes=[sixty]"])
+    path.write_text("speed: {steps: [4\n")
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        load_eval_config(str(path))
 
 
 def test_committed_configs_load():
     configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    for name in ("eval_smollm2", "eval_cpu", "eval_demo"):
+    for name in ("eval_smollm2", "eval_cpu", "eval_demo", "eval_smollm2_cpu"):
         load_eval_config(os.path.join(configs, f"{name}.yaml"))
     assert os.path.isfile(cli.DEMO_CONFIG)
 

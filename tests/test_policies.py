@@ -14,8 +14,8 @@ from adore_jax import controller as ctrl
 from adore_jax import timing
 from adore_jax.model import (BlockInput, attention_inputs, attention_output, forward, forward_block, init_params,
                              lm_logits, mlp_block, rms_norm)
-from adore_jax.configfile import read_config
-from adore_jax.policies import CacheConfig, TopKSlotAttention
+from adore_jax.configfile import read_yaml
+from adore_jax.policies import TopKSlotAttention, load_policy
 from adore_jax.rope import inverse_frequencies
 
 PROMPT = 4
@@ -266,17 +266,15 @@ def test_decoding_length_never_changes_the_compiled_step():
 
 def test_chunked_prefill_memory_is_bounded_by_m_plus_chunk(tiny_model):
     """The compiled prefill's temporaries do not grow with the prompt; the cache is m + chunk slots."""
-    from adore_jax.api import _prepare
     from adore_jax.decode import prefill
-    from adore_jax.policies import CacheConfig
 
     sizes = {}
     for length in (64, 200):
-        prep = _prepare(tiny_model, [[7] * length], 8, CacheConfig("window", cache_size=16, prefill_chunk=16),
-                        None, None, None, "auto")
-        assert prep.cache.num_slots == 16 + 16
-        compiled = prefill.lower(tiny_model.params, {}, prep.cache, prep.ps, prep.tokens, prep.lengths,
-                                 plan=prep.plan, chunk=prep.chunk).compile()
+        session = adore_jax.DecodeSession(tiny_model, [[7] * length], 8,
+                                          adore_jax.Window(cache_size=16, prefill_chunk=16))
+        assert session.cache.num_slots == 16 + 16
+        compiled = prefill.lower(tiny_model.params, {}, session.cache, session.ps, session.tokens, session.lengths,
+                                 plan=session.plan, chunk=session.shape.chunk).compile()
         sizes[length] = compiled.memory_analysis().temp_size_in_bytes
     assert sizes[200] <= 1.1 * sizes[64], sizes
 
@@ -286,26 +284,29 @@ def test_chunked_prefill_memory_is_bounded_by_m_plus_chunk(tiny_model):
     (dict(policy="window"), r"cache_size \(m\) must be >= 1"),
     (dict(policy="adore", cache_size=8, rebuild=-1), r"rebuild \(R\) must be >= 0"),
     (dict(policy="adore", cache_size=8, rebuild=8), r"rebuild \(R=8\) must be < cache_size \(m=8\)"),
-    (dict(policy="window", cache_size=8, attn_top_k=9), r"attn_top_k \(K\) must be in \[1, cache_size=8\]"),
+    (dict(policy="window", cache_size=8, attn_top_k=9), "policy 'window' has no option 'attn_top_k'"),
+    (dict(policy="oracle_topk", attn_top_k=0), r"attn_top_k \(K\) must be >= 1"),
     (dict(policy="streaming_llm", cache_size=8, sinks=4, recent=5), r"sinks \+ recent \(4 \+ 5\) must be <= "),
     (dict(policy="window", cache_size=300, max_length=256), r"cache_size \(300\) must be <= max_length \(256\)"),
     (dict(policy="lru", cache_size=8), "policy must be one of full, window"),
     (dict(policy="oracle_topk"), "needs attn_top_k"),
-    (dict(policy="window", cache_size=8, rebuild=2), "only for policy 'adore'"),
-    (dict(policy="adore", cache_size=8, rebuild_into_cache=False), r"rebuild_into_cache=False needs policy 'adore' "
-                                                                    r"with rebuild \(R\) >= 1"),
+    (dict(policy="window", cache_size=8, rebuild=2), "policy 'window' has no option 'rebuild'"),
+    (dict(policy="adore", cache_size=8, rebuild_into_cache=False), r"rebuild_into_cache=False needs rebuild \(R\) >= 1"),
+    (dict(policy="adore", cache_size=8, adaptive_rebuild=True), r"adaptive_rebuild=True needs rebuild \(R\) >= 1"),
+    (dict(policy="window", cache_size="sixty"), "config key 'cache_size' must be int; got 'sixty'"),
+    (dict(policy="full", controller="x"), "controller= applies only to a policy that reads one"),
+    (dict(policy="window", cache_sz=8), "unexpected keyword argument 'cache_sz'"),
     (dict(policy="adore", cache_size=8), "needs a controller"),
 ])
 def test_bad_cache_configuration_is_refused(tiny_model, options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         adore_jax.generate(tiny_model, [[1, 2, 3]], max_new_tokens=4, **options)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "policies",
                                                              "*.yaml"))), ids=os.path.basename)
 def test_committed_policy_configs_are_valid(path):
-    options = read_config(path)
-    assert CacheConfig(**options).validate(max_length=4096).policy == options["policy"]
+    assert load_policy(path).validate(max_length=4096).name == read_yaml(path)["policy"]
 
 
 def test_controller_for_another_model_is_refused(tiny_model, tmp_path):

@@ -1,18 +1,13 @@
 """Run configs: one frozen dataclass per stage, read from YAML, overridden by `--set key=value`.
 
-Every field is validated: an unknown key is an error that names it and the closest valid keys
-(difflib), so a typo never silently falls back to a default.
+Read through the project's one loader (`adore_jax.configfile`): unknown keys, wrong types and bad
+YAML are errors that name the key or the file.
 """
 import dataclasses
-import difflib
-import typing
 from typing import Optional
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+from adore_jax.configfile import ConfigError, load_config, save_config  # noqa: F401  (the stages' loader)
+from adore_jax.controller import ControllerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,20 +57,11 @@ class LabelsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ControllerModelConfig:
-    width: int = 128  # c: GRU state and position-embedding width
-    hidden: int = 64  # h: MLP hidden width
-    score_form: str = "query_aware"  # "static" or "query_aware" (ADORE.md 2)
-    position_embedding: str = "sinusoidal"  # or "learned"
-    max_positions: int = 8192  # learned position table size
-
-
-@dataclasses.dataclass(frozen=True)
 class ControllerTrainConfig:
     run_dir: str  # config.yaml, metrics.jsonl, checkpoints/, controller/, plots
     labels_dir: str  # output of `adore labels` (holds labels_meta.json)
     model: str = "smollm2-135m"  # whose frozen input embeddings the controller reads
-    controller: ControllerModelConfig = ControllerModelConfig()
+    controller: ControllerConfig = ControllerConfig()  # embed_dim: left out, taken from the model
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     steps: int = 500
@@ -121,105 +107,3 @@ class FinetuneConfig:
     max_to_keep: int = 2
     seed: int = 0
     export_dir: Optional[str] = None  # merged Hugging Face directory; None: run_dir/model
-
-
-def _field_types(cls):
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _unknown_key(key, valid, where):
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return ConfigError(f"unknown config key {(where + key)!r}{hint} (valid keys: {', '.join(sorted(valid))})")
-
-
-def _convert(value, kind, where):
-    origin = typing.get_origin(kind)
-    if dataclasses.is_dataclass(kind):
-        if isinstance(value, kind):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {where!r} must be a mapping; got {value!r}")
-        return from_dict(kind, value, prefix=where + ".")
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        kind = [a for a in typing.get_args(kind) if a is not type(None)][0]
-    if kind is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {where!r} must be a list; got {value!r}")
-        return tuple(value)
-    if kind is float and not isinstance(value, bool):
-        try:  # YAML 1.1 reads "3e-3" as a string
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    bad_bool = kind in (int, float) and isinstance(value, bool)
-    if kind in (int, float, str, bool) and (bad_bool or not isinstance(value, kind)):
-        raise ConfigError(f"config key {where!r} must be {kind.__name__}; got {value!r}")
-    return value
-
-
-def from_dict(cls, values: dict, prefix: str = ""):
-    """Build dataclass `cls` from a nested dict, refusing unknown and missing keys."""
-    types = _field_types(cls)
-    for key in values:
-        if key not in types:
-            raise _unknown_key(key, list(types), prefix)
-    kwargs = {key: _convert(value, types[key], prefix + key) for key, value in values.items()}
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [name for name in required if name not in kwargs]
-    if missing:
-        raise ConfigError(f"config is missing required key(s) {', '.join(prefix + m for m in missing)}")
-    return cls(**kwargs)
-
-
-def apply_override(values: dict, override: str, cls) -> None:
-    """Apply one `dotted.key=value` (value parsed as YAML) to a nested dict, checking the key."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like key=value")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    kind, node = cls, values
-    for depth, part in enumerate(parts):
-        types = _field_types(kind)
-        if part not in types:
-            raise _unknown_key(part, list(types), ".".join(parts[:depth]) + ("." if depth else ""))
-        if depth == len(parts) - 1:
-            node[part] = yaml.safe_load(raw)
-        else:
-            kind = types[part]
-            if not dataclasses.is_dataclass(kind):
-                raise ConfigError(f"config key {'.'.join(parts[:depth + 1])!r} is not a section")
-            node = node.setdefault(part, {})
-
-
-def load_config(cls, path: Optional[str] = None, overrides=()):
-    """Read a YAML file (optional) and `key=value` overrides into dataclass `cls`."""
-    values = {}
-    if path is not None:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
-    for override in overrides:
-        apply_override(values, override, cls)
-    return from_dict(cls, values)
-
-
-def to_dict(config) -> dict:
-    def plain(x):
-        if isinstance(x, tuple):
-            return [plain(v) for v in x]
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        return x
-    return plain(dataclasses.asdict(config))
-
-
-def save_config(config, path: str) -> None:
-    """Write the resolved config (every default filled in) as YAML."""
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)

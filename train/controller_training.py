@@ -10,6 +10,7 @@ whose history is longer than m (shorter ones keep everything, recall 1 for every
 The kept set is the best m for each query on its own (no release history), so it measures how
 well the score ranks keys, the quantity ADORE's release step relies on.
 """
+import dataclasses
 import json
 import os
 
@@ -194,7 +195,7 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
     if meta.get("embed_shape") and list(embed.shape) != list(meta["embed_shape"]):
         raise ValueError(f"labels in {config.labels_dir!r} were made with embeddings {meta['embed_shape']}, "
                          f"but model {config.model!r} has {list(embed.shape)}")
-    ccfg = ControllerConfig(embed_dim=embed.shape[1], **vars(config.controller))
+    ccfg = dataclasses.replace(config.controller, embed_dim=embed.shape[1])
     optimizer, schedule = make_optimizer(config.optim, config.steps)
     params = init_controller(ccfg, jax.random.key(config.seed))
     state = {"params": params, "opt_state": optimizer.init(params)}

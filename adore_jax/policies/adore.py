@@ -1,0 +1,109 @@
+"""ADORE (Zhang et al., 2024; ADORE.md): a learned controller scores every token seen; the cache keeps
+the m best, and each decode step rebuilds the R best released tokens.
+
+Per block: the controller advances over the block's tokens and writes their features into the
+release buffer (`observe`), then scores every buffered token for the current query
+(`token_scores`). A decode step picks the R released tokens with the best scores (`rebuild_choice`)
+and runs them with the current token as one block at their original positions. Afterwards the
+cache keeps the m best of cache ∪ block, or, with `rebuild_into_cache=False`, of cache ∪ the
+current token: the rebuilt rows then serve their step only (decode frees their slots).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from adore_jax import controller as ctrl
+from adore_jax.policies.base import BoundedPolicy, PolicyState, rows
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerContext:
+    """The controller as a compiled program sees it: its config (static), its params, the LLM's input
+    embedding table it reads, and its per-distance features."""
+    config: ctrl.ControllerConfig
+    params: dict
+    embed: jax.Array  # [V, E] the LLM's input embeddings
+    table: object  # [N, h] per-distance features (query-aware form), or None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Adore(BoundedPolicy):
+    name = "adore"
+    needs_controller = True
+
+    rebuild: int = 0  # R, released tokens rebuilt per decode step
+    adaptive_rebuild: bool = False  # run the rebuild block only when a released token outranks a cached one
+    rebuild_into_cache: bool = True  # rebuilt tokens compete for the m slots (ADORE.md 4); False: one step only
+
+    @property
+    def label(self) -> str:
+        """E.g. "adore R=8 adaptive transient" (+ any other option set away from its default)."""
+        others = {k: v for k, v in self.changed_options().items()
+                  if k not in ("rebuild", "adaptive_rebuild", "rebuild_into_cache")}
+        return " ".join([f"adore R={self.rebuild}"] + ["adaptive"] * self.adaptive_rebuild
+                        + ["transient"] * (not self.rebuild_into_cache) + [f"{k}={v}" for k, v in others.items()])
+
+    def check(self, max_length: int) -> None:
+        super().check(max_length)
+        if isinstance(self.rebuild, bool) or self.rebuild < 0:
+            raise ValueError(f"rebuild (R) must be >= 0; got {self.rebuild}")
+        if self.rebuild >= self.cache_size:
+            raise ValueError(f"rebuild (R={self.rebuild}) must be < cache_size (m={self.cache_size})")
+        if not self.rebuild and (self.adaptive_rebuild or not self.rebuild_into_cache):
+            option = "adaptive_rebuild=True" if self.adaptive_rebuild else "rebuild_into_cache=False"
+            raise ValueError(f"{option} needs rebuild (R) >= 1; got R={self.rebuild}")
+
+    def init_state(self, batch, num_slots, max_length, controller=None) -> PolicyState:
+        if controller is None:
+            raise ValueError("policy 'adore' needs a controller config")
+        return dataclasses.replace(
+            super().init_state(batch, num_slots, max_length),
+            token_ids=jnp.zeros((batch, max_length), jnp.int32),
+            features=jnp.zeros((batch, max_length, controller.hidden), jnp.float32),
+            controller_state=jnp.zeros((batch, controller.width), jnp.float32))
+
+    def context(self, controller, controller_params, embed, ps: PolicyState) -> ControllerContext:
+        table = None
+        if controller.score_form == "query_aware":
+            table = ctrl.distance_table(controller, controller_params, ps.token_ids.shape[1])
+        return ControllerContext(controller, controller_params, embed, table)
+
+    def observe(self, ps, ctx: ControllerContext, tokens, positions, valid):
+        """Feed a block of tokens [B, T] (at positions, where valid) to the controller and the buffer."""
+        embeddings = ctx.embed[tokens]  # [B, T, E]
+        _, features, state = ctrl.encode_sequence(ctx.config, ctx.params, embeddings, valid,
+                                                  ps.controller_state, positions)
+        where = jnp.where(valid, positions, ps.token_ids.shape[1])  # padding goes out of range: dropped
+        r = rows(tokens.shape[0])
+        return dataclasses.replace(ps, controller_state=state,
+                                   token_ids=ps.token_ids.at[r, where].set(tokens, mode="drop"),
+                                   features=ps.features.at[r, where].set(features, mode="drop"))
+
+    def token_scores(self, ps, ctx: ControllerContext, query_position):
+        """Score logits of every buffered token for the query at query_position [B]: [B, N]; unseen -inf."""
+        n = ps.token_ids.shape[1]
+        scores = ctrl.score(ctx.config, ctx.params, ps.features, jnp.arange(n), ps.controller_state,
+                            query_position, ctx.table)
+        return jnp.where(jnp.arange(n)[None, :] <= query_position[:, None], scores, -jnp.inf)
+
+    def slot_scores(self, cache, ps, token_scores):
+        return jnp.take_along_axis(token_scores, cache.slot_positions, axis=1)
+
+    def rebuild_choice(self, cache, token_scores, position):
+        """The R released tokens to rebuild for the query at position [B].
+
+        Returns (picked [B, R] int32 positions, wanted [B, R] bool). A pick is wanted when it exists
+        (fewer than R tokens may be released) and, with adaptive_rebuild, when it outscores the weakest
+        cached token.
+        """
+        batch, n = token_scores.shape
+        in_cache = jnp.zeros((batch, n), bool).at[rows(batch), cache.slot_positions].max(cache.slot_valid)
+        released = (jnp.arange(n)[None, :] < position[:, None]) & ~in_cache
+        picked_scores, picked = jax.lax.top_k(jnp.where(released, token_scores, -jnp.inf), self.rebuild)
+        wanted = picked_scores > -jnp.inf
+        if self.adaptive_rebuild:
+            weakest = jnp.min(jnp.where(cache.slot_valid, self.slot_scores(cache, None, token_scores), jnp.inf),
+                              axis=1, keepdims=True)
+            wanted &= picked_scores > weakest
+        return picked.astype(jnp.int32), wanted

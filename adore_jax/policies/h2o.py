@@ -1,0 +1,30 @@
+"""H2O (Zhang et al., 2023): heavy hitters, the tokens with the most attention mass accumulated over
+every query since they entered the cache, plus a protected recent window (default: half the cache).
+
+One decision per sequence from the mass summed over layers and query heads (the paper decides per
+head and layer; one shared decision keeps the cache a single slot table, ADORE's granularity).
+"""
+import dataclasses
+
+import jax.numpy as jnp
+
+from adore_jax.policies.base import BoundedPolicy, rows
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class H2O(BoundedPolicy):
+    name = "h2o"
+    needs_mass = True
+
+    def with_defaults(self):
+        return self if self.recent else dataclasses.replace(self, recent=self.cache_size // 2)
+
+    def update_state(self, ps, block, mass, last_row):
+        """mass [B, Q, S]: each block query's attention per slot. A slot written by this block starts
+        from zero (it holds a new token); every slot then adds what the block's queries gave it."""
+        mass = mass * block.valid[:, :, None]
+        written = jnp.zeros(ps.mass.shape, bool).at[rows(mass.shape[0]), block.slots].set(True)
+        return dataclasses.replace(ps, mass=jnp.where(written, 0.0, ps.mass) + jnp.sum(mass, axis=1))
+
+    def slot_scores(self, cache, ps, token_scores):
+        return ps.mass

@@ -1,0 +1,161 @@
+"""A decode session: one batch of prompts under one cache policy, prefilled once, then decoded in chunks.
+
+    session = DecodeSession(model, prompt_ids, max_new_tokens=64, cache=Adore(cache_size=256, rebuild=8))
+    logits = session.prefill()                          # [B, V] after each prompt; the cache holds <= m tokens
+    session.start(first_tokens)                         # [B] the tokens the first decode step feeds
+    out = session.decode(16, SamplingParams())          # decode.StepOutputs of 16 steps
+    out = session.decode(8, forced=next_tokens)         # teacher forcing: [B, 8] tokens fed instead
+
+`generate` and `teacher_force` are built on it, and so are the evaluation's step-by-step diagnostics.
+The static sizes are fixed when the session is made (`plan_generation`), so every chunk of the same
+length reuses one compiled program.
+"""
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adore_jax import cache as kv_cache
+from adore_jax import controller as ctrl
+from adore_jax import decode
+from adore_jax.policies import CachePolicy, make_policy
+from adore_jax.sampling import SamplingParams
+
+MIN_PROMPT_BUCKET = 16
+SLOT_ROUNDING = 128  # release buffers and full caches are rounded up to this, so nearby lengths share a compile
+
+
+def prompt_bucket(length: int, chunk: int) -> int:
+    """Padded prompt length: a power of two (at least 16), a multiple of `chunk` above it."""
+    bucket = max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+    return bucket if bucket <= chunk else -(-length // chunk) * chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class RunShape:
+    """The static sizes of a run."""
+    policy: CachePolicy  # validated, defaults filled
+    padded_prompt: int  # P, prompts right-padded to this
+    chunk: int  # prefill block length (divides P)
+    prefill_slots: int  # cache slots during prefill
+    decode_slots: int  # cache slots while decoding (a bounded cache is compacted after prefill)
+    max_length: int  # positions the run can hold: prompt + new tokens (the release buffer's length)
+
+
+def plan_generation(model_config, lengths, max_new_tokens: int, policy: CachePolicy,
+                    max_length: Optional[int] = None) -> RunShape:
+    """The static sizes of a run of prompts of `lengths` under `policy`."""
+    longest = int(max(lengths))
+    if longest + max_new_tokens > model_config.max_position_embeddings:
+        raise ValueError(f"prompt length ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {model_config.max_position_embeddings} tokens")
+    if policy.prefill_chunk is not None and policy.prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1; got {policy.prefill_chunk}")
+    padded = prompt_bucket(longest, policy.chunk)
+    chunk = min(policy.chunk, padded)
+    needed = max(padded, longest + max_new_tokens)
+    if max_length is None:
+        max_length = -(-(padded + max_new_tokens) // SLOT_ROUNDING) * SLOT_ROUNDING
+        if policy.cache_size:
+            max_length = policy.cache_size if not policy.bounded else max(max_length, policy.cache_size)
+    if max_length < needed:
+        what = "cache_size" if not policy.bounded and policy.cache_size else "max_length"
+        raise ValueError(f"{what} must be >= {needed} for these prompts (longest prompt padded to {padded}, "
+                         f"+ max_new_tokens); got {max_length}")
+    policy = policy.validate(max_length)
+    if policy.bounded:
+        prefill_slots = policy.cache_size + max(chunk, policy.block_rows)
+        decode_slots = min(policy.cache_size + policy.block_rows, prefill_slots)
+    else:
+        prefill_slots = decode_slots = max_length
+    return RunShape(policy, padded, chunk, prefill_slots, decode_slots, max_length)
+
+
+def resolve_controller(model, controller):
+    """(ControllerConfig, params) from a path, a (config, params) pair, or the model's default."""
+    from adore_jax.weights import default_controller
+
+    if controller is None:
+        controller = default_controller(model.source)
+        if controller is None:
+            raise ValueError(f"policy 'adore' needs a controller: pass controller=PATH (a trained controller) "
+                             f"or a (ControllerConfig, params) pair; model {model.source!r} has no default")
+    if isinstance(controller, (str, bytes)) or hasattr(controller, "__fspath__"):
+        return ctrl.load_controller(str(controller), model.config.hidden_size)
+    config, params = controller
+    if config.embed_dim != model.config.hidden_size:
+        raise ValueError(f"controller was built for embedding width {config.embed_dim}, "
+                         f"but the model's is {model.config.hidden_size}")
+    return config, params
+
+
+def check_prompt_ids(prompt_ids, vocab_size: int) -> None:
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise ValueError(f"prompts[{i}] is empty")
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"prompts[{i}] must hold integer token ids; got dtype {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        if bad.size:
+            raise ValueError(f"prompts[{i}] holds token id {int(bad[0])}, outside the vocabulary [0, {vocab_size})")
+
+
+class DecodeSession:
+    """See the module doc. Holds the cache, the policy state and the decode state between calls."""
+
+    def __init__(self, model, prompt_ids, max_new_tokens: int, cache=None, *, controller=None,
+                 max_length: Optional[int] = None, attention_impl: str = "auto"):
+        check_prompt_ids(prompt_ids, model.config.vocab_size)
+        self.model = model
+        self.lengths = np.array([len(ids) for ids in prompt_ids], np.int32)  # [B]
+        self.shape = plan_generation(model.config, self.lengths, max_new_tokens, make_policy(cache), max_length)
+        policy = self.shape.policy
+        if policy.needs_controller:
+            controller_config, self.controller_params = resolve_controller(model, controller)
+        elif controller is not None:
+            raise ValueError(f"controller= applies only to a policy that reads one (adore); got policy {policy.name!r}")
+        else:
+            controller_config, self.controller_params = None, {}
+        self.plan = decode.DecodePlan(model.config, policy, controller_config, attention_impl)
+        batch = len(prompt_ids)
+        self.tokens = np.full((batch, self.shape.padded_prompt), model.pad_id, np.int32)  # [B, P]
+        for i, ids in enumerate(prompt_ids):
+            self.tokens[i, :len(ids)] = ids
+        self.cache = kv_cache.init_cache(model.config, batch, self.shape.prefill_slots, model.dtype)
+        self.ps = decode.init_policy_state(self.plan, batch, self.shape.prefill_slots, self.shape.max_length)
+        self.state: Optional[decode.DecodeState] = None
+
+    @property
+    def policy(self) -> CachePolicy:
+        return self.plan.policy
+
+    def prefill(self):
+        """Run the prompts through the cache; returns the logits after each prompt, [B, V] float32."""
+        logits, self.cache, self.ps = decode.prefill(
+            self.model.params, self.controller_params, self.cache, self.ps, jnp.asarray(self.tokens),
+            jnp.asarray(self.lengths), plan=self.plan, chunk=self.shape.chunk)
+        if self.shape.decode_slots < self.cache.num_slots:
+            self.cache, self.ps = decode.compact(self.cache, self.ps, num_slots=self.shape.decode_slots)
+        return logits
+
+    def start(self, tokens, key=None, done=None) -> None:
+        """The tokens [B] the first decode step feeds (at each prompt's end), the PRNG key and done flags."""
+        batch = len(self.lengths)
+        self.state = decode.DecodeState(
+            token=jnp.asarray(tokens, jnp.int32), position=jnp.asarray(self.lengths),
+            done=jnp.zeros((batch,), bool) if done is None else jnp.asarray(done),
+            key=jax.random.key(0) if key is None else key)
+
+    def decode(self, num_steps: int, sampling: SamplingParams = SamplingParams(), forced=None,
+               return_logits: bool = False) -> decode.StepOutputs:
+        """Run `num_steps` steps as one compiled scan; forced: [B, num_steps] tokens to feed (teacher forcing)."""
+        if self.state is None:
+            raise ValueError("call start(first_tokens) before decode()")
+        out, self.cache, self.ps, self.state = decode.decode(
+            self.model.params, self.controller_params, self.cache, self.ps, self.state, *sampling.as_arrays(),
+            None if forced is None else jnp.asarray(forced, jnp.int32), plan=self.plan, num_steps=num_steps,
+            greedy=sampling.greedy, pad_id=self.model.pad_id, return_logits=return_logits)
+        return out
