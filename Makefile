@@ -17,6 +17,7 @@ demo: setup
 
 test: setup
 	$(PY) scripts/run_tests.py
+	$(PY) scripts/mutation_check.py
 
 bench: setup
 	$(PY) eval/bench_decode.py --out runs/bench_decode.json

@@ -131,8 +131,27 @@ def test_seeded_sampling_is_reproducible(tiny_model):
     (dict(max_new_tokens=300), r"max_new_tokens \(300\) exceeds the model's context of 256"),
     (dict(cache_size=8), "cache_size must be >= "),
     (dict(prompts=["text needs a tokenizer"]), "has no tokenizer"),
+    (dict(prompts=[[1, 10 ** 6, 3]]), r"prompts\[0\] holds token id 1000000, outside the vocabulary \[0, 97\)"),
+    (dict(prompts=[[1, 2], [-1, 5]]), r"prompts\[1\] holds token id -1"),
 ])
 def test_bad_generate_arguments_are_refused(tiny_model, kwargs, message):
     args = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         adore_jax.generate(tiny_model, args.pop("prompts"), **args)
+
+
+@pytest.mark.parametrize("policy", [adore_jax.Full(), adore_jax.Adore(cache_size=8, rebuild=2)], ids=["full", "adore"])
+def test_decoding_past_max_length_is_refused_not_silently_dropped(tiny_model, policy):
+    """A full cache has a slot per position and ADORE's release buffer an entry per position: both end at
+    max_length. The step that would write past it is refused; the last step that fits runs."""
+    controller = None
+    if policy.needs_controller:
+        config = adore_jax.ControllerConfig(embed_dim=tiny_model.config.hidden_size, width=8, hidden=4)
+        controller = (config, adore_jax.controller.init_controller(config, jax.random.key(0)))
+    session = adore_jax.DecodeSession(tiny_model, [[5, 6, 7]], 4, policy, controller=controller, max_length=16)
+    session.prefill()
+    session.start([8])
+    session.decode(12)  # positions 3..14
+    with pytest.raises(ValueError, match=r"decoding 2 steps would reach position 16, past this run's max_length \(16"):
+        session.decode(2)
+    session.decode(1)  # position 15, the last one

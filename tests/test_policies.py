@@ -17,24 +17,9 @@ from adore_jax.model import (BlockInput, attention_inputs, attention_output, for
 from adore_jax.configfile import read_yaml
 from adore_jax.policies import TopKSlotAttention, load_policy
 from adore_jax.rope import inverse_frequencies
+from references import distance_controller
 
 PROMPT = 4
-
-
-def distance_controller(embed_dim, scores_by_distance):
-    """A query-aware controller whose score of token i for query t is scores_by_distance[t - i].
-
-    GRU weights are zero, so z stays 0; a learned position table carries the score.
-    """
-    scores = np.asarray(scores_by_distance, np.float32)
-    offset = 1e4  # keeps the MLP's relu input positive
-    config = ctrl.ControllerConfig(embed_dim=embed_dim, width=2, hidden=1, score_form="query_aware",
-                                   position_embedding="learned", max_positions=len(scores))
-    params = jax.tree_util.tree_map(jnp.zeros_like, ctrl.init_controller(config, jax.random.key(0)))
-    params.update(positions=jnp.stack([jnp.asarray(scores), jnp.zeros_like(scores)], axis=1),
-                  w_1=jnp.array([[1.0], [0.0]]), b_1=jnp.array([offset]), w_2=jnp.array([1.0]),
-                  b_2=jnp.array(-offset))
-    return config, params
 
 
 def recency_controller(embed_dim, length=512):

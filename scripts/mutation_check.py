@@ -1,0 +1,164 @@
+"""Mutation check: break each eviction rule on purpose and require a test to go red.
+
+    python scripts/mutation_check.py            # every mutant (a few minutes on 2 cores)
+    python scripts/mutation_check.py --list     # what each mutant changes
+
+Each mutant edits one rule in a scratch copy of the working tree (never the tree itself), then runs
+the tests that guard the rule there. A mutant that leaves those tests green is a rule no test can
+catch: the check fails. First the same tests run on the unmutated copy and must pass, so a mutant
+is only "killed" by a test that can tell the rules apart. Exit status 0 when every mutant is killed.
+"""
+import argparse
+import concurrent.futures
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # file to edit, relative to the repository root
+    old: str  # text that must occur exactly once
+    new: str
+    tests: tuple  # pytest arguments that must go red
+
+
+EVICTION = "tests/test_eviction.py::test_kept_set_and_logits_equal_the_event_reference"
+H2O_RESTART = "tests/test_eviction.py::test_h2o_statistic_restarts_for_a_new_token_in_a_reused_slot"
+REBUILD = "tests/test_policies.py::test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention"
+
+
+def eviction(*cases):
+    return tuple(f"{EVICTION}[{case}]" for case in cases)
+
+
+MUTANTS = (
+    Mutant("h2o evicts the most attended token (score = -mass)", "adore_jax/policies/h2o.py",
+           "    def slot_scores(self, cache, ps, token_scores):\n        return ps.mass",
+           "    def slot_scores(self, cache, ps, token_scores):\n        return -ps.mass",
+           eviction("h2o-default", "h2o-recent2")),
+    Mutant("tova evicts the most attended token (score = -mass)", "adore_jax/policies/tova.py",
+           "        return ps.mass", "        return -ps.mass", eviction("tova-default", "tova-sinks1-recent1")),
+    Mutant("h2o forgets past queries (mass not accumulated)", "adore_jax/policies/h2o.py",
+           "jnp.where(written, 0.0, ps.mass) + jnp.sum(mass, axis=1)", "jnp.sum(mass, axis=1)",
+           eviction("h2o-default", "h2o-recent2")),
+    Mutant("h2o: a new token inherits its slot's old statistic", "adore_jax/policies/h2o.py",
+           "jnp.where(written, 0.0, ps.mass)", "ps.mass", eviction("h2o-default", "h2o-recent2") + (H2O_RESTART,)),
+    Mutant("h2o counts the attention of padding rows", "adore_jax/policies/h2o.py",
+           "mass = mass * block.valid[:, :, None]", "mass = mass",
+           eviction("h2o-default", "h2o-recent2") + (H2O_RESTART,)),
+    Mutant("adore's prefill release inverts the controller's scores", "adore_jax/decode.py",
+           "cache = release(policy, cache, ps, token_scores, current, max_evictions=chunk)",
+           "cache = release(policy, cache, ps, None if token_scores is None else -token_scores, current, "
+           "max_evictions=chunk)", eviction("adore-default", "adore-sinks2-recent3")),
+    Mutant("window keeps the oldest tokens", "adore_jax/policies/window.py",
+           "return cache.slot_positions.astype(jnp.float32)", "return -cache.slot_positions.astype(jnp.float32)",
+           eviction("window-default")),
+    Mutant("streaming_llm pins one sink token too many", "adore_jax/policies/base.py",
+           "pinned = slot_positions < self.sinks", "pinned = slot_positions <= self.sinks",
+           eviction("streaming_llm-sinks2")),
+    Mutant("the recent window is one token short", "adore_jax/policies/base.py",
+           "slot_positions > current_position[:, None] - self.recent",
+           "slot_positions > current_position[:, None] - self.recent + 1",
+           eviction("tova-sinks1-recent1", "adore-sinks2-recent3")),
+    Mutant("tova keeps the first query of a block instead of the last", "adore_jax/policies/tova.py",
+           "last_row[:, None, None]", "0 * last_row[:, None, None]", eviction("tova-default", "tova-sinks1-recent1")),
+    Mutant("rebuild picks tokens that are still cached", "adore_jax/policies/adore.py",
+           "released = (jnp.arange(n)[None, :] < position[:, None]) & ~in_cache",
+           "released = jnp.arange(n)[None, :] < position[:, None]", (f"{REBUILD}[rebuild]",)),
+    Mutant("transient rebuild leaves the rebuilt rows in the cache", "adore_jax/decode.py",
+           "if not policy.rebuild_into_cache:", "if False:", (f"{REBUILD}[transient]",)),
+    Mutant("decoding may run one position past max_length", "adore_jax/decode.py",
+           "if last >= limit:", "if last > limit:",
+           ("tests/test_decode.py::test_decoding_past_max_length_is_refused_not_silently_dropped",)),
+)
+
+
+def copy_tree(destination: str) -> None:
+    """The working tree's tracked and untracked (not ignored) files, as they are now."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, files):
+        source = os.path.join(ROOT, name)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(destination, name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(destination, name))
+
+
+def mutated_text(root: str, mutant: Mutant) -> str:
+    with open(os.path.join(root, mutant.path)) as f:
+        text = f.read()
+    if text.count(mutant.old) != 1:
+        raise SystemExit(f"mutation_check: mutant {mutant.name!r}: the text to replace occurs "
+                         f"{text.count(mutant.old)} times in {mutant.path} (expected once): update the mutant")
+    return text.replace(mutant.old, mutant.new)
+
+
+def apply(root: str, mutant: Mutant) -> None:
+    text = mutated_text(root, mutant)
+    with open(os.path.join(root, mutant.path), "w") as f:
+        f.write(text)
+
+
+def run_tests(root: str, tests) -> tuple:
+    """(passed, seconds, output tail) of pytest over `tests` in the copy at `root`."""
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
+                          env=env, capture_output=True, text=True)
+    return done.returncode == 0, time.perf_counter() - start, (done.stdout + done.stderr)[-2000:]
+
+
+def try_mutant(pristine: str, scratch: str, index: int, mutant: Mutant) -> tuple:
+    """(survived, seconds) of one mutant in its own copy."""
+    mutated = os.path.join(scratch, f"mutant{index}")
+    shutil.copytree(pristine, mutated)
+    apply(mutated, mutant)
+    passed, seconds, _ = run_tests(mutated, mutant.tests)
+    shutil.rmtree(mutated)
+    return passed, seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    args = parser.parse_args()
+    if args.list:
+        for mutant in MUTANTS:
+            print(f"{mutant.name}\n    {mutant.path}: {mutant.old!r} -> {mutant.new!r}\n    tests: {' '.join(mutant.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="mutation_check_") as scratch:
+        pristine = os.path.join(scratch, "pristine")
+        copy_tree(pristine)
+        for mutant in MUTANTS:
+            mutated_text(pristine, mutant)  # every mutant's text exists, before any test runs
+        passed, seconds, tail = run_tests(pristine, tuple(dict.fromkeys(t for m in MUTANTS for t in m.tests)))
+        if not passed:
+            print(f"mutation_check: the unmutated tree fails the guarding tests:\n{tail}", file=sys.stderr)
+            return 1
+        print(f"unmutated tree: the guarding tests pass ({seconds:.0f} s)", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            runs = [pool.submit(try_mutant, pristine, scratch, i, m) for i, m in enumerate(MUTANTS)]
+            survivors = []
+            for mutant, run in zip(MUTANTS, runs):
+                survived, seconds = run.result()
+                print(f"{'SURVIVED' if survived else 'killed  '} {seconds:5.0f} s  {mutant.name}", flush=True)
+                if survived:
+                    survivors.append(mutant.name)
+    if survivors:
+        print(f"mutation_check: {len(survivors)} mutant(s) survived: no test catches {survivors}", file=sys.stderr)
+        return 1
+    print(f"mutation_check: all {len(MUTANTS)} mutants killed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Every bounded policy's kept set against an independent event-by-event reference.
+
+Prompts are several times longer than m, so the chunked prefill releases tokens after every chunk,
+and decoding releases one token per step. The two batch rows have different prompt lengths (the
+second prompt ends inside a padded chunk). The reference re-derives each rule from its paper's
+description, in numpy, over attention from a plain masked forward: query t sees key s iff s was
+in the cache when t ran (or in t's own block, causally). Since a token's K/V depend only on what it
+saw, that forward reproduces every K/V the cache held, so the decode logits must match too.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adore_jax import H2O, DecodeSession, Model, ModelConfig, make_policy
+from adore_jax.model import BlockInput, init_params, lm_logits
+from adore_jax.train.forward import forward_hidden
+from references import distance_controller
+
+M, CHUNK, STEPS = 12, 8, 8
+PROMPTS = (40, 35)
+DISTANCE_SCORES = np.random.default_rng(11).normal(size=64).astype(np.float32)  # adore: score of (t, i) by t - i
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random model (no tokenizer); weights large enough that attention is far from uniform."""
+    config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    return Model(config, init_params(config, jax.random.key(3), scale=0.08), None, "tiny-eviction")
+
+
+def masked_forward(model, tokens, visible):
+    """One sequence whose query t sees key s iff visible[t, s]: (logits [T, V], attention mass [T, T]
+    summed over layers and query heads)."""
+    return _forward(model.config)(model.params, jnp.asarray(tokens)[None], jnp.asarray(visible))
+
+
+_FORWARDS = {}
+
+
+def _forward(config):
+    if config not in _FORWARDS:
+        def run(params, tokens, visible):
+            def attention(q, k, v):  # q [1, T, H, D], k, v [1, T, G, D]
+                group = q.shape[2] // k.shape[2]
+                keys, values = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+                logits = jnp.einsum("bthd,bshd->bhts", q, keys) / np.sqrt(q.shape[-1])
+                probs = jax.nn.softmax(jnp.where(visible[None, None], logits, -jnp.inf), axis=-1)
+                return jnp.einsum("bhts,bshd->bthd", probs, values), jnp.sum(probs[0], axis=0)
+
+            positions = jnp.arange(tokens.shape[1])[None]
+            hidden, masses = forward_hidden(params, config, tokens, positions, attention)
+            return lm_logits(params, hidden)[0], sum(masses)
+        _FORWARDS[config] = jax.jit(run)
+    return _FORWARDS[config]
+
+
+def reference_rule(name):
+    """score(k, block, current, mass, acc) -> keep-score of candidate k, from the rule's description."""
+    rules = {
+        "window": lambda k, block, current, mass, acc: k,  # the most recent
+        "streaming_llm": lambda k, block, current, mass, acc: k,  # sinks pinned, then the most recent
+        "h2o": lambda k, block, current, mass, acc: acc[k],  # mass accumulated since the token entered
+        "tova": lambda k, block, current, mass, acc: mass[current, k],  # the current query's attention
+        "adore": lambda k, block, current, mass, acc: DISTANCE_SCORES[current - k],  # the controller's
+    }
+    return rules[name]
+
+
+def simulate(model, tokens, prompt, name, sinks, recent):
+    """Kept positions after the prefill and after each decode step, and the decode logits [STEPS, V]."""
+    length = len(tokens)
+    visible = np.eye(length, dtype=bool)  # rows not yet run see only themselves (never read)
+    blocks = [list(range(s, min(s + CHUNK, prompt))) for s in range(0, prompt, CHUNK)]
+    blocks += [[t] for t in range(prompt, length)]
+    rule = reference_rule(name)
+    kept, acc, history, logits = [], {}, [], None
+    for block in blocks:
+        for q in block:
+            visible[q, kept] = True
+            visible[q, block[0]:q + 1] = True
+        logits, mass = map(np.asarray, masked_forward(model, tokens, visible))
+        candidates = kept + block
+        current = block[-1]
+        for k in block:  # a new token starts with no accumulated mass
+            acc[k] = 0.0
+        for k in candidates:
+            acc[k] += float(mass[block, k].sum())
+        pinned = {k: k < sinks or k > current - recent for k in candidates}
+        order = sorted(candidates, key=lambda k: (pinned[k], rule(k, block, current, mass, acc)), reverse=True)
+        kept = sorted(order[:M])
+        history.append(kept)
+    return history[len(blocks) - STEPS - 1:], logits[prompt:length]
+
+
+def run_policy(model, sequences, policy, controller):
+    """The same through DecodeSession: kept positions per row after the prefill and each step, and logits."""
+    session = DecodeSession(model, [row[:p].tolist() for row, p in zip(sequences, PROMPTS)], STEPS, policy,
+                            controller=controller)
+    session.prefill()
+    session.start([row[p] for row, p in zip(sequences, PROMPTS)])
+
+    def kept_now():
+        positions, valid = np.asarray(session.cache.slot_positions), np.asarray(session.cache.slot_valid)
+        return [sorted(positions[b][valid[b]].tolist()) for b in range(len(sequences))]
+
+    history, logits = [kept_now()], []
+    for step in range(STEPS):
+        forced = [[row[p + step + 1] if p + step + 1 < len(row) else 0] for row, p in zip(sequences, PROMPTS)]
+        out = session.decode(1, forced=np.asarray(forced), return_logits=True)
+        history.append(kept_now())
+        logits.append(np.asarray(out.logits[:, 0]))
+    return history, np.stack(logits, axis=1)  # [STEPS + 1][B] lists, [B, STEPS, V]
+
+
+CASES = [
+    ("window", {}),
+    ("streaming_llm", dict(sinks=2)),
+    ("h2o", {}),  # recent = m / 2
+    ("h2o", dict(recent=2)),  # mostly heavy hitters
+    ("tova", {}),
+    ("tova", dict(sinks=1, recent=1)),
+    ("adore", {}),
+    ("adore", dict(sinks=2, recent=3)),
+]
+
+
+@pytest.mark.parametrize("name, options", CASES, ids=lambda c: c if isinstance(c, str) else
+                         "-".join(f"{k}{v}" for k, v in c.items()) or "default")
+def test_kept_set_and_logits_equal_the_event_reference(model, name, options):
+    rng = np.random.default_rng(5)
+    sequences = [rng.integers(3, model.config.vocab_size, p + STEPS).astype(np.int32) for p in PROMPTS]
+    policy = make_policy(name, cache_size=M, prefill_chunk=CHUNK, **options)
+    filled = policy.validate(max_length=128)  # the policy's own defaults (streaming's recent, h2o's recent)
+    controller = distance_controller(model.config.hidden_size, DISTANCE_SCORES) if name == "adore" else None
+    history, logits = run_policy(model, sequences, policy, controller)
+    for row, (tokens, prompt) in enumerate(zip(sequences, PROMPTS)):
+        expected, expected_logits = simulate(model, tokens, prompt, name, filled.sinks, filled.recent)
+        got = [kept[row] for kept in history]
+        assert got == expected, f"row {row}: kept sets after the prefill and each step differ"
+        assert all(len(kept) == M for kept in got)  # prompts of 35-40 tokens: the prefill released
+        np.testing.assert_allclose(logits[row], expected_logits, atol=1e-4)
+
+
+def test_h2o_statistic_restarts_for_a_new_token_in_a_reused_slot():
+    """A slot written by the block holds a new token: its mass is what the block gave it, nothing of the
+    released token that held the slot before; every other slot accumulates."""
+    policy = H2O(cache_size=4)
+    ps = dataclasses.replace(policy.init_state(1, 6, 16), mass=jnp.array([[5.0, 1.0, 2.0, 7.0, 0.0, 0.0]]))
+    block = BlockInput(tokens=jnp.array([[1, 2]]), positions=jnp.array([[9, 10]]), slots=jnp.array([[3, 5]]),
+                       valid=jnp.array([[True, False]]))  # the second row is padding: its attention is ignored
+    mass = jnp.array([[[0.1, 0.2, 0.3, 0.4, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0, 9.0, 9.0]]])  # [B, Q, S]
+    new = policy.update_state(ps, block, mass, jnp.zeros((1,), jnp.int32))
+    np.testing.assert_allclose(np.asarray(new.mass), [[5.1, 1.2, 2.3, 0.4, 0.0, 0.0]], rtol=1e-6)
