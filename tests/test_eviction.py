@@ -24,6 +24,23 @@ PROMPTS = (40, 35)
 DISTANCE_SCORES = np.random.default_rng(11).normal(size=64).astype(np.float32)  # adore: score of (t, i) by t - i
 
 
+def murmur3_scores(seed, count):
+    """random's score of positions 0..count-1: the murmur3 finalizer of (position * golden + seed), top 24 bits."""
+    scores = []
+    for position in range(count):
+        x = (position * 0x9E3779B9 + seed) & 0xFFFFFFFF
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+        x ^= x >> 16
+        scores.append((x >> 8) / (1 << 24))
+    return scores
+
+
+RANDOM_SCORES = murmur3_scores(7, 64)
+
+
 @pytest.fixture(scope="module")
 def model():
     """A tiny random model (no tokenizer); weights large enough that attention is far from uniform."""
@@ -66,6 +83,7 @@ def reference_rule(name):
         "h2o": lambda k, block, current, mass, acc: acc[k],  # mass accumulated since the token entered
         "tova": lambda k, block, current, mass, acc: mass[current, k],  # the current query's attention
         "adore": lambda k, block, current, mass, acc: DISTANCE_SCORES[current - k],  # the controller's
+        "random": lambda k, block, current, mass, acc: RANDOM_SCORES[k],  # a fixed random number per token
     }
     return rules[name]
 
@@ -125,6 +143,7 @@ CASES = [
     ("tova", dict(sinks=1, recent=1)),
     ("adore", {}),
     ("adore", dict(sinks=2, recent=3)),
+    ("random", dict(seed=7)),
 ]
 
 
@@ -142,6 +161,9 @@ def test_kept_set_and_logits_equal_the_event_reference(model, name, options):
         got = [kept[row] for kept in history]
         assert got == expected, f"row {row}: kept sets after the prefill and each step differ"
         assert all(len(kept) == M for kept in got)  # prompts of 35-40 tokens: the prefill released
+    if name == "random":  # a control must not be a recency rule in disguise, and its seed must matter
+        other, _ = run_policy(model, sequences, make_policy(name, cache_size=M, prefill_chunk=CHUNK, seed=8), None)
+        assert other[0] != history[0] and history[0][0] != list(range(PROMPTS[0] - M, PROMPTS[0]))
         np.testing.assert_allclose(logits[row], expected_logits, atol=1e-4)
 
 

@@ -7,6 +7,7 @@
   tova          the attention mass of the current query
   oracle_topk   full cache, each query attends to its own top-K logits per head (the upper bound)
   adore         the controller's score; the top-R released tokens are rebuilt each step
+  random        a fixed pseudo-random score per token (a control)
 
     policy = Adore(cache_size=256, rebuild=8)                       # or make_policy("adore", cache_size=256, rebuild=8)
     policy = make_policy({"policy": "h2o", "cache_size": 512})      # a mapping, as in configs/policies/*.yaml
@@ -27,11 +28,12 @@ from adore_jax.policies.base import BoundedPolicy, CachePolicy, PolicyState
 from adore_jax.policies.full import Full
 from adore_jax.policies.h2o import H2O
 from adore_jax.policies.oracle_topk import OracleTopK, TopKSlotAttention
+from adore_jax.policies.random import Random
 from adore_jax.policies.streaming_llm import StreamingLLM
 from adore_jax.policies.tova import TOVA
 from adore_jax.policies.window import Window
 
-POLICIES = {policy.name: policy for policy in (Full, Window, StreamingLLM, H2O, TOVA, OracleTopK, Adore)}
+POLICIES = {policy.name: policy for policy in (Full, Window, StreamingLLM, H2O, TOVA, OracleTopK, Adore, Random)}
 
 
 def policy_class(name) -> type:
@@ -74,4 +76,4 @@ def load_policy(path=None, overrides=(), **options) -> CachePolicy:
 
 
 __all__ = ["POLICIES", "Adore", "BoundedPolicy", "CachePolicy", "Full", "H2O", "OracleTopK", "PolicyState",
-           "StreamingLLM", "TOVA", "TopKSlotAttention", "Window", "load_policy", "make_policy", "policy_class"]
+           "Random", "StreamingLLM", "TOVA", "TopKSlotAttention", "Window", "load_policy", "make_policy", "policy_class"]
