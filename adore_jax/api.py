@@ -60,8 +60,12 @@ class Model:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
 
-def load_model(source: str = "smollm2-135m", dtype: str = "float32") -> Model:
-    """Load a model from an embedded name (`smollm2-135m`), a `.gguf` file or a Hugging Face directory."""
+def load_model(source: str = "smollm2-135m", dtype: str = "float32", adapter: Optional[str] = None) -> Model:
+    """Load a model from an embedded name (`smollm2-135m`), a `.gguf` file or a Hugging Face directory.
+
+    adapter: a saved LoRA adapter directory (adore_jax.adapters), merged into the weights on load;
+    it must have been trained on this base model.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
     if source in weights.EMBEDDED_MODELS:
@@ -82,6 +86,11 @@ def load_model(source: str = "smollm2-135m", dtype: str = "float32") -> Model:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(int(tokenizer.eos_token_id))
     config = dataclasses.replace(config, eos_token_ids=tuple(sorted(eos)))
+    if adapter is not None:
+        from adore_jax.adapters import apply_adapter
+
+        params = apply_adapter(params, source, os.path.expanduser(adapter))
+        source = f"{source} + adapter {adapter}"
     return Model(config=config, params=params, tokenizer=tokenizer, source=source)
 
 

@@ -106,4 +106,6 @@ class FinetuneConfig:
     checkpoint_every: int = 50
     max_to_keep: int = 2
     seed: int = 0
-    export_dir: Optional[str] = None  # merged Hugging Face directory; None: run_dir/model
+    adapter_dir: Optional[str] = None  # the trained LoRA adapter (a few MB); None: run_dir/adapter
+    export_merged: bool = False  # also write the merged model as a Hugging Face directory (f32: ~0.5 GB for SmolLM2)
+    export_dir: Optional[str] = None  # that directory; None: run_dir/model

@@ -4,17 +4,18 @@
 
 Rows are single documents truncated to seq_len (not packed): the top-K kernel is causal without
 segment ids, and a row's padding sits after its document, where no real query can see it. At the
-end the adapters are merged and the model is exported as a Hugging Face directory (config.json +
-model.safetensors + tokenizer), which `adore_jax.load_model(export_dir)` loads.
+end a LoRA run saves its adapter (a few MB; `adore_jax.load_model(base, adapter=adapter_dir)`
+merges it on load) and, with `export_merged`, the merged model as a Hugging Face directory
+(config.json + model.safetensors + tokenizer) that `adore_jax.load_model(export_dir)` loads.
 """
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adore_jax.adapters import save_adapter
 from adore_jax.train import lora as lora_lib
 from adore_jax.train import sharding
 from adore_jax.train.config import FinetuneConfig, save_config
@@ -127,13 +128,24 @@ def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
                              meta=lambda step: {"step": step}, stop_after=stop_after)
     if "stopped_at" in final:
         return final
-    trained = jax.device_get(state["params"])
-    merged = trained if scale is None else lora_lib.merge_lora(jax.device_get(frozen), trained, scale)
-    export_dir = config.export_dir or os.path.join(run_dir, "model")
-    if jax.process_index() == 0:
-        lora_lib.export_hf(export_dir, merged, model.config, model.tokenizer)
-        plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"),
-                     ["loss", "eval_loss", "grad_norm"])
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({**final, "export_dir": export_dir}, f, indent=2)
-    return {**final, "export_dir": export_dir}
+    return {**final, **export(config, run_dir, jax.device_get(state["params"]), frozen, scale, model, final)}
+
+
+def export(config: FinetuneConfig, run_dir: str, trained, frozen, scale, model, final: dict) -> dict:
+    """Write what the run produced: the adapter (LoRA), the merged model when asked (or for a full
+    fine-tune), the loss plot and summary.json. Returns the paths written."""
+    paths = {}
+    if jax.process_index() != 0:
+        return paths
+    if scale is not None:
+        paths["adapter_dir"] = save_adapter(config.adapter_dir or os.path.join(run_dir, "adapter"), trained,
+                                            base=config.model, alpha=config.lora.alpha)
+    if scale is None or config.export_merged:
+        merged = trained if scale is None else lora_lib.merge_lora(jax.device_get(frozen), trained, scale)
+        paths["export_dir"] = lora_lib.export_hf(config.export_dir or os.path.join(run_dir, "model"), merged,
+                                                 model.config, model.tokenizer)
+    plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"),
+                 ["loss", "eval_loss", "grad_norm"])
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({**final, **paths}, f, indent=2)
+    return paths

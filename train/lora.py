@@ -4,7 +4,8 @@ A target weight W [in, out] gets the low-rank update (alpha / rank) * A @ B, A [
 B initialised to zero (so training starts from the base model). `apply_lora` puts `LoraWeight`
 objects into the params: `x @ LoraWeight` computes x W + s (x A) B, the unmerged low-rank path, so
 the model's own layer code runs unchanged. `merge_lora` folds the update into plain weights for
-inference; `export_hf` writes a directory that `adore_jax.load_model` reads.
+inference; `adore_jax.adapters.save_adapter` writes the adapter alone (a few MB), which
+`load_model(base, adapter=...)` merges; `export_hf` writes a whole merged model directory.
 """
 import dataclasses
 import json
@@ -13,6 +14,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from adore_jax.adapters import merge_lora  # noqa: F401  (the merge load_model also uses)
 
 TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -65,17 +68,6 @@ def init_lora(params, rank: int, targets, key, dtype=jnp.float32):
 def apply_lora(params, lora, scale: float):
     """Params whose target weights are LoraWeight (unmerged): the training/forward form."""
     layers = tuple({**layer, **{name: LoraWeight(layer[name], ad["a"], ad["b"], scale) for name, ad in adapters.items()}}
-                   for layer, adapters in zip(params["layers"], lora["layers"]))
-    return {**params, "layers": layers}
-
-
-def merge_lora(params, lora, scale: float):
-    """Plain params with W + scale * A @ B folded in (same dtype as W)."""
-    def merged(w, ad):
-        update = jnp.dot(ad["a"].astype(jnp.float32), ad["b"].astype(jnp.float32))
-        return (w.astype(jnp.float32) + scale * update).astype(w.dtype)
-
-    layers = tuple({**layer, **{name: merged(layer[name], ad) for name, ad in adapters.items()}}
                    for layer, adapters in zip(params["layers"], lora["layers"]))
     return {**params, "layers": layers}
 
