@@ -1,4 +1,5 @@
-"""The suite on a tiny random model: perplexity parity with a plain forward, the report with every policy."""
+"""The suite on a tiny random model: perplexity parity with a plain forward, each row scored under its own
+policy, the report with every policy."""
 import argparse
 import json
 import os
@@ -10,11 +11,14 @@ import yaml
 
 import adore_jax
 from adore_jax.model import forward
-from adore_jax.eval import cli, metrics
-from adore_jax.eval.config import POLICY_NAMES, eval_config
+from adore_jax.eval import cli, metrics, sources
+from adore_jax.eval.config import DEFAULT_POLICIES, eval_config
 from adore_jax.eval.diagnostics import attended_sets
 from adore_jax.eval.report import PLOTS
 from adore_jax.eval.suite import run_suite
+from adore_jax.policies import make_policy
+
+LABELS = {make_policy(spec).label for spec in DEFAULT_POLICIES}  # full, window, ..., adore R=0, adore R=8
 
 
 def test_full_perplexity_equals_a_plain_forward(tiny_model):
@@ -30,9 +34,9 @@ def test_full_perplexity_equals_a_plain_forward(tiny_model):
 
 def test_full_policy_attends_everything_and_window_its_m(tiny_model):
     tokens = np.random.default_rng(1).integers(3, tiny_model.config.vocab_size, (1, 40)).astype(np.int32)
-    full = attended_sets(tiny_model, tokens, 24, dict(policy="full"))  # [1, 16, 40]
+    full = attended_sets(tiny_model, tokens, 24, dict(cache="full"))  # [1, 16, 40]
     assert np.array_equal(full[0], np.tril(np.ones((40, 40), bool))[24:])
-    window = attended_sets(tiny_model, tokens, 24, dict(policy="window", cache_size=8))
+    window = attended_sets(tiny_model, tokens, 24, dict(cache=make_policy("window", cache_size=8)))
     expected = np.zeros((16, 40), bool)
     for step, t in enumerate(range(24, 40)):
         expected[step, t - 8:t + 1] = True  # the 8 kept before the step, and the current token
@@ -44,12 +48,29 @@ TINY_SUITE = dict(
     perplexity=dict(datasets=[dict(name="synthetic", count=2, length=48, prompt_length=24)], batch_size=2),
     generation=dict(sources=[dict(name="synthetic", count=2)], min_prompt_tokens=20, max_prompt_tokens=30,
                     max_new_tokens=4, batch_size=2),
-    streaming=dict(source="synthetic", conversations=1, turns=2, max_turn_tokens=4, max_new_tokens=3),
+    streaming=dict(source="synthetic", conversations=2, turns=2, max_turn_tokens=6, max_new_tokens=4),
     speed=dict(contexts=[32], batches=[1], steps=2, repeats=1, memory_budget_gb=1, throughput_context=32,
                max_measured_batch=1),  # the timed shapes repeat: compiled once
     diagnostics=dict(dataset="synthetic", documents=1, length=40, prompt_length=24, top_k=4,
-                     policies=["window", "adore R=8"]),
+                     policies=["window", dict(policy="adore", rebuild=8)]),
 )
+
+
+def test_perplexity_rows_are_each_policys_teacher_forced_nll(tiny_model):
+    config = eval_config(dict(TINY_SUITE, parts=["perplexity"], policies=["full", "window"], cache_sizes=[16, 48]))
+    results = run_suite(config, model=tiny_model, write=False, log=lambda *_: None)
+    rows = {(r["policy"], r["cache_size"]): r for r in results["perplexity"]["rows"]}
+    policies = {("full", None): make_policy("full"), ("window", 16): make_policy("window", cache_size=16),
+                ("window", 48): make_policy("window", cache_size=48)}
+    assert rows.keys() == policies.keys()
+    documents = sources.lm_documents(tiny_model, "synthetic", 2, 48)  # the configured dataset
+    for key, policy in policies.items():
+        logprobs = adore_jax.teacher_force(tiny_model, documents, 24, cache=policy)
+        assert rows[key]["perplexity"] == pytest.approx(np.exp(-logprobs.mean()), rel=1e-5), key
+    full = rows[("full", None)]["perplexity"]
+    assert rows[("window", 48)]["perplexity"] == pytest.approx(full, rel=1e-5)  # m >= the documents: nothing released
+    assert abs(rows[("window", 16)]["perplexity_vs_full"]) > 1e-3  # measured -1.1%
+    assert rows[("window", 16)]["perplexity_vs_full"] == pytest.approx(rows[("window", 16)]["perplexity"] / full - 1)
 
 
 def test_report_from_a_tiny_run_has_every_policy(tiny_model_dir, tmp_path, capsys):
@@ -65,14 +86,17 @@ def test_report_from_a_tiny_run_has_every_policy(tiny_model_dir, tmp_path, capsy
     assert sorted(os.listdir(out)) == sorted(["report.md", "results.json", *PLOTS])
     saved = json.load(open(out / "results.json"))
     for part in ("perplexity", "generation", "speed"):
-        assert {r["policy"] for r in saved[part]["rows"]} == set(POLICY_NAMES), part
+        assert {r["policy"] for r in saved[part]["rows"]} == LABELS, part
     assert {r["policy"] for r in saved["diagnostics"]["rows"]} == {"window", "adore R=8"}
-    full = [r for r in saved["generation"]["rows"] if r["policy"] == "full"][0]
-    assert full["vs_full"]["rougeL"] == 1.0  # full attention against itself
-    ppl = {r["policy"]: r for r in saved["perplexity"]["rows"]}
-    assert ppl["full"]["perplexity_vs_full"] == 0.0 and ppl["full"]["cache_size"] is None
+    generation = {r["policy"]: r for r in saved["generation"]["rows"]}
+    assert generation["full"]["vs_full"] == pytest.approx(dict(rouge1=1, rouge2=1, rougeL=1, bleu=100))
+    samples = saved["generation"]["samples"]
+    for name, row in generation.items():  # each row scored against full's answers to the same prompts
+        label = name if name == "full" else f"{name} m=16"
+        answers = [s["outputs"][label] for s in samples]
+        assert row["vs_full"] == metrics.text_scores(answers, [s["outputs"]["full"] for s in samples]), name
     report = (out / "report.md").read_text()
-    for name in POLICY_NAMES:
+    for name in LABELS:
         assert f"| {name} |" in report, name
     for heading in ("## Perplexity", "## Generation", "## Speed", "## Controller diagnostics"):
         assert heading in report
@@ -82,13 +106,15 @@ def test_report_from_a_tiny_run_has_every_policy(tiny_model_dir, tmp_path, capsy
     assert "--- full" in printed and "--- adore R=8 m=16" in printed and "perplexity synthetic" in printed
 
 
-def test_streaming_keeps_the_cache_at_m(tiny_model, tmp_path):
-    config = eval_config(dict(TINY_SUITE, parts=["streaming"], policies=["full", "window", "adore R=8"],
-                              out_dir=str(tmp_path)))
+def test_streaming_rows_match_full_until_the_conversation_outgrows_m(tiny_model, tmp_path):
+    config = eval_config(dict(TINY_SUITE, parts=["streaming"], policies=["full", "window", "adore"],
+                              cache_sizes=[8], out_dir=str(tmp_path)))
     results = run_suite(config, model=tiny_model, log=lambda *_: None)
-    rows = {r["policy"]: r for r in results["streaming"]["rows"]}
-    assert [t["turn"] for t in rows["full"]["turns"]] == [1, 2]
-    assert all(t["vs_full"]["rougeL"] == 1.0 for t in rows["full"]["turns"])
-    assert {t["cache_slots"] for t in rows["window"]["turns"]} == {16 + 1}  # m + the current token
-    assert {t["cache_slots"] for t in rows["adore R=8"]["turns"]} == {16 + 9}  # m + the decode block (R=8)
+    rows = {r["policy"]: r["turns"] for r in results["streaming"]["rows"]}
+    perfect = pytest.approx(dict(rouge1=1, rouge2=1, rougeL=1, bleu=100))
+    for name in ("window", "adore R=0"):
+        first, second = rows[name]
+        assert [first["max_prompt_tokens"], second["max_prompt_tokens"]] == [6, 6 + 6 + 6]  # q1 + a1 + q2
+        assert first["vs_full"] == perfect  # 6 prompt + 3 fed-back answer tokens: never more than m=8 + 1
+        assert second["vs_full"]["rougeL"] < 0.9, name  # measured 0.25 (window), 0.75 (adore)
     assert "## Streaming" in (tmp_path / "report.md").read_text()
