@@ -81,6 +81,28 @@ def test_labels_equal_brute_force_top_k(aggregation):
     assert np.all(np.asarray(hits)[1, :, 0] <= counts) and np.all(np.asarray(hits)[1, :, 1] >= np.asarray(hits)[1, :, 0])
 
 
+@pytest.mark.parametrize("horizon", [1, 4, 30])
+def test_future_need_labels_equal_brute_force(horizon):
+    """Key i is a future-need label of query t iff it is in the top-K set of some query in [t, t + H]."""
+    model = tiny_model()
+    rng = np.random.default_rng(2)
+    length, valid_length, top_k = 24, 19, 3
+    tokens = np.zeros((2, length), np.int32)
+    tokens[:, :valid_length] = rng.integers(2, 258, (2, valid_length))
+    valid = np.arange(length)[None] < np.array([[valid_length], [length]])
+    got, _ = labels.label_pass_jit(model.params, model.config, tokens, valid, top_k=top_k, horizon=horizon)
+    got = np.asarray(got)
+    for b, n in enumerate((valid_length, length)):
+        now = brute_force_labels(numpy_attention(model.params, model.config, tokens[b, :n]), top_k, "mean")
+        want = np.zeros((n, n), bool)
+        for t in range(n):
+            for i in range(t + 1):
+                want[t, i] = now[t:t + horizon + 1, i].any()
+        np.testing.assert_array_equal(got[b, :n, :n], want)
+        assert not got[b, n:].any() and not got[b, :, n:].any()
+        assert (want.sum(-1) > now.sum(-1)).any(), "the horizon added no label: the test proves nothing"
+
+
 def test_records_are_compact_and_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     mask = np.tril(rng.random((30, 30)) < 0.2)
@@ -111,6 +133,8 @@ def test_bad_label_inputs_are_refused(tmp_path):
         labels.run_labels(dataclasses.replace(_config(tmp_path), top_k=100), model)
     with pytest.raises(ValueError, match="no rows of at least 100000 tokens: the dataset is empty"):
         labels.run_labels(_config(tmp_path, seq_len=200000, min_tokens=100000), model)
+    with pytest.raises(ValueError, match=r"horizon=64 must be in \[0, seq_len=64\)"):
+        labels.run_labels(dataclasses.replace(_config(tmp_path), horizon=64), model)
     with pytest.raises(ValueError, match="aggregation"):
         labels.run_labels(dataclasses.replace(_config(tmp_path), aggregation="sum"), model)
     with pytest.raises(Exception, match="(?i)split"):

@@ -51,6 +51,7 @@ class LabelsConfig:
     dtype: str = "float32"
     data: DataConfig = DataConfig()
     top_k: int = 32  # K: keys labelled per query
+    horizon: int = 0  # future need: label the top-K keys of every query in [t, t + horizon] (0: query t only)
     aggregation: str = "mean"  # "mean", "max" (per-layer max) or "union" (see adore_jax.train.labels)
     eval_cache_multiples: tuple = (1, 2, 4)  # H2O baseline hits recorded at m = K * these
     batch_size: int = 1  # sequences per label pass

@@ -5,7 +5,10 @@ A jit-compiled full-attention pass aggregates the attention of every layer and h
   mean   (default) top-K of the attention probability averaged over heads and layers;
   max    top-K of max over layers of the head-averaged probability ("per-layer max");
   union  every key in the top-K of at least one (layer, head): may be more than K keys.
-Queries with fewer than K predecessors label all of them. The same pass records, for the
+Queries with fewer than K predecessors label all of them. With a horizon H > 0 the labels mark
+future need instead (FINDINGS.md: release is permanent, so the current query's top-K is a myopic
+target): key i is a label of query t if it is in the top-K set of any query in [t, t + H], i <= t
+(near the end of a row the window is cut at the last query). The same pass records, for the
 evaluation, how many label keys an H2O-style cache of size m would keep: its score is the
 accumulated mean attention sum_{s<=t} A[s, i] (computed here from full attention, so it is an
 optimistic H2O that never lost a token it later wanted).
@@ -43,12 +46,23 @@ def _kth_largest(x, k):
     return jax.lax.top_k(x, min(k, x.shape[-1]))[0][..., -1]
 
 
+def future_need(labels, allowed, horizon: int):
+    """labels [B,T,T] bool (query t, key i) -> key i is a label of some query in [t, t + horizon], masked
+    by allowed [B,T,T] (i <= t, real tokens)."""
+    if horizon == 0:
+        return labels
+    later = jnp.cumsum(labels[:, ::-1].astype(jnp.int32), axis=1)[:, ::-1]  # [B,T,T]: labels of queries >= t
+    beyond = jnp.pad(later, ((0, 0), (0, horizon + 1), (0, 0)))[:, horizon + 1:]  # ... of queries > t + horizon
+    return allowed & (later > beyond)
+
+
 def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = "mean",
-               cache_sizes: tuple = ()):
+               cache_sizes: tuple = (), horizon: int = 0):
     """tokens [B,T] int32, valid [B,T] bool (real tokens first, padding after).
 
-    Returns (labels [B,T,T] bool: key i is in query t's top-K set; h2o_hits [B,T,len(cache_sizes)]
-    int32: label keys inside the top-m of accumulated attention, per cache size m).
+    Returns (labels [B,T,T] bool: key i is in query t's top-K set, or with horizon H > 0 in the
+    top-K set of a query in [t, t + H]; h2o_hits [B,T,len(cache_sizes)] int32: label keys inside
+    the top-m of accumulated attention, per cache size m).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {aggregation!r}")
@@ -67,6 +81,7 @@ def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = 
         stat = mean if aggregation == "mean" else jnp.max(jnp.stack(stats), axis=0)
         stat = jnp.where(allowed, stat, -1.0)
         labels = allowed & (stat >= _kth_largest(stat, top_k)[..., None])
+    labels = future_need(labels, allowed, horizon)
     hits = []
     if cache_sizes:
         if mean is None:  # union: the accumulated-attention baseline still needs mean attention
@@ -90,7 +105,7 @@ def _mean_attention(params, config, tokens, valid):
     return sum(stats) / len(stats)
 
 
-label_pass_jit = jax.jit(label_pass, static_argnames=("config", "top_k", "aggregation", "cache_sizes"))
+label_pass_jit = jax.jit(label_pass, static_argnames=("config", "top_k", "aggregation", "cache_sizes", "horizon"))
 
 
 def mask_to_csr(mask):
@@ -158,7 +173,7 @@ class LabelSource:
 
 
 def label_sequences(params, config, rows, *, top_k, aggregation="mean", cache_sizes=(), batch_size=1,
-                    progress=None):
+                    progress=None, horizon=0):
     """Label token rows (each a 1-D int32 array of one document, length <= T, padded to T here).
 
     rows: an iterable of arrays that all share the padded length T = len(row) of the first.
@@ -174,7 +189,7 @@ def label_sequences(params, config, rows, *, top_k, aggregation="mean", cache_si
             tokens[b, :length] = row[:length]
             valid[b, :length] = True
         labels, hits = label_pass_jit(params, config, jnp.asarray(tokens), jnp.asarray(valid), top_k=top_k,
-                                      aggregation=aggregation, cache_sizes=tuple(cache_sizes))
+                                      aggregation=aggregation, cache_sizes=tuple(cache_sizes), horizon=horizon)
         labels, hits = np.asarray(labels), np.asarray(hits)
         out = []
         for b, length in enumerate(lengths):
@@ -249,6 +264,8 @@ def run_labels(config, model=None) -> dict:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {config.aggregation!r}")
     if config.top_k < 1 or config.top_k > data.seq_len:
         raise ValueError(f"top_k={config.top_k} must be between 1 and the sequence length {data.seq_len}")
+    if not 0 <= config.horizon < data.seq_len:
+        raise ValueError(f"horizon={config.horizon} must be in [0, seq_len={data.seq_len})")
     if data.min_tokens > data.seq_len:
         raise ValueError(f"data.min_tokens={data.min_tokens} is larger than data.seq_len={data.seq_len}")
     cache_sizes = tuple(int(config.top_k * multiple) for multiple in config.eval_cache_multiples)
@@ -264,14 +281,14 @@ def run_labels(config, model=None) -> dict:
         with tqdm(total=count or None, desc=f"labels {split}", dynamic_ncols=True) as progress:
             records = label_sequences(model.params, model.config, rows, top_k=config.top_k,
                                       aggregation=config.aggregation, cache_sizes=cache_sizes,
-                                      batch_size=config.batch_size, progress=progress)
+                                      batch_size=config.batch_size, progress=progress, horizon=config.horizon)
             path = os.path.join(run_dir, f"{split}.array_record")
             counts[split] = write_records(path, records)
         if counts[split] == 0:
             raise ValueError(f"dataset {data.dataset!r} split {split!r} gave no rows of at least "
                              f"{data.min_tokens} tokens: the dataset is empty")
     meta = {"model": config.model, "dataset": data.dataset, "seq_len": data.seq_len, "top_k": config.top_k,
-            "aggregation": config.aggregation, "cache_sizes": list(cache_sizes), "sequences": counts,
+            "horizon": config.horizon, "aggregation": config.aggregation, "cache_sizes": list(cache_sizes), "sequences": counts,
             "embed_shape": list(model.params["embed"].shape), "wall_s": round(time.time() - start, 1)}
     write_meta(run_dir, meta)
     return meta
