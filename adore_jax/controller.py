@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 SCORE_FORMS = ("static", "query_aware")
-POSITION_EMBEDDINGS = ("sinusoidal", "learned")
+POSITION_EMBEDDINGS = ("sinusoidal", "learned", "log_buckets")
+EXACT_DISTANCES = 16  # log_buckets: distances below this get a bucket each
+BUCKETS_PER_OCTAVE = 4  # ... and above it, four buckets per doubling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +31,10 @@ class ControllerConfig:
     width: int = 128  # c, GRU state and position-embedding width
     hidden: int = 64  # h, the MLP's hidden width
     score_form: str = "query_aware"  # "static" (sigmoid(MLP(p_i + z_i))) or "query_aware"
-    position_embedding: str = "sinusoidal"  # or "learned" (then positions must be < max_positions)
+    position_embedding: str = "sinusoidal"  # or "learned" (positions clipped to max_positions), or
+    # "log_buckets": a learned table over log-spaced, clipped distance buckets (extrapolates to any distance)
     max_positions: int = 8192  # table size of a learned position embedding
+    buckets: int = 64  # log_buckets: table rows; 64 reach distance ~16 * 2^12 before clipping
 
     def __post_init__(self):
         if self.score_form not in SCORE_FORMS:
@@ -38,7 +42,7 @@ class ControllerConfig:
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}; "
                              f"got {self.position_embedding!r}")
-        for name in ("embed_dim", "width", "hidden", "max_positions"):
+        for name in ("embed_dim", "width", "hidden", "max_positions", "buckets"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"controller {name} must be >= 1; got {getattr(self, name)}")
 
@@ -58,15 +62,27 @@ def init_controller(config: ControllerConfig, key):
     )
     if config.score_form == "query_aware":
         params["u"] = dense(k[5], (c, h), c)
-    if config.position_embedding == "learned":
-        params["positions"] = 0.02 * jax.random.normal(k[6], (config.max_positions, c))
+    if config.position_embedding != "sinusoidal":
+        rows = config.max_positions if config.position_embedding == "learned" else config.buckets
+        params["positions"] = 0.02 * jax.random.normal(k[6], (rows, c))
     return params
+
+
+def distance_bucket(positions, buckets: int):
+    """Log-spaced buckets: d itself below EXACT_DISTANCES, then BUCKETS_PER_OCTAVE per doubling,
+    the last bucket holding every larger d. positions [...] int -> [...] int32 in [0, buckets)."""
+    d = jnp.maximum(positions, 0)
+    octaves = jnp.log2(jnp.maximum(d, 1).astype(jnp.float32) / EXACT_DISTANCES)
+    logarithmic = EXACT_DISTANCES + jnp.floor(octaves * BUCKETS_PER_OCTAVE).astype(jnp.int32)
+    return jnp.clip(jnp.where(d < EXACT_DISTANCES, d, logarithmic), 0, buckets - 1).astype(jnp.int32)
 
 
 def position_embedding(config: ControllerConfig, params, positions):
     """positions [...] int32 (absolute, or distances t - i) -> [..., c] float32."""
     if config.position_embedding == "learned":
         return params["positions"][jnp.clip(positions, 0, config.max_positions - 1)]
+    if config.position_embedding == "log_buckets":
+        return params["positions"][distance_bucket(positions, config.buckets)]
     half = config.width // 2
     freqs = jnp.exp(-np.log(10000.0) * jnp.arange(half) / half)
     angles = positions.astype(jnp.float32)[..., None] * freqs

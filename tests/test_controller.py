@@ -9,7 +9,7 @@ from adore_jax import controller as ctrl
 
 
 @pytest.mark.parametrize("form", ["static", "query_aware"])
-@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned", "log_buckets"])
 def test_parallel_and_one_step_forms_agree(form, positions):
     config = ctrl.ControllerConfig(embed_dim=12, width=6, hidden=5, score_form=form, position_embedding=positions,
                                    max_positions=64)
@@ -32,6 +32,21 @@ def test_parallel_and_one_step_forms_agree(form, positions):
         assert not np.allclose(pairwise[:, 5, :5], pairwise[:, 19, :5]), "query-aware scores must change with t"
     else:
         np.testing.assert_allclose(pairwise[:, 5, :5], pairwise[:, 19, :5], atol=1e-6)
+
+
+def test_log_buckets_are_exact_then_log_spaced_then_clipped():
+    distances = np.array([0, 1, 15, 16, 18, 19, 20, 31, 32, 64, 100, 1000, 10 ** 5, 10 ** 7])
+    buckets = np.asarray(ctrl.distance_bucket(jnp.asarray(distances), 64))
+    by_numpy = [d if d < 16 else min(63, 16 + int(np.floor(4 * np.log2(d / 16)))) for d in distances]
+    np.testing.assert_array_equal(buckets, by_numpy)
+    assert buckets.tolist()[:4] == [0, 1, 15, 16] and buckets[8] == 20 and buckets[-1] == buckets[-2] == 63
+    assert np.all(np.diff(buckets) >= 0)
+    config = ctrl.ControllerConfig(embed_dim=4, width=6, hidden=5, position_embedding="log_buckets", buckets=32)
+    params = ctrl.init_controller(config, jax.random.key(0))
+    assert params["positions"].shape == (32, 6)
+    table = np.asarray(ctrl.distance_table(config, params, 70000))  # far beyond any training row
+    np.testing.assert_array_equal(table[65536], table[69999])  # the last bucket: beyond it, one embedding
+    assert not np.allclose(table[16], table[20])
 
 
 def test_decoding_buffer_holds_the_parallel_forms_features(tiny_model):
