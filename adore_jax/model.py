@@ -9,10 +9,14 @@ Params layout (weights stored [in, out], so activations multiply from the left):
   final_norm: [E]
   lm_head:    [E, V]   (absent when config.tie_word_embeddings)
 
-Layers are a Python loop over per-layer arrays, not a `lax.scan` over stacked weights: on
-XLA:CPU slicing stacked weights inside jit copies them every step (see PERF_NOTES.md).
+`run_layers` is the one layer loop: cached decoding (`forward_block`) and the training forward
+(`adore_jax.train.forward`) differ only in the attention they hand it. Layers are a Python loop over
+per-layer arrays, not a `lax.scan` over stacked weights: on XLA:CPU slicing stacked weights inside
+jit copies them every step (see PERF_NOTES.md).
 """
 import dataclasses
+import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +94,33 @@ def mlp_block(layer, config: ModelConfig, x):
     return x + (jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"]
 
 
+def run_layers(params, config: ModelConfig, tokens, positions, attend, remat: bool = False):
+    """The decoder: embedding, every layer, final norm, with the attention supplied by the caller.
+
+    tokens, positions [B, T] int32 (RoPE uses the positions). `attend(layer_index, q [B,T,H,D],
+    k [B,T,G,D], v [B,T,G,D]) -> (out [B,T,H,D], aux)`; aux is anything the caller wants per layer.
+    remat: wrap each layer in `jax.checkpoint` (the backward pass recomputes its activations).
+
+    Returns (hidden [B, T, E] after the final norm, [aux of each layer]).
+    """
+    inv_freq = jnp.asarray(inverse_frequencies(config))
+
+    def run_layer(index, layer, x):
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = attention_inputs(layer, config, h, positions, inv_freq)
+        out, aux = attend(index, q, k, v)
+        return mlp_block(layer, config, attention_output(layer, x, out)), aux
+
+    if remat:
+        run_layer = jax.checkpoint(run_layer, static_argnums=(0,))
+    x = params["embed"][tokens]  # [B, T, E]
+    layer_aux = []
+    for index, layer in enumerate(params["layers"]):
+        x, aux = run_layer(index, layer, x)
+        layer_aux.append(aux)
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), layer_aux
+
+
 def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: BlockInput,
                   attention=slot_attention, collect_mass: bool = False, cache_update: str = "scatter"):
     """Run a block through all layers, writing its K/V into the cache first, then attending.
@@ -101,28 +132,22 @@ def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: B
 
     Returns (hidden [B, Q, E] after the final norm, updated cache, mass [B, Q, S] float32 or None).
     """
-    inv_freq = jnp.asarray(inverse_frequencies(config))
     cache = kv_cache.claim_slots(cache, block.slots, block.positions, block.valid)
     write = kv_cache.WRITERS[cache_update]
-    x = params["embed"][block.tokens]  # [B, Q, E]
-    new_k, new_v, mass_total = [], [], None
-    for layer, k_layer, v_layer in zip(params["layers"], cache.k, cache.v):
-        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q, k, v = attention_inputs(layer, config, h, block.positions, inv_freq)
-        k_layer = write(k_layer, block.slots, k)
-        v_layer = write(v_layer, block.slots, v)
-        args = (q, k_layer, v_layer, block.positions, cache.slot_positions, cache.slot_valid)
-        if collect_mass:
-            attn, mass = attention(*args, return_mass=True)
-            mass = jnp.sum(mass, axis=2)  # [B, Q, S]
-            mass_total = mass if mass_total is None else mass_total + mass
-        else:
-            attn = attention(*args)
-        x = mlp_block(layer, config, attention_output(layer, x, attn))
-        new_k.append(k_layer)
-        new_v.append(v_layer)
-    cache = dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v))
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache, mass_total
+
+    def attend_slots(index, q, k, v):
+        k_slots = write(cache.k[index], block.slots, k)  # [B, S, G, D]
+        v_slots = write(cache.v[index], block.slots, v)
+        args = (q, k_slots, v_slots, block.positions, cache.slot_positions, cache.slot_valid)
+        if not collect_mass:
+            return attention(*args), (k_slots, v_slots, None)
+        out, mass = attention(*args, return_mass=True)
+        return out, (k_slots, v_slots, jnp.sum(mass, axis=2))  # mass [B, Q, S]
+
+    hidden, layer_aux = run_layers(params, config, block.tokens, block.positions, attend_slots)
+    new_k, new_v, masses = zip(*layer_aux)
+    cache = dataclasses.replace(cache, k=new_k, v=new_v)
+    return hidden, cache, functools.reduce(operator.add, masses) if collect_mass else None
 
 
 def lm_logits(params, hidden):

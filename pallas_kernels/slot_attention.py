@@ -9,7 +9,8 @@ Query (b, i) attends slot (b, s) iff ``slot_valid[b, s]`` and
 comes from the positions alone. GQA: query head h reads KV head h // (H // G); K/V are never
 broadcast to query-head count in memory.
 
-`slot_attention_ref` is the plain-jnp twin: the reference in tests and the CPU path;
+`slot_attention_ref` is the plain-jnp twin (`reference.masked_attention` under `slot_visibility`):
+the reference in tests and the CPU path;
 `slot_attention_blocked` is the same in jnp, visiting only the slot blocks up to the last valid slot
 (the CPU path for large caches: a full-attention cache that is a quarter filled costs a quarter);
 `slot_attention_tpu` (Mosaic) and `slot_attention_gpu` (Triton, split-K) are the kernels.
@@ -21,10 +22,16 @@ from pallas_kernels._common import MASK_VALUE, dot_precision
 from pallas_kernels._dispatch import IMPLS, resolve_impl
 from pallas_kernels._slot_attention_gpu import slot_attention_gpu
 from pallas_kernels._slot_attention_tpu import slot_attention_tpu
+from pallas_kernels.reference import masked_attention
+
+
+def slot_visibility(q_positions, slot_positions, slot_valid):
+    """[B, Q, S] bool: query i sees slot s iff the slot is valid and not in the query's future."""
+    return slot_valid[:, None, :] & (slot_positions[:, None, :] <= q_positions[:, :, None])
 
 
 def slot_attention_ref(q, k, v, q_positions, slot_positions, slot_valid, *, return_mass=False):
-    """Reference slot attention.
+    """Reference slot attention: `masked_attention` under `slot_visibility`.
 
     Args:
       q: [B, Q, H, D] queries (RoPE already applied).
@@ -39,26 +46,13 @@ def slot_attention_ref(q, k, v, q_positions, slot_positions, slot_valid, *, retu
       out: [B, Q, H, D] in q.dtype; and, if return_mass, mass: [B, Q, G, S] float32.
       A query that sees no valid slot gets zeros (and zero mass).
     """
-    batch, n_q, n_heads, head_dim = q.shape
+    out, probs = masked_attention(q, k, v, slot_visibility(q_positions, slot_positions, slot_valid))
+    if not return_mass:
+        return out
+    batch, n_heads, n_q, n_slots = probs.shape
     n_kv = k.shape[2]
-    group = n_heads // n_kv
-    qg = q.reshape(batch, n_q, n_kv, group, head_dim)  # [B, Q, G, r, D]
-    precision = dot_precision(q.dtype)
-    logits = jnp.einsum("bqgrd,bsgd->bgrqs", qg, k, precision=precision, preferred_element_type=jnp.float32)
-    logits = logits * (head_dim ** -0.5)
-    visible = slot_valid[:, None, :] & (slot_positions[:, None, :] <= q_positions[:, :, None])  # [B, Q, S]
-    logits = jnp.where(visible[:, None, None], logits, MASK_VALUE)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    weights = jnp.exp(logits - row_max) * visible[:, None, None]
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(denom > 0, denom, 1.0)  # [B, G, r, Q, S] f32
-    out = jnp.einsum("bgrqs,bsgd->bqgrd", probs.astype(v.dtype), v, precision=precision,
-                     preferred_element_type=jnp.float32)
-    out = out.reshape(batch, n_q, n_heads, head_dim).astype(q.dtype)
-    if return_mass:
-        mass = jnp.sum(probs, axis=2).transpose(0, 2, 1, 3)  # [B, Q, G, S]
-        return out, mass
-    return out
+    mass = probs.reshape(batch, n_kv, n_heads // n_kv, n_q, n_slots).sum(axis=2)  # [B, G, Q, S]
+    return out, mass.transpose(0, 2, 1, 3)
 
 
 SLOT_BLOCK = 512  # slots per step of `slot_attention_blocked`
@@ -89,7 +83,7 @@ def slot_attention_blocked(q, k, v, q_positions, slot_positions, slot_valid, *, 
         k_b, v_b, pos_b, valid_b = (jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
                                     for x in (k, v, slot_positions, slot_valid))
         fresh = start + jnp.arange(block) >= i * block  # [blk] not seen by an earlier block
-        visible = (valid_b & fresh)[:, None, :] & (pos_b[:, None, :] <= q_positions[:, :, None])  # [B, Q, blk]
+        visible = slot_visibility(q_positions, pos_b, valid_b & fresh)  # [B, Q, blk]
         logits = jnp.einsum("bqgrd,bsgd->bgrqs", qg, k_b, precision=precision,
                             preferred_element_type=jnp.float32) * head_dim ** -0.5
         logits = jnp.where(visible[:, None, None], logits, MASK_VALUE)
@@ -135,4 +129,4 @@ def slot_attention(q, k, v, q_positions, slot_positions, slot_valid, *, return_m
 
 
 __all__ = ["slot_attention", "slot_attention_ref", "slot_attention_blocked", "slot_attention_tpu", "slot_attention_gpu",
-           "MASK_VALUE"]
+           "slot_visibility", "MASK_VALUE"]

@@ -3,15 +3,14 @@
 Each query keeps, per head, only its top_k largest causal logits and renormalises over them.
 Queries with fewer than top_k causal predecessors keep all of them.
 
-Tie rule: a query keeps every causal logit >= kth - tol, where kth is its top_k-th largest causal
-logit and tol = TIE_TOLERANCE * max(1, |kth|). Exact ties at the K-th value are therefore all kept
-(a query may keep more than top_k keys), and so are near-ties within tol. The tolerance makes the
-kept set independent of the summation order of q.k, which differs between the threshold pass, the
-kernels and the backward pass: without it the K-th key itself could drop out on a 1-ulp difference.
+Ties at the K-th logit, and near-ties within a relative TIE_TOLERANCE, are all kept (the tie rule
+of `reference.masked_attention`): the kept set does not depend on the summation order of q.k, which
+differs between the threshold pass, the kernels and the backward pass.
 
 Implementations (same semantics):
-- `topk_attention_ref`: plain jnp, materialises [B, N, H, N] logits; the reference.
-- "blocked": two passes over query blocks in jnp — each step sees [B, block, H, N] logits, never
+- `topk_attention_ref`: `reference.masked_attention` under a causal mask, materialises [B, H, N, N]
+  logits; the reference.
+- "blocked": two passes over query blocks in jnp — each step sees [B, H, block, N] logits, never
   [H, N, N]; finds thresholds with lax.top_k, then a masked softmax.
 - "pallas": pass 1 (thresholds) as the blocked jnp pass; pass 2 as a Pallas flash kernel
   (`_topk_flash`) that never forms logits outside VMEM/registers.
@@ -23,11 +22,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import MASK_VALUE, dot_precision, round_up
+from pallas_kernels._common import dot_precision, round_up
 from pallas_kernels._dispatch import IMPLS, resolve_impl
 from pallas_kernels._topk_flash import threshold_flash_attention
+from pallas_kernels.reference import (
+    TIE_TOLERANCE, attend, attention_logits, keep_threshold, masked_attention, masked_softmax)
 
-TIE_TOLERANCE = 1e-5
 SCAN_BUDGET = 1 << 26  # f32 logits per step of the blocked jnp passes (256 MiB).
 
 
@@ -36,45 +36,13 @@ def _check_top_k(top_k):
         raise ValueError(f"top_k must be an int >= 1; got top_k={top_k!r}")
 
 
-def _logits(q, k, start):
-    """Scaled logits of a query block and its causal mask.
-
-    q: [B, Q, H, D] queries at positions start .. start+Q-1; k: [B, N, G, D].
-    Returns logits [B, Q, H, N] f32 and causal [Q, N] bool.
-    """
-    batch, n_q, n_heads, head_dim = q.shape
-    n, n_kv = k.shape[1], k.shape[2]
-    qg = q.reshape(batch, n_q, n_kv, n_heads // n_kv, head_dim)
-    logits = jnp.einsum("bqgrd,bngd->bqgrn", qg, k, precision=dot_precision(q.dtype),
-                        preferred_element_type=jnp.float32)
-    logits = logits.reshape(batch, n_q, n_heads, n) * head_dim ** -0.5
-    causal = start + jnp.arange(n_q)[:, None] >= jnp.arange(n)[None, :]
-    return logits, causal
-
-
-def _keep_threshold(logits, causal, top_k):
-    """[B, Q, H, N] logits -> [B, Q, H] smallest logit each query keeps (see the tie rule)."""
-    masked = jnp.where(causal[None, :, None, :], logits, MASK_VALUE)
-    kth = jax.lax.top_k(masked, min(top_k, logits.shape[-1]))[0][..., -1]
-    return kth - TIE_TOLERANCE * jnp.maximum(1.0, jnp.abs(kth))
-
-
-def _masked_attention(logits, keep, v):
-    """Softmax of logits over `keep` ([B, Q, H, N]), times v [B, N, G, D] -> out [B, Q, H, D] f32, lse."""
-    batch, n_q, n_heads, n = logits.shape
-    n_kv, head_dim = v.shape[2], v.shape[3]
-    masked = jnp.where(keep, logits, MASK_VALUE)
-    row_max = jnp.max(masked, axis=-1, keepdims=True)
-    weights = jnp.where(keep, jnp.exp(masked - row_max), 0.0)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = (weights / total).reshape(batch, n_q, n_kv, n_heads // n_kv, n)
-    out = jnp.einsum("bqgrn,bngd->bqgrd", probs.astype(v.dtype), v, precision=dot_precision(v.dtype),
-                     preferred_element_type=jnp.float32)
-    return out.reshape(batch, n_q, n_heads, head_dim), (row_max + jnp.log(total))[..., 0]
+def _causal_mask(n_q, n, start):
+    """[1, Q, N] bool: query start + i sees keys 0 .. start + i."""
+    return (start + jnp.arange(n_q)[:, None] >= jnp.arange(n)[None, :])[None]
 
 
 def topk_attention_ref(q, k, v, top_k):
-    """Reference top-K causal attention.
+    """Reference top-K causal attention: `masked_attention` under a causal mask with top_k.
 
     Args:
       q: [B, N, H, D]; k, v: [B, N, G, D] (GQA: query head h reads KV head h // (H // G)).
@@ -83,9 +51,7 @@ def topk_attention_ref(q, k, v, top_k):
       [B, N, H, D] in q.dtype.
     """
     _check_top_k(top_k)
-    logits, causal = _logits(q, k, 0)  # [B, N, H, N]
-    keep = causal[None, :, None, :] & (logits >= _keep_threshold(logits, causal, top_k)[..., None])
-    return _masked_attention(logits, keep, v)[0].astype(q.dtype)
+    return masked_attention(q, k, v, _causal_mask(q.shape[1], k.shape[1], 0), top_k)[0]
 
 
 def _scan_block(q, n):
@@ -114,13 +80,13 @@ def _blocked_forward(q, k, v, top_k, block, with_output):
 
     def step(xs):
         q_blk, start = xs
-        logits, causal = _logits(q_blk, k, start)
-        threshold = _keep_threshold(logits, causal, top_k)
+        logits = attention_logits(q_blk, k)  # [B, H, Q, N]
+        causal = _causal_mask(q_blk.shape[1], n, start)[:, None]  # [1, 1, Q, N]
+        threshold = keep_threshold(logits, causal, top_k)  # [B, H, Q]
         if not with_output:
-            return threshold
-        keep = causal[None, :, None, :] & (logits >= threshold[..., None])
-        out, lse = _masked_attention(logits, keep, v)
-        return threshold, out.astype(q.dtype), lse
+            return threshold.transpose(0, 2, 1)
+        probs, lse = masked_softmax(logits, causal & (logits >= threshold[..., None]))
+        return threshold.transpose(0, 2, 1), attend(probs, v).astype(q.dtype), lse.transpose(0, 2, 1)
 
     q_blocks = _split_blocks(q, block)
     starts = jnp.arange(q_blocks.shape[0]) * block
@@ -137,20 +103,19 @@ def _blocked_backward(q, k, v, out, lse, threshold, d_out, block):
 
     def step(carry, xs):
         dk, dv = carry
-        q_blk, o_blk, do_blk, lse_blk, thr_blk, start = xs
-        logits, causal = _logits(q_blk.astype(jnp.float32), k32, start)  # [B, Q, H, N]
-        keep = causal[None, :, None, :] & (logits >= thr_blk[..., None])
-        probs = jnp.where(keep, jnp.exp(logits - lse_blk[..., None]), 0.0)
-        shape5 = (batch, block, n_kv, group)
-        probs = probs.reshape(*shape5, n)
-        do5 = do_blk.astype(jnp.float32).reshape(*shape5, head_dim)
-        dv = dv + jnp.einsum("bqgrn,bqgrd->bngd", probs, do5, precision=precision)
-        dp = jnp.einsum("bqgrd,bngd->bqgrn", do5, v32, precision=precision)
-        delta = jnp.sum(do5 * o_blk.astype(jnp.float32).reshape(do5.shape), axis=-1, keepdims=True)
+        q_blk, o_blk, do_blk, lse_blk, thr_blk, start = xs  # [B, Q, H, ...]
+        logits = attention_logits(q_blk.astype(jnp.float32), k32)  # [B, H, Q, N]
+        keep = _causal_mask(block, n, start)[:, None] & (logits >= thr_blk.transpose(0, 2, 1)[..., None])
+        probs = jnp.where(keep, jnp.exp(logits - lse_blk.transpose(0, 2, 1)[..., None]), 0.0)
+        probs = probs.reshape(batch, n_kv, group, block, n)  # [B, G, r, Q, N]
+        shape5 = (batch, block, n_kv, group, head_dim)
+        do5, o5, q5 = (x.astype(jnp.float32).reshape(shape5) for x in (do_blk, o_blk, q_blk))  # [B, Q, G, r, D]
+        dv = dv + jnp.einsum("bgrqn,bqgrd->bngd", probs, do5, precision=precision)
+        dp = jnp.einsum("bqgrd,bngd->bgrqn", do5, v32, precision=precision)
+        delta = jnp.sum(do5 * o5, axis=-1).transpose(0, 2, 3, 1)[..., None]  # [B, G, r, Q, 1]
         ds = probs * (dp - delta) * head_dim ** -0.5
-        dq = jnp.einsum("bqgrn,bngd->bqgrd", ds, k32, precision=precision)
-        dk = dk + jnp.einsum("bqgrn,bqgrd->bngd", ds, q_blk.astype(jnp.float32).reshape(do5.shape),
-                             precision=precision)
+        dq = jnp.einsum("bgrqn,bngd->bqgrd", ds, k32, precision=precision)
+        dk = dk + jnp.einsum("bgrqn,bqgrd->bngd", ds, q5, precision=precision)
         return (dk, dv), dq.reshape(batch, block, n_heads, head_dim)
 
     xs = tuple(_split_blocks(x, block) for x in (q, out, d_out, lse, threshold))

@@ -1,5 +1,6 @@
 """Slot attention: the Pallas kernels (interpreted on the CPU) against the jnp twin, the twin against
-a per-query numpy loop, the dispatcher, and lowering of both kernels for TPU and CUDA."""
+a per-query numpy loop, the dispatcher, and lowering of both kernels for TPU and CUDA; and the shared
+reference `masked_attention` (plain and top-K) against a numpy loop."""
 import functools
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import slot_attention, slot_attention_ref
+from pallas_kernels.reference import masked_attention
 from pallas_kernels.slot_attention import (SLOT_BLOCK, live_slots, slot_attention_blocked, slot_attention_gpu,
                                            slot_attention_tpu)
 
@@ -202,3 +204,40 @@ def test_lowers(platform, kernel, custom_call, dtype):
     f = jax.jit(functools.partial(kernel, return_mass=True))
     text = f.trace(*abstract_inputs(dtype)).lower(lowering_platforms=(platform,)).as_text()
     assert custom_call in text
+
+
+def numpy_masked_attention(q, k, v, visible, top_k):
+    """masked_attention by a loop over (batch, query, head), in float64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, n_q, n_heads, head_dim = q.shape
+    group = n_heads // k.shape[2]
+    out, probs = np.zeros(q.shape), np.zeros((batch, n_heads, n_q, k.shape[1]))
+    for b in range(batch):
+        for t in range(n_q):
+            seen = visible[b % visible.shape[0], t]
+            for h in range(n_heads):
+                logits = k[b, :, h // group] @ q[b, t, h] / np.sqrt(head_dim)
+                keep = seen.copy()
+                if top_k is not None and seen.sum() > top_k:
+                    keep &= logits >= np.sort(logits[seen])[-top_k]
+                if keep.any():
+                    p = np.where(keep, np.exp(logits - logits[keep].max()), 0.0)
+                    probs[b, h, t] = p / p.sum()
+                    out[b, t, h] = probs[b, h, t] @ v[b, :, h // group]
+    return out, probs
+
+
+@pytest.mark.parametrize("mask_batch, top_k", [(2, None), (1, 3), (2, 2)])
+def test_reference_matches_numpy_loop(mask_batch, top_k):
+    """Random visibility (shared across the batch when mask_batch = 1) with one row that sees
+    nothing: zeros there, no NaN; GQA ratio 3; plain and top-K softmax."""
+    q, k, v, *_ = make_inputs(10, 2, 5, 6, 2, 16, 13)
+    visible = np.random.default_rng(11).random((mask_batch, 5, 13)) < 0.6
+    visible[0, 2] = False
+    out, probs = jax.jit(masked_attention, static_argnums=4)(q, k, v, jnp.asarray(visible), top_k)
+    want_out, want_probs = numpy_masked_attention(q, k, v, visible, top_k)
+    assert out.shape == q.shape and out.dtype == q.dtype and probs.dtype == jnp.float32
+    assert_close(out, want_out, 1e-5)
+    assert_close(probs, want_probs, 1e-6)
+    np.testing.assert_array_equal(np.asarray(out[0, 2]), 0.0)
+    np.testing.assert_array_equal(np.asarray(probs[0, :, 2]), 0.0)

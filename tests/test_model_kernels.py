@@ -1,13 +1,18 @@
-"""The model with the Pallas slot-attention kernel selected (interpreted on CPU) equals the jnp twin."""
+"""The model with the Pallas slot-attention kernel selected (interpreted on CPU) equals the jnp twin;
+the training forward, with and without remat, equals the cached forward on the same layer loop."""
 import dataclasses
 import importlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import adore_jax
 from adore_jax import controller as ctrl
+from adore_jax.model import forward
+from adore_jax.train.forward import forward_logits, full_attention
+from adore_jax.train.testing import tiny_model as tiny_train_model
 
 
 @pytest.mark.parametrize("options", [dict(policy="full"), dict(policy="h2o", cache_size=6),
@@ -38,3 +43,20 @@ def test_large_full_cache_takes_the_blocked_path(tiny_model, monkeypatch):
     assert calls and all(k_shape[1] >= 2 * module.SLOT_BLOCK for k_shape in calls)
     np.testing.assert_allclose(results["auto"][1], results["ref"][1], atol=2e-5)
     np.testing.assert_allclose(results["auto"][0], results["ref"][0], atol=2e-5)
+
+
+def test_training_forward_equals_cached_forward_and_remat_keeps_gradients():
+    model = tiny_train_model()
+    tokens = jnp.asarray(np.random.default_rng(7).integers(2, 258, size=(2, 11)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(11, dtype=jnp.int32), tokens.shape)
+
+    def loss(params, remat):
+        logits = forward_logits(params, model.config, tokens, positions, full_attention, remat)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    assert str(jax.make_jaxpr(loss, static_argnums=1)(model.params, True)).count("remat") == 2  # one per layer
+    np.testing.assert_allclose(forward_logits(model.params, model.config, tokens, positions, full_attention),
+                               forward(model.params, model.config, tokens), atol=1e-5)
+    plain, rematted = (jax.jit(jax.grad(loss), static_argnums=1)(model.params, remat) for remat in (False, True))
+    for got, want in zip(jax.tree.leaves(rematted), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(got, want, atol=1e-6)

@@ -1,11 +1,12 @@
-"""Whole-sequence training forward built from the model's layer pieces, with a pluggable attention.
+"""Whole-sequence training forward over the model's layer loop, with a pluggable attention.
 
     hidden, aux = forward_hidden(params, config, tokens, positions, attention)
 
 `attention(q [B,T,H,D], k [B,T,G,D], v [B,T,G,D]) -> (out [B,T,H,D], aux)`; `aux` is collected per
 layer (labels use it for attention statistics; training returns None). Masks live in the attention
 function: `full_attention` (causal, optionally within packed segments) and `sparse_attention`
-(top-K causal, the backbone's fine-tuning target, ADORE.md 1).
+(top-K causal, the backbone's fine-tuning target, ADORE.md 1), both over the kernel package's
+reference `masked_attention` or its kernels.
 """
 import functools
 
@@ -13,10 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from adore_jax.config import ModelConfig
-from adore_jax.model import attention_inputs, attention_output, lm_logits, mlp_block, rms_norm
-from adore_jax.rope import inverse_frequencies
-
-NEG_INF = -1e30
+from adore_jax.model import lm_logits, run_layers
+from pallas_kernels.reference import attention_logits, masked_attention, masked_softmax
+from pallas_kernels.reference import attend  # noqa: F401 (labels and diagnostics take it from here)
 
 
 def attention_mask(length, segment_ids=None):
@@ -27,34 +27,15 @@ def attention_mask(length, segment_ids=None):
     return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
-def attention_logits(q, k):
-    """Scaled logits with GQA: q [B,T,H,D], k [B,S,G,D] -> [B,H,T,S] float32."""
-    batch, length, heads, dim = q.shape
-    groups = k.shape[2]
-    qg = q.reshape(batch, length, groups, heads // groups, dim)
-    logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
-    return logits.reshape(batch, heads, length, k.shape[1]) * dim ** -0.5
-
-
-def attend(probs, v):
-    """probs [B,H,T,S] x v [B,S,G,D] -> [B,T,H,D] in v's dtype."""
-    batch, heads, length, _ = probs.shape
-    groups, dim = v.shape[2], v.shape[3]
-    pg = probs.reshape(batch, groups, heads // groups, length, -1).astype(v.dtype)
-    out = jnp.einsum("bgrts,bsgd->btgrd", pg, v)
-    return out.reshape(batch, length, heads, dim)
-
-
 def attention_probs(q, k, segment_ids=None):
     """Full causal softmax attention probabilities [B,H,T,T] float32 (0 where masked)."""
-    mask = attention_mask(q.shape[1], segment_ids)[:, None]  # [B|1, 1, T, T]
-    logits = jnp.where(mask, attention_logits(q, k), NEG_INF)
-    return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+    visible = attention_mask(q.shape[1], segment_ids)[:, None]  # [B|1, 1, T, T]
+    return masked_softmax(attention_logits(q, k), visible)[0]
 
 
 def full_attention(q, k, v, segment_ids=None):
     """Causal softmax attention within segments: -> (out [B,T,H,D], None)."""
-    return attend(attention_probs(q, k, segment_ids), v), None
+    return masked_attention(q, k, v, attention_mask(q.shape[1], segment_ids))[0], None
 
 
 def sparse_attention(q, k, v, top_k, impl="auto"):
@@ -79,22 +60,7 @@ def forward_hidden(params, config: ModelConfig, tokens, positions, attention, re
     remat: wrap each layer in `jax.checkpoint`, so the backward pass recomputes its activations
     instead of keeping them (memory O(one layer) instead of O(L layers) of [B,T,...] activations).
     """
-    inv_freq = jnp.asarray(inverse_frequencies(config))
-
-    def run_layer(layer, x):
-        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q, k, v = attention_inputs(layer, config, h, positions, inv_freq)
-        out, layer_aux = attention(q, k, v)
-        return mlp_block(layer, config, attention_output(layer, x, out)), layer_aux
-
-    if remat:
-        run_layer = jax.checkpoint(run_layer)
-    x = params["embed"][tokens]
-    aux = []
-    for layer in params["layers"]:
-        x, layer_aux = run_layer(layer, x)
-        aux.append(layer_aux)
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), aux
+    return run_layers(params, config, tokens, positions, lambda _, q, k, v: attention(q, k, v), remat)
 
 
 def forward_logits(params, config: ModelConfig, tokens, positions, attention, remat: bool = False):

@@ -3,11 +3,9 @@
 import dataclasses
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
-
 from adore_jax.policies.base import CachePolicy
-from pallas_kernels.slot_attention import MASK_VALUE
+from pallas_kernels.reference import masked_attention
+from pallas_kernels.slot_attention import slot_visibility
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,15 +35,5 @@ class TopKSlotAttention:
     k: int
 
     def __call__(self, q, k, v, q_positions, slot_positions, slot_valid):
-        batch, n_q, n_heads, head_dim = q.shape
-        n_kv = k.shape[2]
-        qg = q.reshape(batch, n_q, n_kv, n_heads // n_kv, head_dim)
-        logits = jnp.einsum("bqgrd,bsgd->bgrqs", qg, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
-        visible = (slot_valid[:, None, :] & (slot_positions[:, None, :] <= q_positions[:, :, None]))[:, None, None]
-        logits = jnp.where(visible, logits, MASK_VALUE)
-        kth = jax.lax.top_k(logits, min(self.k, logits.shape[-1]))[0][..., -1:]  # [B, G, r, Q, 1]
-        keep = visible & (logits >= kth)
-        weights = jnp.where(keep, jnp.exp(logits - jnp.max(logits, -1, keepdims=True)), 0.0)
-        probs = weights / jnp.maximum(jnp.sum(weights, -1, keepdims=True), 1e-30)
-        out = jnp.einsum("bgrqs,bsgd->bqgrd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return out.reshape(batch, n_q, n_heads, head_dim).astype(q.dtype)
+        visible = slot_visibility(q_positions, slot_positions, slot_valid)  # [B, Q, S]
+        return masked_attention(q, k, v, visible, top_k=self.k)[0]
