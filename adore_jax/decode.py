@@ -14,8 +14,8 @@ A decode step: the policy observes the current token (adore: advances the contro
 tokens seen, picks up to R released tokens to rebuild, and the current token runs with them as one
 block at their original positions (RoPE at absolute positions: a rebuilt token's K/V equal what it
 would have had if never released, up to the context it now sees); then the policy sees the block's
-attention, and the cache keeps its m best slots — with `rebuild_into_cache=False` the rebuilt rows
-are freed first, so they serve one step only.
+attention, and the cache keeps its m best slots — rebuilt rows the policy does not admit
+(`rebuild_into_cache=False`: none) are freed first, so they serve one step only.
 """
 import dataclasses
 import functools
@@ -163,15 +163,16 @@ def _decode_block(plan, params, ctx, cache, ps, token, position):
             cache = release(policy, cache, ps, token_scores, position, max_evictions=1)
         return hidden, cache, ps, jnp.zeros((batch, 0), jnp.int32)
     picked, wanted = policy.rebuild_choice(cache, token_scores, position)  # [B, R] each
+    admitted = policy.admitted(cache, token_scores, picked, wanted)  # [B, R]: may stay in the cache
 
     def with_rebuild(cache, ps):
         tokens = jnp.concatenate([jnp.take_along_axis(ps.token_ids, picked, axis=1), current.tokens], axis=1)
         positions = jnp.concatenate([picked, current.positions], axis=1)
         block = block_for(plan, cache, tokens, positions, jnp.concatenate([wanted, current.valid], axis=1))
         hidden, cache, ps = _run_block(plan, params, cache, ps, block, jnp.full((batch,), rebuild))
-        if not policy.rebuild_into_cache:  # the rebuilt rows served this step only: free their slots
-            cache = dataclasses.replace(
-                cache, slot_valid=cache.slot_valid.at[rows(batch), block.slots[:, :rebuild]].set(False))
+        # rebuilt rows not admitted served this step only: free their slots
+        cache = dataclasses.replace(
+            cache, slot_valid=cache.slot_valid.at[rows(batch), block.slots[:, :rebuild]].min(admitted))
         ps = dataclasses.replace(ps, rebuild_steps=ps.rebuild_steps + 1,
                                  rebuilt_tokens=ps.rebuilt_tokens + jnp.sum(wanted, axis=1))
         return hidden[:, -1], cache, ps

@@ -33,6 +33,7 @@ class Mutant:
 EVICTION = "tests/test_eviction.py::test_kept_set_and_logits_equal_the_event_reference"
 H2O_RESTART = "tests/test_eviction.py::test_h2o_statistic_restarts_for_a_new_token_in_a_reused_slot"
 REBUILD = "tests/test_policies.py::test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention"
+ADMISSION = "tests/test_policies.py::test_conservative_admission_matches_the_event_reference"
 
 
 def eviction(*cases):
@@ -76,8 +77,15 @@ MUTANTS = (
     Mutant("rebuild picks tokens that are still cached", "adore_jax/policies/adore.py",
            "released = (jnp.arange(n)[None, :] < position[:, None]) & ~in_cache",
            "released = jnp.arange(n)[None, :] < position[:, None]", (f"{REBUILD}[rebuild]",)),
-    Mutant("transient rebuild leaves the rebuilt rows in the cache", "adore_jax/decode.py",
-           "if not policy.rebuild_into_cache:", "if False:", (f"{REBUILD}[transient]",)),
+    Mutant("transient rebuild leaves the rebuilt rows in the cache", "adore_jax/policies/adore.py",
+           "        if not self.rebuild_into_cache:\n            return jnp.zeros_like(wanted)",
+           "        if False:\n            return jnp.zeros_like(wanted)", (f"{REBUILD}[transient]",)),
+    Mutant("admission lets one rebuilt token too many stay", "adore_jax/policies/adore.py",
+           "jnp.cumsum(admit, axis=1) <= self.max_admissions", "jnp.cumsum(admit, axis=1) <= self.max_admissions + 1",
+           (f"{ADMISSION}[at-most-1]", f"{ADMISSION}[margin-and-at-most-1]")),
+    Mutant("admission ignores its margin", "adore_jax/policies/adore.py",
+           "> self.weakest_cached(cache, token_scores) + self.admission_margin",
+           "> self.weakest_cached(cache, token_scores)", (f"{ADMISSION}[margin]",)),
     Mutant("future-need labels look one query short of the horizon", "train/labels.py",
            "[:, horizon + 1:]  # ... of queries > t + horizon", "[:, horizon:]  # ... of queries > t + horizon",
            ("tests/test_train_labels.py::test_future_need_labels_equal_brute_force",)),

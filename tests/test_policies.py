@@ -171,27 +171,34 @@ class EventReference:
         return ids, np.asarray(lm_logits(params, hidden[0, -1]))
 
 
-def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False, into_cache=True):
+def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False, into_cache=True, margin=None,
+                   max_admissions=None):
     """Logits of every step and the rebuilt positions, from the event reference.
 
-    into_cache=False: the rebuilt events serve their step only; the cache keeps the m best of
-    itself and the current token."""
+    The rebuilt events that stay in the cache (admitted) are all of them by default, none with
+    into_cache=False, or those scoring above the weakest cached token by `margin`, the best
+    `max_admissions` of them; the others serve their step only."""
     ref = EventReference(model)
     cache, _ = ref.run_block(tokens[:PROMPT], list(range(PROMPT)), [])
     logits, rebuilt = [], []
     for t in range(PROMPT, len(tokens) - 1):
         score = {i: score_of_distance[t - i] for i in range(t + 1)}
         cached_positions = {ref.events[e]["position"] for e in cache}
+        weakest = min(score[p] for p in cached_positions)
         released = sorted((i for i in range(t) if i not in cached_positions), key=lambda i: -score[i])
         picked = released[:rebuild]
         if adaptive:
-            weakest = min(score[p] for p in cached_positions)
             picked = [i for i in picked if score[i] > weakest]
-        picked = sorted(picked)
-        block_ids, step_logits = ref.run_block([tokens[i] for i in picked] + [tokens[t]], picked + [t], cache)
+        admitted = picked if into_cache else []
+        if margin is not None:
+            admitted = [i for i in admitted if score[i] > weakest + margin]
+        if max_admissions is not None:
+            admitted = admitted[:max_admissions]
+        block = sorted(picked)
+        block_ids, step_logits = ref.run_block([tokens[i] for i in block] + [tokens[t]], block + [t], cache)
         logits.append(step_logits)
-        rebuilt.append(picked)
-        candidates = cache + (block_ids if into_cache else block_ids[-1:])
+        rebuilt.append(block)
+        candidates = cache + [e for e, i in zip(block_ids, block) if i in admitted] + block_ids[-1:]
         cache = sorted(candidates, key=lambda e: -score[ref.events[e]["position"]])[:m]
     return np.stack(logits), rebuilt
 
@@ -223,6 +230,24 @@ def test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention(t
     assert (last - boosted in kept.tolist()) == into_cache, "the rebuilt token's cache entry is wrong"
     if adaptive:
         assert 0 < out.stats["rebuild_steps"] < 15
+
+
+@pytest.mark.parametrize("margin, max_admissions", [(None, 1), (6.0, None), (0.0, 1)],
+                         ids=["at-most-1", "margin", "margin-and-at-most-1"])
+def test_conservative_admission_matches_the_event_reference(tiny_model, sequences, margin, max_admissions):
+    """R = 3 rebuilt per step, scored by a random distance profile: only the admitted ones may stay."""
+    m, rebuild = 6, 3
+    scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
+    controller = distance_controller(tiny_model.config.hidden_size, scores)
+    tokens = sequences[:1, :32]
+    options = dict(policy="adore", cache_size=m, rebuild=rebuild, admission_margin=margin,
+                   max_admissions=max_admissions, controller=controller)
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, **options)
+    expected, _ = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, margin=margin,
+                                 max_admissions=max_admissions)
+    np.testing.assert_allclose(logits[0, 1:], expected, atol=1e-4)
+    everything, _ = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores)
+    assert np.max(np.abs(everything - expected)) > 1e-3, "admission changed nothing: the test proves nothing"
 
 
 def test_batch_rows_are_independent(tiny_model):
@@ -279,6 +304,10 @@ def test_chunked_prefill_memory_is_bounded_by_m_plus_chunk(tiny_model):
     (dict(policy="adore", cache_size=8, rebuild_into_cache=False), r"rebuild_into_cache=False needs rebuild \(R\) >= 1"),
     (dict(policy="adore", cache_size=8, adaptive_rebuild=True), r"adaptive_rebuild=True needs rebuild \(R\) >= 1"),
     (dict(policy="window", cache_size="sixty"), "config key 'cache_size' must be int; got 'sixty'"),
+    (dict(policy="adore", cache_size=8, rebuild=2, max_admissions=3), r"max_admissions must be in \[0, rebuild=2\]"),
+    (dict(policy="adore", cache_size=8, rebuild=2, admission_margin=-1.0), "admission_margin must be >= 0"),
+    (dict(policy="adore", cache_size=8, rebuild=2, rebuild_into_cache=False, max_admissions=1),
+     "need rebuild \\(R\\) >= 1 and rebuild_into_cache=True"),
     (dict(policy="full", controller="x"), "controller= applies only to a policy that reads one"),
     (dict(policy="window", cache_sz=8), "unexpected keyword argument 'cache_sz'"),
     (dict(policy="adore", cache_size=8), "needs a controller"),

@@ -5,10 +5,13 @@ Per block: the controller advances over the block's tokens and writes their feat
 release buffer (`observe`), then scores every buffered token for the current query
 (`token_scores`). A decode step picks the R released tokens with the best scores (`rebuild_choice`)
 and runs them with the current token as one block at their original positions. Afterwards the
-cache keeps the m best of cache ∪ block, or, with `rebuild_into_cache=False`, of cache ∪ the
-current token: the rebuilt rows then serve their step only (decode frees their slots).
+cache keeps the m best of cache ∪ current token ∪ the admitted rebuilt tokens (`admitted`): all of
+them by default (ADORE.md 4), none with `rebuild_into_cache=False` (the rebuilt rows serve their
+step only), or conservatively: those whose score beats the weakest cached token's by
+`admission_margin`, at most `max_admissions` per step. Rebuilt rows not admitted are freed.
 """
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +38,8 @@ class Adore(BoundedPolicy):
     rebuild: int = 0  # R, released tokens rebuilt per decode step
     adaptive_rebuild: bool = False  # run the rebuild block only when a released token outranks a cached one
     rebuild_into_cache: bool = True  # rebuilt tokens compete for the m slots (ADORE.md 4); False: one step only
+    admission_margin: Optional[float] = None  # a rebuilt token stays only if it outscores the weakest cached by this
+    max_admissions: Optional[int] = None  # at most this many rebuilt tokens stay per step (the best scored)
 
     @property
     def label(self) -> str:
@@ -53,6 +58,15 @@ class Adore(BoundedPolicy):
         if not self.rebuild and (self.adaptive_rebuild or not self.rebuild_into_cache):
             option = "adaptive_rebuild=True" if self.adaptive_rebuild else "rebuild_into_cache=False"
             raise ValueError(f"{option} needs rebuild (R) >= 1; got R={self.rebuild}")
+        conservative = self.admission_margin is not None or self.max_admissions is not None
+        if conservative and not (self.rebuild and self.rebuild_into_cache):
+            raise ValueError("admission_margin and max_admissions apply to rebuilt tokens entering the cache: they "
+                             f"need rebuild (R) >= 1 and rebuild_into_cache=True; got R={self.rebuild}, "
+                             f"rebuild_into_cache={self.rebuild_into_cache}")
+        if self.max_admissions is not None and not 0 <= self.max_admissions <= self.rebuild:
+            raise ValueError(f"max_admissions must be in [0, rebuild={self.rebuild}]; got {self.max_admissions}")
+        if self.admission_margin is not None and not self.admission_margin >= 0:
+            raise ValueError(f"admission_margin must be >= 0; got {self.admission_margin}")
 
     def init_state(self, batch, num_slots, max_length, controller=None) -> PolicyState:
         if controller is None:
@@ -103,7 +117,25 @@ class Adore(BoundedPolicy):
         picked_scores, picked = jax.lax.top_k(jnp.where(released, token_scores, -jnp.inf), self.rebuild)
         wanted = picked_scores > -jnp.inf
         if self.adaptive_rebuild:
-            weakest = jnp.min(jnp.where(cache.slot_valid, self.slot_scores(cache, None, token_scores), jnp.inf),
-                              axis=1, keepdims=True)
-            wanted &= picked_scores > weakest
+            wanted &= picked_scores > self.weakest_cached(cache, token_scores)
         return picked.astype(jnp.int32), wanted
+
+    def weakest_cached(self, cache, token_scores):
+        """[B, 1]: the lowest score among the cached tokens."""
+        return jnp.min(jnp.where(cache.slot_valid, self.slot_scores(cache, None, token_scores), jnp.inf),
+                       axis=1, keepdims=True)
+
+    def admitted(self, cache, token_scores, picked, wanted):
+        """Which rebuilt tokens [B, R] (picked in descending score order) may stay in the cache.
+
+        cache: as before the block was written. Those not admitted serve their step and are freed.
+        """
+        if not self.rebuild_into_cache:
+            return jnp.zeros_like(wanted)
+        admit = wanted
+        if self.admission_margin is not None:
+            scores = jnp.take_along_axis(token_scores, picked, axis=1)
+            admit &= scores > self.weakest_cached(cache, token_scores) + self.admission_margin
+        if self.max_admissions is not None:
+            admit &= jnp.cumsum(admit, axis=1) <= self.max_admissions
+        return admit
