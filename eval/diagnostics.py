@@ -15,7 +15,7 @@ import numpy as np
 
 from adore_jax.eval import metrics, sources
 from adore_jax.session import DecodeSession
-from adore_jax.train.forward import attend, attention_probs, forward_hidden
+from adore_jax.train.forward import causal_attention, forward_hidden
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "first_query"))
@@ -28,8 +28,8 @@ def oracle_sets(params, config, tokens, *, top_k: int, first_query: int):
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
     def attention_with_head_mean(q, k, v):
-        probs = attention_probs(q, k)  # [B, H, T, T]
-        return attend(probs, v), jnp.mean(probs[:, :, first_query:], axis=1)  # aux [B, T', T]
+        out, probs = causal_attention(q, k, v)  # probs [B, H, T, T]
+        return out, jnp.mean(probs[:, :, first_query:], axis=1)  # aux [B, T', T]
 
     _, layer_probs = forward_hidden(params, config, tokens, positions, attention_with_head_mean)
     stacked = jnp.stack(layer_probs, axis=1)  # [B, L, T', T]

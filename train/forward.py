@@ -15,8 +15,7 @@ import jax.numpy as jnp
 
 from adore_jax.config import ModelConfig
 from adore_jax.model import lm_logits, run_layers
-from pallas_kernels.reference import attention_logits, masked_attention, masked_softmax
-from pallas_kernels.reference import attend  # noqa: F401 (labels and diagnostics take it from here)
+from pallas_kernels.reference import masked_attention
 
 
 def attention_mask(length, segment_ids=None):
@@ -27,15 +26,14 @@ def attention_mask(length, segment_ids=None):
     return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
-def attention_probs(q, k, segment_ids=None):
-    """Full causal softmax attention probabilities [B,H,T,T] float32 (0 where masked)."""
-    visible = attention_mask(q.shape[1], segment_ids)[:, None]  # [B|1, 1, T, T]
-    return masked_softmax(attention_logits(q, k), visible)[0]
+def causal_attention(q, k, v, segment_ids=None):
+    """Causal softmax attention within segments: -> (out [B,T,H,D], probs [B,H,T,T] float32, 0 where masked)."""
+    return masked_attention(q, k, v, attention_mask(q.shape[1], segment_ids))
 
 
 def full_attention(q, k, v, segment_ids=None):
     """Causal softmax attention within segments: -> (out [B,T,H,D], None)."""
-    return masked_attention(q, k, v, attention_mask(q.shape[1], segment_ids))[0], None
+    return causal_attention(q, k, v, segment_ids)[0], None
 
 
 def sparse_attention(q, k, v, top_k, impl="auto"):

@@ -24,21 +24,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adore_jax.train.forward import attention_mask, attention_probs, attend, forward_hidden
+from adore_jax.train.forward import attention_mask, causal_attention, forward_hidden
 
 AGGREGATIONS = ("mean", "max", "union")
 
 
 def _label_attention(q, k, v, *, valid, top_k, aggregation):
     """Full attention that also returns this layer's statistic: [B,T,T] f32 (or bool for union)."""
-    probs = attention_probs(q, k, valid.astype(jnp.int32))  # padding is its own segment (id 0)
+    out, probs = causal_attention(q, k, v, valid.astype(jnp.int32))  # padding is its own segment (id 0)
     if aggregation == "union":
         mask = attention_mask(q.shape[1], valid.astype(jnp.int32))[:, None]
         kth = _kth_largest(jnp.where(mask, probs, -1.0), top_k)
         stat = jnp.any(mask & (probs >= kth[..., None]), axis=1)
     else:
         stat = jnp.mean(probs, axis=1)
-    return attend(probs, v), stat
+    return out, stat
 
 
 def _kth_largest(x, k):
