@@ -114,7 +114,7 @@ class DecodeSession:
         self.shape = plan_generation(model.config, self.lengths, max_new_tokens, make_policy(cache), max_length)
         policy = self.shape.policy
         if policy.needs_controller:
-            controller_config, self.controller_params = resolve_controller(model, controller)
+            controller_config, self.controller_params = policy.resolve_controller(model, controller)
         elif controller is not None:
             raise ValueError(f"controller= applies only to a policy that reads one (adore); got policy {policy.name!r}")
         else:

@@ -250,6 +250,25 @@ def test_conservative_admission_matches_the_event_reference(tiny_model, sequence
     assert np.max(np.abs(everything - expected)) > 1e-3, "admission changed nothing: the test proves nothing"
 
 
+@pytest.mark.parametrize("into_cache", [True, False], ids=["into-cache", "transient"])
+def test_a_score_table_equals_the_controller_that_gives_the_same_scores(tiny_model, sequences, into_cache):
+    """score_table runs ADORE's release and rebuild on given scores: fed the scores a controller gives
+    (a random profile over distance), it must decode exactly as adore with that controller."""
+    by_distance = np.random.default_rng(6).normal(size=64).astype(np.float32) * 3
+    length = sequences.shape[1]
+    t, i = np.arange(length)[:, None], np.arange(length)[None, :]
+    table = np.where(i <= t, by_distance[np.clip(t - i, 0, 63)], -np.inf).astype(np.float32)
+    options = dict(cache_size=6, rebuild=2, rebuild_into_cache=into_cache, prefill_chunk=8)
+    _, expected = adore_jax.teacher_force(tiny_model, sequences, 20, return_logits=True, policy="adore",
+                                          controller=distance_controller(tiny_model.config.hidden_size, by_distance),
+                                          **options)
+    _, got = adore_jax.teacher_force(tiny_model, sequences, 20, return_logits=True, policy="score_table",
+                                     controller=np.stack([table] * len(sequences)), **options)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    _, window = adore_jax.teacher_force(tiny_model, sequences, 20, return_logits=True, policy="window", cache_size=6)
+    assert np.max(np.abs(got - window)) > 1e-3, "the scores changed nothing: the test proves nothing"
+
+
 def test_batch_rows_are_independent(tiny_model):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [12] * 13]
     controller = ctrl_random(tiny_model)
@@ -310,6 +329,8 @@ def test_chunked_prefill_memory_is_bounded_by_m_plus_chunk(tiny_model):
      "need rebuild \\(R\\) >= 1 and rebuild_into_cache=True"),
     (dict(policy="full", controller="x"), "controller= applies only to a policy that reads one"),
     (dict(policy="window", cache_sz=8), "unexpected keyword argument 'cache_sz'"),
+    (dict(policy="score_table", cache_size=8), "policy 'score_table' needs its scores"),
+    (dict(policy="score_table", cache_size=8, controller=np.zeros((1, 4, 5))), r"must be \[B, T, T\]"),
     (dict(policy="adore", cache_size=8), "needs a controller"),
 ])
 def test_bad_cache_configuration_is_refused(tiny_model, options, message):

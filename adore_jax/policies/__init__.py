@@ -8,6 +8,8 @@
   oracle_topk   full cache, each query attends to its own top-K logits per head (the upper bound)
   adore         the controller's score; the top-R released tokens are rebuilt each step
   random        a fixed pseudo-random score per token (a control)
+  score_table   adore's release and rebuild over given (query, token) scores (the gap decomposition's
+                perfect scorers)
 
     policy = Adore(cache_size=256, rebuild=8)                       # or make_policy("adore", cache_size=256, rebuild=8)
     policy = make_policy({"policy": "h2o", "cache_size": 512})      # a mapping, as in configs/policies/*.yaml
@@ -29,11 +31,13 @@ from adore_jax.policies.full import Full
 from adore_jax.policies.h2o import H2O
 from adore_jax.policies.oracle_topk import OracleTopK, TopKSlotAttention
 from adore_jax.policies.random import Random
+from adore_jax.policies.score_table import ScoreTable
 from adore_jax.policies.streaming_llm import StreamingLLM
 from adore_jax.policies.tova import TOVA
 from adore_jax.policies.window import Window
 
-POLICIES = {policy.name: policy for policy in (Full, Window, StreamingLLM, H2O, TOVA, OracleTopK, Adore, Random)}
+POLICIES = {policy.name: policy for policy in (Full, Window, StreamingLLM, H2O, TOVA, OracleTopK, Adore, Random,
+                                                  ScoreTable)}
 
 
 def policy_class(name) -> type:
@@ -75,5 +79,6 @@ def load_policy(path=None, overrides=(), **options) -> CachePolicy:
     return make_policy(values)
 
 
-__all__ = ["POLICIES", "Adore", "BoundedPolicy", "CachePolicy", "Full", "H2O", "OracleTopK", "PolicyState",
-           "Random", "StreamingLLM", "TOVA", "TopKSlotAttention", "Window", "load_policy", "make_policy", "policy_class"]
+__all__ = ["POLICIES", "Adore", "BoundedPolicy", "CachePolicy", "Full", "H2O", "OracleTopK", "PolicyState", "Random",
+           "ScoreTable", "StreamingLLM", "TOVA", "TopKSlotAttention", "Window", "load_policy", "make_policy",
+           "policy_class"]

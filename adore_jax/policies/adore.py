@@ -68,6 +68,11 @@ class Adore(BoundedPolicy):
         if self.admission_margin is not None and not self.admission_margin >= 0:
             raise ValueError(f"admission_margin must be >= 0; got {self.admission_margin}")
 
+    def resolve_controller(self, model, controller):
+        """(ControllerConfig, params) from a saved controller's path, a (config, params) pair, or the model's default."""
+        from adore_jax.session import resolve_controller
+        return resolve_controller(model, controller)
+
     def init_state(self, batch, num_slots, max_length, controller=None) -> PolicyState:
         if controller is None:
             raise ValueError("policy 'adore' needs a controller config")
