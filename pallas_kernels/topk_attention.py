@@ -155,12 +155,15 @@ _topk_attention.defvjp(_forward, _topk_attention_bwd)
 def topk_attention(q, k, v, top_k, *, impl="auto", kernel_blocks=None):
     """Top-K causal attention (semantics of `topk_attention_ref`), differentiable.
 
-    impl: "auto" (Pallas on a TPU/GPU backend, the jnp twin elsewhere), "ref", "blocked",
-      "pallas" (TPU/GPU backend only) or "pallas_interpret".
+    impl: "auto" (Pallas on a TPU/GPU backend; elsewhere the jnp twin, or the blocked jnp passes when
+      the [B, H, T, T] logits would exceed SCAN_BUDGET), "ref", "blocked", "pallas" (TPU/GPU backend
+      only) or "pallas_interpret".
     kernel_blocks: optional (block_q, block_k) for the Pallas pass-2 kernel.
     """
     _check_top_k(top_k)
     kind, interpret = resolve_impl(impl, q.shape[-1], allowed=IMPLS + ("blocked",))
+    if impl == "auto" and kind == "ref" and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[1] > SCAN_BUDGET:
+        kind = "blocked"  # the twin keeps whole [B, H, T, T] arrays per layer: 40 GB for SmolLM2 at B=4, T=1024
     if kind == "ref":
         return topk_attention_ref(q, k, v, top_k)
     return _topk_attention(q, k, v, top_k, (kind, interpret, kernel_blocks))

@@ -143,3 +143,27 @@ def test_kernel_lowers(platform, flavour, custom_call, dtype):
             jax.ShapeDtypeStruct((batch, n, n_heads), jnp.float32))
     f = jax.jit(functools.partial(threshold_flash_attention, platform=flavour))
     assert custom_call in f.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_auto_uses_the_blocked_passes_when_the_twins_logits_would_be_too_large():
+    """On the CPU, `auto` is the twin for small shapes and the blocked passes (no [B, H, T, T] array) above
+    SCAN_BUDGET logits: the twin's memory is what made a 1024-token fine-tune ask for 40 GB."""
+    import importlib
+    module = importlib.import_module("pallas_kernels.topk_attention")  # the package exports the function
+
+    def widest(length):
+        q = jax.ShapeDtypeStruct((1, length, 2, 8), jnp.float32)
+        kv = jax.ShapeDtypeStruct((1, length, 1, 8), jnp.float32)
+        jaxpr = jax.make_jaxpr(lambda q, k, v: module.topk_attention(q, k, v, 4))(q, kv, kv)
+
+        def sizes(jaxpr):
+            for eqn in jaxpr.eqns:
+                yield from (np.prod(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+                for sub in jax.core.jaxprs_in_params(eqn.params):
+                    yield from sizes(sub)
+        return max(sizes(jaxpr.jaxpr))
+
+    small, large = 64, 6144  # 2 heads x 6144^2 logits > SCAN_BUDGET = 2^26
+    assert 2 * large * large > module.SCAN_BUDGET
+    assert widest(small) == 2 * small * small  # the twin: whole logits
+    assert widest(large) < 2 * large * large // 4  # blocked: a block of queries at a time
