@@ -149,6 +149,8 @@ def test_auto_uses_the_blocked_passes_when_the_twins_logits_would_be_too_large()
     """On the CPU, `auto` is the twin for small shapes and the blocked passes (no [B, H, T, T] array) above
     SCAN_BUDGET logits: the twin's memory is what made a 1024-token fine-tune ask for 40 GB."""
     import importlib
+
+    import jax.extend.core
     module = importlib.import_module("pallas_kernels.topk_attention")  # the package exports the function
 
     def widest(length):
@@ -159,7 +161,7 @@ def test_auto_uses_the_blocked_passes_when_the_twins_logits_would_be_too_large()
         def sizes(jaxpr):
             for eqn in jaxpr.eqns:
                 yield from (np.prod(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-                for sub in jax.core.jaxprs_in_params(eqn.params):
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                     yield from sizes(sub)
         return max(sizes(jaxpr.jaxpr))
 
