@@ -19,6 +19,7 @@ class MeshConfig:
     coordinator_address: Optional[str] = None  # host:port of process 0; None: auto-detect (TPU, SLURM)
     num_processes: Optional[int] = None  # None: auto-detect
     process_id: Optional[int] = None  # None: auto-detect
+    cpu_collectives: str = "gloo"  # collectives between CPU processes ("gloo" or "mpi"); TPU/GPU ignore it
 
 
 @dataclasses.dataclass(frozen=True)

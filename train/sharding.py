@@ -41,6 +41,7 @@ def initialize_distributed(mesh_config) -> None:
     environment variables that jax reads)."""
     if not mesh_config.distributed:
         return
+    jax.config.update("jax_cpu_collectives_implementation", mesh_config.cpu_collectives)  # before any backend
     kwargs = {k: v for k, v in dict(coordinator_address=mesh_config.coordinator_address,
                                     num_processes=mesh_config.num_processes,
                                     process_id=mesh_config.process_id).items() if v is not None}
