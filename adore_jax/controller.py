@@ -4,11 +4,13 @@
     z_i = GRU(u_i, z_{i-1})
     static:       s_i     = MLP(p_i + z_i)
     query_aware:  s_{t,i} = MLP(p_{t-i} + z_i, z_t) = w_2 . relu(W_1 (p_{t-i} + z_i) + U z_t + b_1) + b_2
+                  (+ (z_t Q) . (z_i K) / sqrt(d) with content_dim d > 0: a bilinear term, so what the current
+                  text is about can rank up a token it did not need before)
 
 sigma = sigmoid(s) is the probability that token i is in the top-K attention set of query t. The
-first MLP layer is linear, so each token's `features` a_i = W_1 z_i (+ W_1 p_i when static) are
-computed once, when the token is seen, and kept in the release buffer; a decoding step then costs
-O(n h) for n past tokens. Ranking uses the logit s, not sigma (same order, no saturation).
+first MLP layer is linear, so each token's `features` a_i = W_1 z_i (+ W_1 p_i when static), with
+its key z_i K appended when content_dim > 0, are computed once, when the token is seen, and kept in
+the release buffer; a decoding step then costs O(n (h + d)) for n past tokens. Ranking uses the logit s, not sigma (same order, no saturation).
 """
 import dataclasses
 import json
@@ -35,6 +37,7 @@ class ControllerConfig:
     # "log_buckets": a learned table over log-spaced, clipped distance buckets (extrapolates to any distance)
     max_positions: int = 8192  # table size of a learned position embedding
     buckets: int = 64  # log_buckets: table rows; 64 reach distance ~16 * 2^12 before clipping
+    content_dim: int = 0  # d of the bilinear query-key term (query_aware only); 0: no such term
 
     def __post_init__(self):
         if self.score_form not in SCORE_FORMS:
@@ -45,12 +48,20 @@ class ControllerConfig:
         for name in ("embed_dim", "width", "hidden", "max_positions", "buckets"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"controller {name} must be >= 1; got {getattr(self, name)}")
+        if self.content_dim < 0 or (self.content_dim and self.score_form != "query_aware"):
+            raise ValueError(f"controller content_dim must be >= 0, and 0 unless score_form='query_aware'; "
+                             f"got {self.content_dim} with score_form={self.score_form!r}")
+
+    @property
+    def feature_width(self) -> int:
+        """Width of a token's buffered features: h, plus its key's d."""
+        return self.hidden + self.content_dim
 
 
 def init_controller(config: ControllerConfig, key):
     """Random controller params: a pytree of float32 arrays (orbax can save it)."""
     e, c, h = config.embed_dim, config.width, config.hidden
-    k = jax.random.split(key, 7)
+    k = jax.random.split(key, 9)
 
     def dense(key, shape, fan_in):
         return jax.random.normal(key, shape, jnp.float32) / np.sqrt(fan_in)
@@ -62,6 +73,9 @@ def init_controller(config: ControllerConfig, key):
     )
     if config.score_form == "query_aware":
         params["u"] = dense(k[5], (c, h), c)
+    if config.content_dim:
+        d = config.content_dim
+        params["query"], params["key"] = dense(k[7], (c, d), c), dense(k[8], (c, d), c)
     if config.position_embedding != "sinusoidal":
         rows = config.max_positions if config.position_embedding == "learned" else config.buckets
         params["positions"] = 0.02 * jax.random.normal(k[6], (rows, c))
@@ -107,10 +121,12 @@ def gru_step(params, state, inputs):
 
 
 def token_features(config: ControllerConfig, params, states, positions):
-    """a_i = W_1 z_i (+ W_1 p_i when static): states [..., c], positions [...] -> [..., h]."""
+    """a_i = W_1 z_i (+ W_1 p_i when static), then the key z_i K: states [..., c], positions [...] -> [..., h + d]."""
     features = states @ params["w_1"]
     if config.score_form == "static":
         features = features + position_embedding(config, params, positions) @ params["w_1"]
+    if config.content_dim:
+        features = jnp.concatenate([features, states @ params["key"]], axis=-1)
     return features
 
 
@@ -123,10 +139,11 @@ def distance_table(config: ControllerConfig, params, max_distance: int):
 def score(config: ControllerConfig, params, features, key_positions, query_state, query_position, table=None):
     """Score logits of past tokens for one query per sequence.
 
-    features: [B, N, h]; key_positions: [B, N] or [N]; query_state: [B, c]; query_position: [B];
+    features: [B, N, h + d]; key_positions: [B, N] or [N]; query_state: [B, c]; query_position: [B];
     table: optional `distance_table` covering every distance that occurs.
     Returns [B, N] float32 (higher = more likely in the query's top-K).
     """
+    features, keys = features[..., :config.hidden], features[..., config.hidden:]
     pre = features + params["b_1"]
     if config.score_form == "query_aware":
         distance = jnp.maximum(query_position[:, None] - key_positions, 0)  # [B, N]
@@ -135,7 +152,11 @@ def score(config: ControllerConfig, params, features, key_positions, query_state
         else:
             pre = pre + table[jnp.minimum(distance, table.shape[0] - 1)]
         pre = pre + (query_state @ params["u"])[:, None, :]
-    return jax.nn.relu(pre) @ params["w_2"] + params["b_2"]
+    scores = jax.nn.relu(pre) @ params["w_2"] + params["b_2"]
+    if config.content_dim:
+        query = query_state @ params["query"]  # [B, d]
+        scores = scores + jnp.einsum("bnd,bd->bn", keys, query) * config.content_dim ** -0.5
+    return scores
 
 
 def encode_sequence(config: ControllerConfig, params, token_embeddings, valid=None, state=None, positions=None):

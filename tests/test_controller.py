@@ -8,11 +8,12 @@ import adore_jax
 from adore_jax import controller as ctrl
 
 
-@pytest.mark.parametrize("form", ["static", "query_aware"])
+@pytest.mark.parametrize("form, content", [("static", 0), ("query_aware", 0), ("query_aware", 3)],
+                         ids=["static", "query_aware", "query_aware-content"])
 @pytest.mark.parametrize("positions", ["sinusoidal", "learned", "log_buckets"])
-def test_parallel_and_one_step_forms_agree(form, positions):
+def test_parallel_and_one_step_forms_agree(form, content, positions):
     config = ctrl.ControllerConfig(embed_dim=12, width=6, hidden=5, score_form=form, position_embedding=positions,
-                                   max_positions=64)
+                                   max_positions=64, content_dim=content)
     params = ctrl.init_controller(config, jax.random.key(0))
     embeddings = jax.random.normal(jax.random.key(1), (2, 20, 12))
     states, features, final = ctrl.encode_sequence(config, params, embeddings)
@@ -32,6 +33,21 @@ def test_parallel_and_one_step_forms_agree(form, positions):
         assert not np.allclose(pairwise[:, 5, :5], pairwise[:, 19, :5]), "query-aware scores must change with t"
     else:
         np.testing.assert_allclose(pairwise[:, 5, :5], pairwise[:, 19, :5], atol=1e-6)
+
+
+def test_content_term_is_the_scaled_dot_product_of_query_and_key():
+    config = ctrl.ControllerConfig(embed_dim=12, width=6, hidden=5, content_dim=4)
+    params = ctrl.init_controller(config, jax.random.key(0))
+    states, features, _ = ctrl.encode_sequence(config, params, jax.random.normal(jax.random.key(1), (1, 9, 12)))
+    assert features.shape == (1, 9, 5 + 4)
+    t = jnp.array([8])
+    with_term = ctrl.score(config, params, features, jnp.arange(9), states[:, 8], t)
+    plain = dict(params, query=jnp.zeros_like(params["query"]))
+    without = ctrl.score(config, plain, features, jnp.arange(9), states[:, 8], t)
+    expected = (np.asarray(states[0]) @ np.asarray(params["key"])) @ (np.asarray(states[0, 8]) @ np.asarray(params["query"]))
+    np.testing.assert_allclose(np.asarray(with_term - without)[0], expected / 2.0, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="content_dim must be >= 0, and 0 unless score_form='query_aware'"):
+        ctrl.ControllerConfig(embed_dim=4, score_form="static", content_dim=2)
 
 
 def test_log_buckets_are_exact_then_log_spaced_then_clipped():

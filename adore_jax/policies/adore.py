@@ -79,7 +79,7 @@ class Adore(BoundedPolicy):
         return dataclasses.replace(
             super().init_state(batch, num_slots, max_length),
             token_ids=jnp.zeros((batch, max_length), jnp.int32),
-            features=jnp.zeros((batch, max_length, controller.hidden), jnp.float32),
+            features=jnp.zeros((batch, max_length, controller.feature_width), jnp.float32),
             controller_state=jnp.zeros((batch, controller.width), jnp.float32))
 
     def context(self, controller, controller_params, embed, ps: PolicyState) -> ControllerContext:
