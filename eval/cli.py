@@ -50,7 +50,7 @@ def run_demo(args):
 
 
 def print_side_by_side(results, width: int = 100):
-    """The demo's console summary: outputs of each policy per prompt, then perplexity and speed."""
+    """The demo's console summary: outputs of each policy per prompt, then perplexity, speed and retrieval."""
     half = (width - 3) // 2
     generation = results.get("generation") or {}
     for i, sample in enumerate(generation.get("samples") or []):
@@ -77,3 +77,7 @@ def print_side_by_side(results, width: int = 100):
         ratio = "" if not row["speedup_vs_full"] else f" ({row['speedup_vs_full']:.2f}x full)"
         print(f"speed      {row['policy']:<14} batch {row['batch']:<3} context {row['context']:<6} "
               f"{row['tokens_per_s']:7.1f} tokens/s{ratio}")
+    for row in (results.get("retrieval") or {}).get("rows") or []:
+        ratio = "" if row["accuracy_vs_full"] is None else f" ({row['accuracy_vs_full']:.2f} of full)"
+        print(f"retrieval  {row['policy']:<14} m={row['cache_size'] or '-':<6} context {row['context']:<6} "
+              f"{row['correct']}/{row['prompts']} keys found{ratio}")

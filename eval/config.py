@@ -15,7 +15,8 @@ from typing import Optional
 from adore_jax.configfile import ConfigError, from_dict, load_config
 from adore_jax.policies import CachePolicy, make_policy
 
-PARTS = ("perplexity", "generation", "streaming", "speed", "diagnostics")
+PARTS = ("perplexity", "generation", "streaming", "speed", "diagnostics", "retrieval")
+RETRIEVAL_SOURCES = ("wikipedia", "news", "sharegpt", "synthetic")
 DEFAULT_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "oracle_topk", {"policy": "adore"},
                     {"policy": "adore", "rebuild": 8})
 
@@ -98,6 +99,22 @@ class DiagnosticsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    source: str = "wikipedia"  # haystack text: wikipedia, news, sharegpt, or synthetic (random tokens, for tests)
+    splits: tuple = ("test",)  # records read in order (wrapping around) until a haystack is long enough
+    contexts: tuple = (1024, 2048, 4096)  # prompt length in tokens: template + haystack + key sentence + question
+    depths: tuple = (0.1, 0.5, 0.9)  # where the key sentence goes: the fraction of the haystack before it, in [0, 1]
+    keys: int = 4  # prompts per (context, depth), each with its own key; haystack k starts at the k-th record
+    key_digits: int = 5  # digits of each key (random, seeded by the suite's seed)
+    max_new_tokens: int = 10  # greedy answer length; correct when the key's digits appear in the answer
+    chat: bool = True  # wrap the prompt in the model's chat template (when it has one)
+    policies: Optional[tuple] = None  # default: the suite's policies
+    cache_sizes: Optional[tuple] = None  # m for bounded policies; default: the suite's cache_sizes
+    batch_size: int = 8  # prompts generated together (every prompt of a context has the same length)
+    max_sentence_tokens: int = 64  # longer sentences are split at words: the key's depth is exact to one piece
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     model: str = "smollm2-135m"  # embedded name, .gguf file or Hugging Face directory
     dtype: str = "float32"
@@ -114,6 +131,33 @@ class EvalConfig:
     streaming: StreamingConfig = StreamingConfig()
     speed: SpeedConfig = SpeedConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+
+
+def _positive_ints(values) -> bool:
+    return bool(values) and all(not isinstance(v, bool) and isinstance(v, int) and v >= 1 for v in values)
+
+
+def _check_retrieval(cfg: RetrievalConfig, where: str) -> None:
+    def fail(message):
+        raise ConfigError(f"{where}: retrieval.{message}")
+
+    if cfg.source not in RETRIEVAL_SOURCES:
+        fail(f"source must be one of {', '.join(RETRIEVAL_SOURCES)}; got {cfg.source!r}")
+    if not _positive_ints(cfg.contexts):
+        fail(f"contexts must be a non-empty list of integers >= 1; got {cfg.contexts}")
+    if not cfg.depths or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
+                             for d in cfg.depths):
+        fail(f"depths must be a non-empty list of numbers in [0, 1]; got {cfg.depths}")
+    if len(set(cfg.depths)) < len(cfg.depths):
+        fail(f"depths must not repeat; got {cfg.depths}")
+    for key, low, high in (("keys", 1, None), ("key_digits", 1, 18), ("max_new_tokens", 1, None),
+                           ("batch_size", 1, None), ("max_sentence_tokens", 1, None)):
+        value = getattr(cfg, key)
+        if value < low or (high is not None and value > high):
+            fail(f"{key} must be >= {low}" + (f" and <= {high}" if high else "") + f"; got {value}")
+    if cfg.cache_sizes is not None and not _positive_ints(cfg.cache_sizes):
+        fail(f"cache_sizes must be null or a non-empty list of integers >= 1; got {cfg.cache_sizes}")
 
 
 def _check(config: EvalConfig, where: str) -> EvalConfig:
@@ -121,11 +165,12 @@ def _check(config: EvalConfig, where: str) -> EvalConfig:
     for part in config.parts:
         if part not in PARTS:
             raise ConfigError(f"{where}: unknown part {part!r}; parts: {', '.join(PARTS)}")
-    if not config.cache_sizes or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
-                                     for m in config.cache_sizes):
+    if not _positive_ints(config.cache_sizes):
         raise ConfigError(f"{where}: cache_sizes must be a non-empty list of integers >= 1; got {config.cache_sizes}")
+    _check_retrieval(config.retrieval, where)
     for key, specs in (("policies", config.policies), ("speed.policies", config.speed.policies or ()),
-                       ("diagnostics.policies", config.diagnostics.policies)):
+                       ("diagnostics.policies", config.diagnostics.policies),
+                       ("retrieval.policies", config.retrieval.policies or ())):
         for spec in specs:
             try:
                 policy_rows([spec], config.cache_sizes)

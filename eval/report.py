@@ -148,8 +148,27 @@ def _diagnostics_section(part):
                      _f(r["recall_layer_mean"], 3), _f(r["attended_mean"], 0)] for r in rows])]
 
 
+def _retrieval_section(part):
+    rows = part["rows"]
+    if not rows:
+        return ["## Retrieval\n", "No prompts.\n"]
+    depths = list(dict.fromkeys(d for r in rows for d in r["accuracy_by_depth"]))
+    keys = part.get("keys", "?")
+    out = ["## Retrieval (a numeric key hidden in the text, asked for at the end)\n",
+           f"Haystack: {part.get('source', '?')}; {part.get('key_digits', '?')}-digit keys at depths "
+           f"{', '.join(depths)} of the haystack, {keys} keys per depth and context; greedy answers of "
+           f"{part.get('max_new_tokens', '?')} tokens{' (chat template)' if part.get('chat') else ''}, correct when "
+           "the key's digits appear in the answer. vs full: the accuracy as a fraction of full attention's at "
+           "the same context.\n",
+           _table(["policy", "m", "context", "accuracy", "vs full", "correct"] + [f"depth {d}" for d in depths],
+                  [[r["policy"], _m(r["cache_size"]), r["context"], _f(r["accuracy"]), _f(r["accuracy_vs_full"]),
+                    f"{r['correct']}/{r['prompts']}"] + [_f(r["accuracy_by_depth"].get(d)) for d in depths]
+                   for r in rows])]
+    return out
+
+
 SECTIONS = {"perplexity": _perplexity_section, "generation": _generation_section, "streaming": _streaming_section,
-            "speed": _speed_section, "diagnostics": _diagnostics_section}
+            "speed": _speed_section, "diagnostics": _diagnostics_section, "retrieval": _retrieval_section}
 
 
 def report_markdown(results) -> str:

@@ -3,8 +3,10 @@
   lm_documents        equal-length token rows for perplexity and diagnostics
   generation_prompts  chat prompts (ShareGPT first turns; summary requests over news / Wikipedia)
   conversations       multi-turn conversations for the streaming setting
+  record_texts        plain texts of a dataset's records (the retrieval part's haystacks)
 """
 import dataclasses
+import functools
 from typing import Optional
 
 import numpy as np
@@ -34,6 +36,21 @@ def _records(name: str, splits):
         dataset = data.load_split(name, split)
         for i in range(len(dataset)):
             yield dataset[i]
+
+
+def _record_text(record) -> str:
+    if "text" in record:
+        return record["text"]
+    if "texts" in record:  # a chat: its messages one after another
+        return "\n\n".join(text for text in record["texts"] if text.strip())
+    return record.get("document", "")
+
+
+@functools.lru_cache(maxsize=8)
+def record_texts(name: str, splits: tuple) -> tuple:
+    """The texts of a dataset's records in `splits`, in order, stripped, empty ones left out (a chat's messages
+    joined by blank lines). Cached: every haystack of a run reads them."""
+    return tuple(text.strip() for text in map(_record_text, _records(name, tuple(splits))) if text.strip())
 
 
 def _synthetic_rng(model, seed, salt):

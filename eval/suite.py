@@ -11,6 +11,8 @@ Parts (EvalConfig.parts):
   speed        decode ms/step and tokens/s vs context and batch (synthetic caches), and the largest
                batch each policy fits in a memory budget with its throughput there
   diagnostics  top-K recall of what each query could attend (kept + rebuilt) vs the oracle
+  retrieval    a numeric key hidden at several depths of a long text, asked for at the end: accuracy per
+               policy, m and context, and as a fraction of full attention's (eval/retrieval.py)
 """
 import dataclasses
 import os
@@ -23,7 +25,7 @@ import numpy as np
 
 import adore_jax
 from adore_jax import controller as ctrl
-from adore_jax.eval import diagnostics, metrics, sources
+from adore_jax.eval import diagnostics, metrics, retrieval, sources
 from adore_jax.eval.config import EvalConfig, PolicyRow, policy_rows
 from adore_jax.policies import make_policy
 
@@ -299,7 +301,8 @@ def _speedups(rows):
 # ---------------------------------------------------------------- the suite
 
 PART_RUNNERS = {"perplexity": run_perplexity, "generation": run_generation, "streaming": run_streaming,
-                "speed": run_speed, "diagnostics": lambda ctx: diagnostics.run_diagnostics(ctx)}
+                "speed": run_speed, "diagnostics": lambda ctx: diagnostics.run_diagnostics(ctx),
+                "retrieval": lambda ctx: retrieval.run_retrieval(ctx)}
 
 
 def run_suite(config: EvalConfig, model=None, write: bool = True, log=print) -> dict:
@@ -312,7 +315,8 @@ def run_suite(config: EvalConfig, model=None, write: bool = True, log=print) -> 
         model = adore_jax.load_model(config.model, dtype=config.dtype)
     controller, controller_info = (None, dict(source=None, trained=False))
     if any(make_policy(spec).needs_controller
-           for spec in config.policies + (config.speed.policies or ()) + config.diagnostics.policies):
+           for spec in config.policies + (config.speed.policies or ()) + config.diagnostics.policies
+           + (config.retrieval.policies or ())):
         controller, controller_info = resolve_controller(model, config.controller, config.seed)
     ctx = Context(config, model, controller, [], log)
     if controller_info["source"] == "random":
