@@ -15,7 +15,8 @@ from typing import Optional
 from adore_jax.configfile import ConfigError, from_dict, load_config
 from adore_jax.policies import CachePolicy, make_policy
 
-PARTS = ("perplexity", "generation", "streaming", "speed", "diagnostics", "retrieval")
+PARTS = ("perplexity", "generation", "streaming", "speed", "diagnostics", "retrieval", "gap")
+DEFAULT_PARTS = PARTS[:-1]  # the gap decomposition (oracles, a dozen perfect-scorer rows) runs when asked
 RETRIEVAL_SOURCES = ("wikipedia", "news", "sharegpt", "synthetic")
 DEFAULT_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "oracle_topk", {"policy": "adore"},
                     {"policy": "adore", "rebuild": 8})
@@ -115,12 +116,25 @@ class RetrievalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GapConfig:
+    dataset: str = "wikipedia"  # documents (or synthetic, for tests)
+    documents: int = 2
+    length: int = 1536  # tokens per document
+    prompt_length: int = 1408  # prefilled through each policy's chunked prefill; the rest scored step by step
+    horizons: tuple = (64, 512)  # H of the perfect future-need rankers (the current-query ranker always runs)
+    rebuild: int = 8  # R of the perfect rankers' rebuild rows (transient and into the cache)
+    cache_sizes: Optional[tuple] = None  # default: the suite's cache_sizes
+    policies: Optional[tuple] = None  # rows beside the oracles (bounded ones only); default: the suite's policies
+    splits: tuple = ("test",)
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     model: str = "smollm2-135m"  # embedded name, .gguf file or Hugging Face directory
     dtype: str = "float32"
     controller: Optional[str] = None  # trained controller dir; None: the model's default; "random": untrained
     out_dir: str = "runs/eval"  # results.json, report.md and the plots go here
-    parts: tuple = PARTS  # which parts to run
+    parts: tuple = DEFAULT_PARTS  # which parts to run (of PARTS)
     policies: tuple = DEFAULT_POLICIES  # rows of every table: policy names or mappings (see make_policy)
     cache_sizes: tuple = (256, 512)  # m
     seed: int = 0
@@ -132,6 +146,7 @@ class EvalConfig:
     speed: SpeedConfig = SpeedConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    gap: GapConfig = GapConfig()
 
 
 def _positive_ints(values) -> bool:
@@ -170,7 +185,8 @@ def _check(config: EvalConfig, where: str) -> EvalConfig:
     _check_retrieval(config.retrieval, where)
     for key, specs in (("policies", config.policies), ("speed.policies", config.speed.policies or ()),
                        ("diagnostics.policies", config.diagnostics.policies),
-                       ("retrieval.policies", config.retrieval.policies or ())):
+                       ("retrieval.policies", config.retrieval.policies or ()),
+                       ("gap.policies", config.gap.policies or ())):
         for spec in specs:
             try:
                 policy_rows([spec], config.cache_sizes)
@@ -178,6 +194,13 @@ def _check(config: EvalConfig, where: str) -> EvalConfig:
                 raise ConfigError(f"{where}: {key}: row {spec!r}: {error}") from None
     if config.diagnostics.top_k > config.diagnostics.prompt_length:
         raise ConfigError(f"{where}: diagnostics.top_k must be <= diagnostics.prompt_length")
+    gap = config.gap
+    if not 1 <= gap.prompt_length < gap.length:
+        raise ConfigError(f"{where}: gap.prompt_length must be in [1, gap.length={gap.length}); got {gap.prompt_length}")
+    if not (_positive_ints(gap.horizons) or gap.horizons == ()) or not _positive_ints(gap.cache_sizes or (1,)):
+        raise ConfigError(f"{where}: gap.horizons and gap.cache_sizes must be lists of integers >= 1")
+    if isinstance(gap.rebuild, bool) or gap.rebuild < 1:
+        raise ConfigError(f"{where}: gap.rebuild must be >= 1; got {gap.rebuild}")
     return config
 
 

@@ -167,8 +167,24 @@ def _retrieval_section(part):
     return out
 
 
+def _gap_section(part):
+    if not part.get("sizes"):
+        return ["## Gap decomposition\n", "No documents.\n"]
+    out = ["## Gap decomposition (where perplexity is lost against full attention)\n",
+           f"{part['documents']} {part['dataset']} documents of {part['length']} tokens, {part['prompt_length']} "
+           "prefilled, the rest scored. Perfect rows: ADORE's release and rebuild scored by teacher-forced full "
+           "attention A (mean over layers and heads): the current query's, or future need max A[t..t+H].\n"]
+    for size in part["sizes"]:
+        out.append(_table(["row", "m", "perplexity", "vs full"],
+                          [[r["row"], size["cache_size"], _f(r["perplexity"], 3), _pct(r["perplexity_vs_full"])]
+                           for r in size["rows"]]))
+        parts = size["decomposition"]
+        out.append("Split: " + ", ".join(f"{k.replace('_', ' ')} {_pct(v)}" for k, v in parts.items()) + "\n")
+    return out
+
+
 SECTIONS = {"perplexity": _perplexity_section, "generation": _generation_section, "streaming": _streaming_section,
-            "speed": _speed_section, "diagnostics": _diagnostics_section, "retrieval": _retrieval_section}
+            "speed": _speed_section, "diagnostics": _diagnostics_section, "retrieval": _retrieval_section, "gap": _gap_section}
 
 
 def report_markdown(results) -> str:

@@ -56,3 +56,20 @@ def test_rows_and_decomposition(tiny_model, docs):
     by = {r["row"]: r["perplexity_vs_full"] for r in rows}
     assert parts["shared_slot_table"] == pytest.approx(by[labels[2]] - by[labels[1]])
     assert parts["permanence"] == pytest.approx(by[labels[6]] - by[labels[2]])
+
+
+def test_gap_part_through_the_suite(tiny_model, tmp_path):
+    from adore_jax.eval.config import eval_config
+    from adore_jax.eval.suite import run_suite
+
+    config = eval_config(dict(parts=["gap"], policies=["full", "window"], cache_sizes=[8], out_dir=str(tmp_path),
+                              progress=False, gap=dict(dataset="synthetic", documents=1, length=40, prompt_length=24,
+                                                       horizons=[16], rebuild=2)))
+    results = run_suite(config, model=tiny_model, log=lambda *_: None)
+    (size,) = results["gap"]["sizes"]
+    labels = [r["row"] for r in size["rows"]]
+    assert labels[0] == "full" and labels[-1] == "window" and "perfect future need H=16, R=0" in labels
+    assert set(size["decomposition"]) == {"per_head_oracle", "shared_slot_table", "permanence", "perfect_future_r0"}
+    assert "## Gap decomposition" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match=r"gap.prompt_length must be in \[1, gap.length=40\)"):
+        eval_config(dict(gap=dict(length=40, prompt_length=40)))
