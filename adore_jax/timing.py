@@ -6,7 +6,7 @@ import time
 import jax
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # trackers are told apart by identity: two with equal counts are not one
 class CompileStats:
     count: int = 0  # XLA backend compilations
     seconds: float = 0.0  # tracing + lowering + compiling

@@ -68,6 +68,27 @@ def _missing_tensor(source):
     return raise_missing
 
 
+def read_hf_config(config_path: str) -> ModelConfig:
+    """The ModelConfig of a config.json; every problem with the file is a ValueError that names it."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{config_path}: must hold a JSON object (key: value pairs); got {type(values).__name__}")
+    try:
+        return config_from_hf(values)
+    except KeyError as error:
+        raise ValueError(f"{config_path}: required key {error.args[0]!r} is missing") from None
+    except (TypeError, ZeroDivisionError) as error:
+        raise ValueError(f"{config_path}: a value has the wrong type or is zero ({error})") from None
+    except ValueError as error:
+        message = str(error)
+        message = message[len("config.json: "):] if message.startswith("config.json: ") else message
+        raise ValueError(f"{config_path}: {message}") from None
+
+
 def load_hf_weights(directory: str, dtype=jnp.float32):
     """(config, params) from a Hugging Face directory: config.json + (sharded) safetensors."""
     from safetensors import safe_open
@@ -75,8 +96,7 @@ def load_hf_weights(directory: str, dtype=jnp.float32):
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"model source {directory!r}: no config.json in that directory")
-    with open(config_path) as f:
-        config = config_from_hf(json.load(f))
+    config = read_hf_config(config_path)
     index_path = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index_path):
         with open(index_path) as f:
@@ -151,12 +171,14 @@ def load_gguf_weights(path: str, dtype=jnp.float32):
     """(config, params, metadata) from a GGUF file, dequantised to floats."""
     import dataclasses
 
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(path)
+    reader = open_gguf(path)
     meta = _gguf_metadata(reader)
-    config = _config_from_gguf(meta)
+    try:
+        config = _config_from_gguf(meta)
+    except KeyError as error:
+        raise ValueError(f"GGUF file {path!r} lacks the metadata key {error.args[0]!r}") from None
     tensors = {t.name: t for t in reader.tensors}
     config = dataclasses.replace(config, tie_word_embeddings="output.weight" not in tensors)
     permuted = meta["general.architecture"] == "llama"
@@ -176,6 +198,23 @@ def load_gguf_weights(path: str, dtype=jnp.float32):
     params = _assemble(config, get, _GGUF_LAYER_NAMES, "token_embd.weight", "output_norm.weight",
                        "output.weight", dtype)
     return config, params, meta
+
+
+def open_gguf(path: str):
+    """A GGUFReader over `path`, or a ValueError naming the file when it is not a GGUF file or is truncated
+    (the gguf package itself fails on a short file with an IndexError or a reshape error deep inside)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as error:  # noqa: BLE001  any failure to parse the header means a bad or cut file
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"GGUF file {path!r} is truncated or not a valid GGUF file ({detail})") from None
+    size = os.path.getsize(path)
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise ValueError(f"GGUF file {path!r} is truncated: it has {size} bytes, its tensors need {end}")
+    return reader
 
 
 def default_controller(source: str):

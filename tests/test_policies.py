@@ -323,6 +323,7 @@ def test_chunked_prefill_memory_is_bounded_by_m_plus_chunk(tiny_model):
     (dict(policy="adore", cache_size=8, rebuild_into_cache=False), r"rebuild_into_cache=False needs rebuild \(R\) >= 1"),
     (dict(policy="adore", cache_size=8, adaptive_rebuild=True), r"adaptive_rebuild=True needs rebuild \(R\) >= 1"),
     (dict(policy="window", cache_size="sixty"), "config key 'cache_size' must be int; got 'sixty'"),
+    (dict(policy="streaming_llm", cache_size=8, sinks=9), r"sinks and recent must be in \[0, cache_size=8\]"),
     (dict(policy="adore", cache_size=8, rebuild=2, max_admissions=3), r"max_admissions must be in \[0, rebuild=2\]"),
     (dict(policy="adore", cache_size=8, rebuild=2, admission_margin=-1.0), "admission_margin must be >= 0"),
     (dict(policy="adore", cache_size=8, rebuild=2, rebuild_into_cache=False, max_admissions=1),

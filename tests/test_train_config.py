@@ -49,3 +49,14 @@ def test_cli_subcommands_parse_and_apply_overrides(tmp_path):
         missing.run(missing)
     for name in ("labels", "finetune"):
         assert parser.parse_args([name, "x.yaml"]).run.__name__ == f"run_{name}"
+
+
+@pytest.mark.parametrize("kind, override, message", [
+    (FinetuneConfig, "steps=-5", "'steps' must be >= 1; got -5"),
+    (FinetuneConfig, "batch_size=0", "'batch_size' must be >= 1; got 0"),
+    (ControllerTrainConfig, "eval_every=-1", "'eval_every' must be >= 0; got -1"),
+])
+def test_counts_out_of_range_are_refused(kind, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(kind, None, ["run_dir=x", "labels_dir=y", override] if kind is ControllerTrainConfig
+                    else ["run_dir=x", override])

@@ -7,6 +7,14 @@ import dataclasses
 from typing import Optional
 
 from adore_jax.configfile import ConfigError, load_config, save_config  # noqa: F401  (the stages' loader)
+
+
+def at_least(config, minimum: int, *names) -> None:
+    """Refuse a count below `minimum` with an error that names the key."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"config key {name!r} must be >= {minimum}; got {value!r}")
 from adore_jax.controller import ControllerConfig
 
 
@@ -78,6 +86,10 @@ class ControllerTrainConfig:
     seed: int = 0
     export_dir: Optional[str] = None  # where the trained controller is saved; None: run_dir/controller
 
+    def __post_init__(self):
+        at_least(self, 1, "steps", "batch_size", "log_every", "max_to_keep")
+        at_least(self, 0, "queries_per_sequence", "eval_every", "eval_sequences", "checkpoint_every")
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
@@ -111,3 +123,7 @@ class FinetuneConfig:
     adapter_dir: Optional[str] = None  # the trained LoRA adapter (a few MB); None: run_dir/adapter
     export_merged: bool = False  # also write the merged model as a Hugging Face directory (f32: ~0.5 GB for SmolLM2)
     export_dir: Optional[str] = None  # that directory; None: run_dir/model
+
+    def __post_init__(self):
+        at_least(self, 1, "steps", "batch_size", "log_every", "max_to_keep", "eval_batches", "top_k")
+        at_least(self, 0, "eval_every", "checkpoint_every")

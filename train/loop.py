@@ -1,7 +1,9 @@
 """What every training stage shares: optimiser, orbax checkpoints, JSONL/progress logging, plots."""
 import json
 import os
+import shutil
 import time
+import warnings
 import zlib
 
 import jax
@@ -26,26 +28,97 @@ def make_optimizer(optim, total_steps: int, mask=None):
     return optax.chain(*parts), schedule
 
 
+TMP_MARKER = ".orbax-checkpoint-tmp"  # in the name of a save in progress (orbax renames it when done)
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was set aside and the run resumes from an earlier one."""
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    line = line if len(line) <= 200 else line[:200] + "..."
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
 class Checkpoints:
     """orbax CheckpointManager over {state: params + optimiser state, data: iterator state, meta}.
 
     Restoring checks every array's shape against the template, so a checkpoint of another model
-    shape is refused with the offending path rather than silently broadcast."""
+    shape is refused with the offending path rather than silently broadcast.
+    Folders of saves that never finished (orbax's `*.orbax-checkpoint-tmp-*`) are removed when the
+    manager opens. `latest_step()` is the newest checkpoint that can be read: a damaged newer one
+    (metadata or JSON items unreadable) is moved to `<directory>.damaged/<step>` with a
+    CheckpointWarning, so the run resumes from the one before it and can save that step again; a
+    checkpoint whose arrays fail to restore is an error naming the folder to delete."""
 
     def __init__(self, directory: str, max_to_keep: int, save_every: int):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self._max_to_keep = max_to_keep
         self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
+        self.removed_leftovers = self._remove_leftovers()
+        self.manager = self._open()
+        self.save_every = save_every
+
+    def _remove_leftovers(self) -> list:
+        """Remove the folders of saves that never finished (a run killed while saving); returns their names."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return []
+        leftovers = sorted(name for name in os.listdir(self.directory) if TMP_MARKER in name)
+        for name in leftovers:
+            path = os.path.join(self.directory, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        return leftovers
+
+    def _open(self):
+        ocp = self._ocp
+        return ocp.CheckpointManager(
             self.directory,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False))
-        self.save_every = save_every
+            options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, enable_async_checkpointing=False,
+                                                 cleanup_tmp_directories=True))
+
+    def _problem(self, step: int):
+        """Why checkpoint `step` cannot be resumed from (None: it looks whole)."""
+        args = self._ocp.args
+        try:
+            metadata = self.manager.item_metadata(step)
+            missing = [item for item in ("state", "data", "meta") if metadata is None or metadata.get(item) is None]
+            if missing and "state" in missing:
+                return "the metadata of its arrays is missing or unreadable"
+            self.manager.restore(step, args=args.Composite(meta=args.JsonRestore(), data=args.JsonRestore()))
+        except Exception as error:  # noqa: BLE001  any storage error: the checkpoint is damaged
+            return _first_line(error)
+        return None
 
     def latest_step(self):
-        return self.manager.latest_step()
+        """The newest readable checkpoint's step (None: none); damaged newer ones are set aside (see the class)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            problem = self._problem(step)
+            if problem is None:
+                return step
+            self._set_aside(step, problem)
+        return None
+
+    def _set_aside(self, step: int, problem: str) -> None:
+        damaged = f"{self.directory}.damaged"
+        target = os.path.join(damaged, str(step))
+        if jax.process_index() == 0:
+            os.makedirs(damaged, exist_ok=True)
+            if os.path.exists(target):
+                target = f"{target}.{int(time.time())}"
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        earlier = [s for s in self.manager.all_steps() if s < step]
+        warnings.warn(CheckpointWarning(
+            f"checkpoint step {step} in {self.directory} is damaged ({problem}); moved it to {target} and "
+            + (f"resuming from step {max(earlier)}" if earlier else "no earlier checkpoint is left: starting over")),
+            stacklevel=3)
+        self.manager.close()
+        self.manager = self._open()
 
     def save(self, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
         """Save at every save_every-th step (or when forced); returns whether it saved."""
@@ -64,8 +137,14 @@ class Checkpoints:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), template)
         meta = self.manager.restore(step, args=args.Composite(meta=args.JsonRestore()))["meta"]
         self._check_shapes(step, abstract)
-        restored = self.manager.restore(step, args=args.Composite(
-            state=args.StandardRestore(abstract), data=args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=args.Composite(
+                state=args.StandardRestore(abstract), data=args.JsonRestore()))
+        except Exception as error:  # noqa: BLE001  a storage error deep inside orbax / tensorstore
+            earlier = [s for s in self.manager.all_steps() if s < step]
+            then = f" to resume from step {max(earlier)}" if earlier else " to start over"
+            raise ValueError(f"checkpoint step {step} in {self.directory} cannot be read, it is damaged "
+                             f"({_first_line(error)}); delete {os.path.join(self.directory, str(step))}{then}") from None
         return restored["state"], restored["data"], meta
 
     def _check_shapes(self, step, abstract):
@@ -87,12 +166,19 @@ class Checkpoints:
 
 
 class MetricsLog:
-    """Append-only JSONL metrics plus a tqdm progress bar."""
+    """Append-only JSONL metrics plus a tqdm progress bar.
+
+    A run that starts at `initial_step` (the checkpoint it resumed from; 0 for a fresh run) first drops
+    the records past that step: a killed run logged them after its last checkpoint, and the resumed run
+    logs those steps again, so the file (and its plots) never loops back. The file is rewritten whole
+    (a temporary file, then a rename), so a kill cannot leave it half-written."""
 
     def __init__(self, path: str, total_steps: int, initial_step: int = 0, desc: str = "train"):
         from tqdm.auto import tqdm
 
         self.path = path
+        if jax.process_index() == 0:
+            drop_records_after(path, initial_step)
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
                         disable=jax.process_index() != 0)
         self._start = time.time()
@@ -113,6 +199,32 @@ class MetricsLog:
 
     def close(self):
         self.bar.close()
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Remove the JSONL records of `path` whose step is past `step` (all of them when step is 0, a fresh
+    start); returns how many were removed. Lines that do not parse are kept as they are."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+
+    def stale(line):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(record, dict) and isinstance(record.get("step"), int) and (
+            record["step"] > step or step == 0)
+
+    kept = [line for line in lines if line.strip() and not stale(line)]
+    removed = sum(1 for line in lines if line.strip()) - len(kept)
+    if removed:
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+        os.replace(temporary, path)
+    return removed
 
 
 def run_steps(state, iterator, step_fn, *, first_step: int, total_steps: int, log: MetricsLog,

@@ -142,8 +142,9 @@ class BoundedPolicy(CachePolicy):
             raise ValueError(f"cache_size (m) must be >= 1 for policy {self.name!r}; got {m}")
         if m > max_length:
             raise ValueError(f"cache_size ({m}) must be <= max_length ({max_length})")
-        if self.sinks < 0 or self.recent < 0:
-            raise ValueError(f"sinks and recent must be >= 0; got sinks={self.sinks}, recent={self.recent}")
+        if not (0 <= self.sinks <= m and 0 <= self.recent <= m):
+            raise ValueError(f"sinks and recent must be in [0, cache_size={m}]; got sinks={self.sinks}, "
+                             f"recent={self.recent}")
 
     def validate(self, max_length: int) -> "BoundedPolicy":
         filled = super().validate(max_length)
