@@ -73,9 +73,8 @@ def attended_sets(model, tokens, prompt_length: int, options: dict) -> np.ndarra
 
 def run_diagnostics(ctx) -> dict:
     cfg = ctx.config.diagnostics
-    docs = sources.lm_documents(ctx.model, cfg.dataset, cfg.documents, cfg.length, cfg.splits, ctx.config.seed)
+    docs = sources.part_documents(ctx, "diagnostics", cfg)
     if not len(docs):
-        ctx.notices.append(f"diagnostics: no {cfg.dataset} document of >= {cfg.length} tokens")
         return dict(rows=[])
     per_layer, overall = oracle_sets(ctx.model.params, ctx.model.config, jnp.asarray(docs), top_k=cfg.top_k,
                                      first_query=cfg.prompt_length)

@@ -137,9 +137,8 @@ def decomposition(rows) -> dict:
 def run_gap(ctx) -> dict:
     """The `gap` part of the suite."""
     cfg = ctx.config.gap
-    docs = sources.lm_documents(ctx.model, cfg.dataset, cfg.documents, cfg.length, cfg.splits, ctx.config.seed)
+    docs = sources.part_documents(ctx, "gap", cfg)
     if not len(docs):
-        ctx.notices.append(f"gap: no {cfg.dataset} document of >= {cfg.length} tokens")
         return dict(rows=[])
     from adore_jax.eval.suite import policy_grid
 

@@ -160,3 +160,11 @@ def turn_prompt(model, conversation, turn: int) -> list:
 
 def reference_text(model, answer) -> str:
     return answer if isinstance(answer, str) else as_text(model, answer)
+
+
+def part_documents(ctx, part: str, cfg):
+    """The documents a part scores (cfg: dataset, documents, length, splits), with a notice when none."""
+    docs = lm_documents(ctx.model, cfg.dataset, cfg.documents, cfg.length, cfg.splits, ctx.config.seed)
+    if not len(docs):
+        ctx.notices.append(f"{part}: no {cfg.dataset} document of >= {cfg.length} tokens")
+    return docs
