@@ -10,7 +10,6 @@ convenience that builds (or overrides fields of) the same objects.
 """
 import dataclasses
 import os
-import time
 import warnings
 from typing import Callable, Optional, Sequence, Union
 
@@ -143,25 +142,6 @@ class GenerationResult:
 
 
 _sample = jax.jit(sample, static_argnames=("greedy",))
-
-
-@dataclasses.dataclass(eq=False)
-class _CallStats(timing.CompileStats):
-    """Compared by identity: timing.track_compiles removes its tracker with list.remove (equality), which would
-    take out a caller's equal-valued outer tracker instead and stop it counting."""
-
-
-def _timed(fn, *args):
-    """timing.timed, with a tracker that leaves a caller's track_compiles() block counting."""
-    stats = _CallStats()
-    timing._active_trackers.append(stats)
-    try:
-        start = time.perf_counter()
-        result = jax.block_until_ready(fn(*args))
-        elapsed = time.perf_counter() - start
-    finally:
-        timing._active_trackers[:] = [tracker for tracker in timing._active_trackers if tracker is not stats]
-    return result, elapsed, stats
 SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 CACHE_OPTIONS = ("policy",) + tuple(sorted({f.name for cls in POLICIES.values() for f in dataclasses.fields(cls)}))
 
@@ -306,7 +286,7 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
         first = _sample(logits, first_key, *sampler_args, greedy=sampling.greedy)
         return first, (token_logprobs(logits, first) if with_logprobs else None)
 
-    (first, first_logprobs), prefill_s, prefill_compiles = _timed(run_prefill)
+    (first, first_logprobs), prefill_s, prefill_compiles = timing.timed(run_prefill)
     eos = set(model.config.eos_token_ids)
     ends = np.asarray(sorted(eos | set(sampling.stop_token_ids)) or [-1])
     first = np.asarray(first)
@@ -336,7 +316,7 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
 
     while steps < budget and not done.all():
         size = min(chunk, new_tokens - 1 - steps)
-        (new, new_logprobs), seconds, stats = _timed(run_chunk, size)
+        (new, new_logprobs), seconds, stats = timing.timed(run_chunk, size)
         new = np.asarray(new)[:, :budget - steps]  # tokens past max_new_tokens are dropped
         steps += size
         decode_s += seconds - stats.seconds
