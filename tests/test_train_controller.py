@@ -55,6 +55,18 @@ def test_kill_and_resume_is_bit_identical(tmp_path, tiny_labels):
     assert os.path.isfile(tmp_path / "whole" / "loss.png") and os.path.isfile(tmp_path / "whole" / "config.yaml")
 
 
+def test_resume_with_another_width_is_refused_before_the_recorded_config_changes(tmp_path, tiny_labels):
+    model = tiny_model()
+    train_controller(_config(tmp_path / "run", tiny_labels, "steps=4"), model_params=model.params)
+    with pytest.raises(ValueError, match="different model shape"):
+        train_controller(_config(tmp_path / "run", tiny_labels, "steps=8", "controller.width=32"),
+                         model_params=model.params)
+    recorded = load_config(ControllerTrainConfig, str(tmp_path / "run" / "config.yaml"))
+    assert recorded.controller.width == 16 and recorded.steps == 4
+    with pytest.warns(UserWarning, match="resuming .* with changed settings: steps"):
+        train_controller(_config(tmp_path / "run", tiny_labels, "steps=6"), model_params=model.params)
+
+
 @pytest.fixture(scope="module")
 def static_run(tmp_path_factory, tiny_labels):  # query_aware: the resume test and the real-text test
     run_dir = tmp_path_factory.mktemp("static")

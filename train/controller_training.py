@@ -24,8 +24,8 @@ from adore_jax.controller import ControllerConfig, encode_sequence, init_control
     save_controller
 from adore_jax.train import labels as label_io
 from adore_jax.train import sharding
-from adore_jax.train.config import ControllerTrainConfig, save_config
-from adore_jax.train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, run_steps
+from adore_jax.train.config import ControllerTrainConfig
+from adore_jax.train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, record_config, run_steps
 
 
 class DenseLabels(grain.transforms.Map):
@@ -180,7 +180,6 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
     """
     run_dir = os.path.abspath(config.run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    save_config(config, os.path.join(run_dir, "config.yaml"))
     sharding.initialize_distributed(config.mesh)
     mesh = sharding.make_mesh(config.mesh)
     meta = label_io.read_meta(config.labels_dir)
@@ -210,6 +209,7 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
         start = checkpoints.latest_step()
         state, data_state, _ = checkpoints.restore(start, state)
         iterator.set_state(data_state)
+    record_config(config, run_dir, resumed=bool(start))
 
     step_fn = jax.jit(make_train_step(ccfg, optimizer, config.queries_per_sequence, config.positive_weight,
                                       config.seed), out_shardings=(state_shardings, None), donate_argnums=0)

@@ -18,9 +18,9 @@ import optax
 from adore_jax.adapters import save_adapter
 from adore_jax.train import lora as lora_lib
 from adore_jax.train import sharding
-from adore_jax.train.config import FinetuneConfig, save_config
+from adore_jax.train.config import FinetuneConfig
 from adore_jax.train.forward import forward_logits, make_attention, next_token_loss
-from adore_jax.train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, run_steps
+from adore_jax.train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, record_config, run_steps
 
 
 def model_params(trainable, frozen, lora_scale):
@@ -78,7 +78,6 @@ def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
     """Run (or resume) a sparse fine-tune; returns the final metrics. See train_controller for stop_after."""
     run_dir = os.path.abspath(config.run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    save_config(config, os.path.join(run_dir, "config.yaml"))
     if config.attention == "topk" and not 1 <= config.top_k <= config.data.seq_len:
         raise ValueError(f"top_k={config.top_k} must be between 1 and the sequence length {config.data.seq_len}")
     sharding.initialize_distributed(config.mesh)
@@ -100,6 +99,7 @@ def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
     if start:
         state, data_state, _ = checkpoints.restore(start, state)
         iterator.set_state(data_state)
+    record_config(config, run_dir, resumed=bool(start))
 
     step_fn = jax.jit(make_train_step(model.config, optimizer, attention, scale, config.remat),
                       out_shardings=(state_shardings, None), donate_argnums=0)

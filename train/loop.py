@@ -293,3 +293,20 @@ def plot_metrics(metrics_path: str, out_path: str, keys) -> str:
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def record_config(config, run_dir: str, resumed: bool) -> None:
+    """Write the run's config.yaml once its checkpoint (if any) has been restored, so a resume that fails
+    (another model shape) leaves the recorded config alone; warn when a resume changes settings."""
+    import warnings
+
+    from adore_jax.configfile import read_yaml, save_config, to_dict
+
+    path = os.path.join(run_dir, "config.yaml")
+    if resumed and os.path.isfile(path):
+        old, new = read_yaml(path), to_dict(config)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            warnings.warn(f"resuming {run_dir} with changed settings: {', '.join(changed)} "
+                          "(the learning-rate schedule and data order follow the new values)", stacklevel=2)
+    save_config(config, path)
