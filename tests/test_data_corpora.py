@@ -110,3 +110,14 @@ def test_a_built_dataset_is_reopened_not_rebuilt(data_dir, corpora):
     built_at = marker.stat().st_mtime_ns
     assert list(load_split("news", "test", data_dir)) == corpora["news"]["test"]
     assert marker.stat().st_mtime_ns == built_at
+
+
+def test_a_fresh_build_leaves_no_temporary_folder(tmp_path):
+    """tensorflow-datasets makes an empty /tmp/tmp*tfds folder per build; none may stay behind."""
+    import glob
+    import tempfile
+
+    pattern = str(pathlib.Path(tempfile.gettempdir()) / "*tfds*")
+    before = set(glob.glob(pattern))
+    assert len(load_split("news", "validation", tmp_path / "data")) > 0
+    assert set(glob.glob(pattern)) == before

@@ -8,8 +8,10 @@ to decoded records, which grain shuffles and reads. A prepared dataset lives at
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import pathlib
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import grain
@@ -188,6 +190,19 @@ DATASETS: dict[str, type[_CorpusBuilder]] = {
 }
 
 
+@contextlib.contextmanager
+def _private_tempdir():
+    """tfds's DatasetInfo.initialize_from_bucket leaves an empty mkdtemp folder behind per build: let it
+    land in a directory of our own that is removed afterwards."""
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="adore_tfds_") as private:
+        tempfile.tempdir = private
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
+
+
 def load_split(
     name: str,
     split: str,
@@ -209,11 +224,12 @@ def load_split(
         if not issubclass(builder, _HubBuilder):
             raise ValueError(f"dataset {name!r} is built from an installed package: it takes no source_dir")
         builder_kwargs["source_dir"] = source_dir
-    sources = tfds.data_source(
-        builder.name,
-        data_dir=os.fspath(data_dir or default_data_dir()),
-        builder_kwargs=builder_kwargs,
-    )
+    with _private_tempdir():
+        sources = tfds.data_source(
+            builder.name,
+            data_dir=os.fspath(data_dir or default_data_dir()),
+            builder_kwargs=builder_kwargs,
+        )
     if split not in sources:
         raise ValueError(
             f"dataset {name!r} has no split {split!r}; available splits: {', '.join(sorted(sources))}"
