@@ -15,6 +15,9 @@ prefill chunk, or a decode step of the current token plus R rebuilt ones), `ador
 
 `ctx` is what `policy.context(controller_config, controller_params, embed, ps)` returned once per
 compiled program (None unless the policy reads a controller).
+A policy with `rebuild` > 0 also provides `rebuild_choice`, `admitted` (which rebuilt tokens may stay)
+and the `adaptive_rebuild` / `rebuild_into_cache` options, and one with `needs_controller` provides
+`resolve_controller(model, controller)`; `Adore` (adore.py) is the one that does.
 """
 import dataclasses
 from typing import ClassVar, Optional
