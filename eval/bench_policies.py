@@ -128,7 +128,7 @@ def main():
                 parts = dict(weights=by["window m=16"], attention=by["window"] - by["window m=16"],
                              controller=by["adore R=0"] - by["window"], rebuild=by["adore R=8"] - by["adore R=0"])
                 results.append(dict(batch=batch, context=context, breakdown_ms=parts))
-                print(f"      breakdown of an ADORE R=8 step (ms): " +
+                print("      breakdown of an ADORE R=8 step (ms): " +
                       ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
