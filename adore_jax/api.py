@@ -187,6 +187,13 @@ def encode_prompts(model: Model, prompts, chat: bool = False) -> list:
     return encoded
 
 
+def check_stop_token_ids(stop_token_ids, vocab_size: int) -> None:
+    """A stop token id outside the vocabulary can never be generated: refused, not ignored."""
+    outside = [token for token in stop_token_ids if token >= vocab_size]
+    if outside:
+        raise ValueError(f"stop_token_ids must be in [0, {vocab_size}) (the model's vocabulary); got {outside[0]}")
+
+
 def _first_stop(text: str, stops) -> Optional[tuple]:
     """(index, stop string) of the earliest stop string in text, or None."""
     hits = [(text.find(stop), stop) for stop in stops if stop in text]
@@ -257,14 +264,17 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
     Decoding runs in compiled chunks of `decode_chunk` steps (default: session.DECODE_CHUNK, or the next
     power of two of max_new_tokens - 1 when smaller), so max_new_tokens does not change the compiled
     program; the last chunk's tokens past max_new_tokens are dropped (with return_state=True the last chunk
-    is cut to max_new_tokens instead, so the returned cache is the one after the last token kept). After each chunk the stop strings
-    and stop token ids are checked on the host, `stream(tokens [B, k])` is called with the chunk's new
-    tokens (B = prompts x n), and decoding stops once every sequence has ended.
+    is cut to max_new_tokens instead, so the returned cache is the one after the last token kept). After
+    each chunk the stop strings and stop token ids are checked on the host, `stream(tokens [B, k])` is called
+    with the chunk's raw new tokens (B = prompts x n; past a sequence's end: padding, or tokens the result
+    leaves out), and decoding stops once every sequence has ended. A sequence that ends inside a chunk
+    reports nothing after its end: no token ids, text or logprobs.
     """
     _validate(prompts, max_new_tokens)
     policy, sampling = run_options("generate", cache, sampling, options)
     if sampling.stop and model.tokenizer is None:
         raise ValueError(f"stop strings need a tokenizer, but model {model.source!r} has none; use stop_token_ids")
+    check_stop_token_ids(sampling.stop_token_ids, model.config.vocab_size)
     prompt_ids = encode_prompts(model, prompts, chat)
     check_prompt_ids(prompt_ids, model.config.vocab_size)
     n = sampling.n

@@ -38,6 +38,10 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message):
+        """A bad argument is one line, as every other bad value (argparse would print the usage block first)."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
 
 def _version() -> str:
     from importlib import metadata

@@ -5,6 +5,7 @@ several samples per prompt (`n`), stop strings and stop token ids, and the log-p
 sampled tokens. Those are host-side or shape-free choices: none of them changes a compiled program.
 """
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,8 @@ class SamplingParams:
     logprobs: bool = False  # return the log-probability of each generated token (the model's distribution)
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0; got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off); got {self.top_k!r}")
         if not 0 < self.top_p <= 1:

@@ -86,6 +86,27 @@ def test_version_and_defaults_in_help():
     assert "(default: None)" not in flat
 
 
+BAD_VALUES = [  # generate arguments, and what the error line must say
+    (["--max-new-tokens", "abc"], "argument --max-new-tokens: invalid int value: 'abc'"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16' (choose from 'float32', 'bfloat16')"),
+    (["--temperature", "inf"], "temperature must be a finite number >= 0 (0 = greedy); got inf"),
+    (["--top-p", "2"], "top_p must be in (0, 1]; got 2.0"),
+    (["-n", "0"], "n (samples per prompt) must be an integer >= 1; got 0"),
+    (["--stop-token-id", "259"], "stop_token_ids must be in [0, 259) (the model's vocabulary); got 259"),
+    (["--logprobs"], "--logprobs is shown in --json output only; add --json"),
+    (["--policy", "window", "--set", "cache_size=sixty"], "config key 'cache_size' must be int; got 'sixty'"),
+    (["--policy", "window", "--cache-size", "8", "--sinks", "9"], "sinks and recent must be in [0, cache_size=8]"),
+]
+
+
+@pytest.mark.parametrize("args, named", BAD_VALUES, ids=[" ".join(args) for args, _ in BAD_VALUES])
+def test_a_bad_value_is_one_line_naming_it_and_what_is_allowed(model_dir, args, named):
+    done = adore("generate", "--model", model_dir, "--prompt", "hi", *args)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adore generate: error: ") and named in lines[0], done.stderr
+
+
 def _truncated_gguf(tmp_path):
     from adore_jax import weights
 

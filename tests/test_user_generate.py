@@ -1,15 +1,20 @@
-"""generate() as users of transformers / vLLM expect it: chat messages, stop strings and stop token ids,
+"""generate() as users of transformers / vLLM expect it: chat messages, stop strings and stop token ids
+(a sequence that ends inside a decode chunk, against a plain greedy loop over the full-attention forward),
 several samples per prompt, per-token log-probabilities, one compile per max_new_tokens bucket, early
 stop, an oversized cache lowered with a warning, and a stream printer that never splits a character."""
+import dataclasses
+import functools
 import io
 import types
 
+import jax
 import numpy as np
 import pytest
 
 import adore_jax
 from adore_jax import timing
-from adore_jax.session import CacheSizeWarning
+from adore_jax.model import forward
+from adore_jax.session import DECODE_CHUNK, CacheSizeWarning
 from conftest import save_tiny_hf
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -69,32 +74,87 @@ def test_bad_messages_are_refused_by_position(chat_model, conversation, message)
         adore_jax.generate(chat_model, [conversation], 4)
 
 
-# ------------------------------------------------------------------ stops
+# ------------------------------------------------------------------ stops, inside a decode chunk
 
-def test_stop_token_ids_end_a_sequence_like_eos(tiny_model):
-    prompts = [[7, 8, 9], [10, 11]]
-    free = adore_jax.generate(tiny_model, prompts, 12)
-    stop = free.token_ids[0][4]
-    out = adore_jax.generate(tiny_model, prompts, 12, stop_token_ids=[stop])
-    assert out.token_ids[0] == free.token_ids[0][:free.token_ids[0].index(stop)]
-    assert out.finish_reasons[0] == "stop" and out.stop_reasons[0] == stop
-    if stop not in free.token_ids[1]:
-        assert out.token_ids[1] == free.token_ids[1] and out.finish_reasons[1] == free.finish_reasons[1]
+@functools.partial(jax.jit, static_argnums=1)
+def full_attention_log_probs(params, config, tokens):
+    """The plain causal forward (no cache, no policy): tokens [B, T] -> log p of the next token [B, T, V]."""
+    return jax.nn.log_softmax(forward(params, config, tokens), axis=-1)
 
 
-def test_stop_strings_cut_the_text_before_them(chat_model):
-    free = adore_jax.generate(chat_model, ["Hello there"], 40)
-    text = free.texts[0]
-    starts = [k for k in range(3, len(text) - 2) if "\ufffd" not in text[k:k + 2] and text.find(text[k:k + 2]) == k]
-    assert starts, f"no usable stop string in {text!r}"
-    stop = text[starts[0]:starts[0] + 2]
-    out = adore_jax.generate(chat_model, ["Hello there"], 40, stop=["never appears", stop])
-    assert out.texts[0] == text[:starts[0]]
+def greedy_reference(model, prompt, steps):
+    """The greedy continuation of `prompt` (token ids) and each token's log-probability, by a plain loop over
+    the model's full-attention forward: no cache, no policy, no decode chunks, no host-side stop handling."""
+    length = len(prompt) + steps
+    tokens = np.zeros((1, length), np.int32)  # [1, T]; causal: what follows position t never changes its logits
+    tokens[0, :len(prompt)] = prompt
+    logprobs = []
+    for t in range(len(prompt), length):
+        row = np.asarray(full_attention_log_probs(model.params, model.config, tokens))[0, t - 1]  # [V] for token t
+        tokens[0, t] = int(np.argmax(row))
+        logprobs.append(float(row[tokens[0, t]]))
+    return tokens[0, len(prompt):].tolist(), logprobs
+
+
+def mid_chunk(k: int) -> bool:
+    """Generated token k (0: from the prefill) comes from a decode chunk that goes on after it."""
+    return k >= 1 and k % DECODE_CHUNK != 0
+
+
+def first_index(tokens, ends) -> int:
+    return next((k for k, token in enumerate(tokens) if token in ends), len(tokens))
+
+
+@pytest.mark.parametrize("end", ["stop_token_id", "eos"])
+def test_a_sequence_ending_mid_chunk_reports_nothing_after_its_end(tiny_model, end):
+    """Row 0 ends at a token in the middle of a decode chunk; row 1 of the same batch decodes on."""
+    prompts, steps = [[7, 8, 9], [10, 11]], 3 * DECODE_CHUNK
+    (ids, logprobs), (other_ids, other_logprobs) = [greedy_reference(tiny_model, p, steps) for p in prompts]
+    eos = set(tiny_model.config.eos_token_ids)
+    k = next((k for k in range(steps) if mid_chunk(k) and ids[k] not in ids[:k] and eos.isdisjoint(ids[:k + 1])),
+             None)
+    assert k is not None, f"no token of {ids} ends the sequence mid-chunk: the test proves nothing"
+    model, ends, options, reason = tiny_model, eos | {ids[k]}, dict(stop_token_ids=[ids[k]]), ("stop", ids[k])
+    if end == "eos":
+        model = dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_ids=(ids[k],)))
+        ends, options, reason = {ids[k]}, {}, ("eos", None)
+    out = adore_jax.generate(model, prompts, steps, logprobs=True, decode_chunk=DECODE_CHUNK, **options)
+    assert out.token_ids[0] == ids[:k]
+    np.testing.assert_allclose(out.logprobs[0], logprobs[:k], atol=1e-4)
+    assert (out.finish_reasons[0], out.stop_reasons[0]) == reason
+    cut = first_index(other_ids, ends)
+    assert out.token_ids[1] == other_ids[:cut]
+    np.testing.assert_allclose(out.logprobs[1], other_logprobs[:cut], atol=1e-4)
+    assert out.finish_reasons[1] == ("length" if cut == steps else reason[0])
+
+
+def test_a_stop_string_completed_mid_chunk_cuts_text_tokens_and_logprobs_there(chat_model):
+    """Byte-level tokens: the stop string's last character is the token that completes it."""
+    steps = 5 * DECODE_CHUNK
+    ids, logprobs = greedy_reference(chat_model, chat_model.encode("Hello there"), steps)
+    ids = ids[:first_index(ids, chat_model.config.eos_token_ids)]
+    texts = [chat_model.decode(ids[:k + 1]) for k in range(len(ids))]  # the text after each token
+
+    def completed_at(k):
+        """The last two characters of the text, if token k completes them (a stop string found first there)."""
+        tail = texts[k][-2:]
+        return tail if len(tail) == 2 and "\ufffd" not in tail and tail not in texts[k - 1] else None
+
+    k = next((k for k in range(DECODE_CHUNK + 1, len(ids)) if mid_chunk(k) and completed_at(k)), None)
+    assert k is not None, f"no stop string is completed mid-chunk after the first chunk in {texts[-1]!r}"
+    stop = completed_at(k)
+    out = adore_jax.generate(chat_model, ["Hello there"], steps, stop=["never appears", stop], logprobs=True,
+                             decode_chunk=DECODE_CHUNK)
+    assert out.texts == [texts[k][:-2]]
+    assert out.token_ids == [ids[:k + 1]]
+    np.testing.assert_allclose(out.logprobs[0], logprobs[:k + 1], atol=1e-4)
     assert out.finish_reasons == ["stop"] and out.stop_reasons == [stop]
-    ids = out.token_ids[0]  # up to the token that completed the stop string
-    assert ids == free.token_ids[0][:len(ids)]
-    assert stop in chat_model.decode(ids) and stop not in chat_model.decode(ids[:-1])
-    assert out.stats["decode_steps"] < free.stats["decode_steps"], "decoding went on after the stop string"
+    assert out.stats["decode_steps"] < steps - 1, "decoding went on after the stop string"
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(tiny_model):
+    with pytest.raises(ValueError, match=r"stop_token_ids must be in \[0, 97\) \(the model's vocabulary\); got 97"):
+        adore_jax.generate(tiny_model, [[1, 2, 3]], 4, stop_token_ids=[5, 97])
 
 
 def test_stop_strings_need_a_tokenizer(tiny_model):
@@ -104,6 +164,7 @@ def test_stop_strings_need_a_tokenizer(tiny_model):
 
 @pytest.mark.parametrize("options, message", [
     (dict(n=0), "n .samples per prompt. must be an integer >= 1"),
+    (dict(temperature=float("inf")), r"temperature must be a finite number >= 0 \(0 = greedy\); got inf"),
     (dict(stop=[""]), "stop strings must not be empty"),
     (dict(stop=[3]), "stop must be a list of str"),
     (dict(stop_token_ids=[-1]), "stop_token_ids must be >= 0"),
@@ -128,12 +189,13 @@ def test_n_samples_per_prompt_are_listed_prompt_by_prompt(tiny_model):
     assert greedy.token_ids == [single.token_ids[0]] * 2 + [single.token_ids[1]] * 2
 
 
-def test_logprobs_are_the_models_log_probabilities_of_the_generated_tokens(tiny_model):
+def test_logprobs_are_the_models_log_probabilities_of_the_sampled_tokens(tiny_model):
     prompt = [5, 17, 33, 40]
     out = adore_jax.generate(tiny_model, [prompt], 12, temperature=1.0, seed=2, logprobs=True)
     ids = out.token_ids[0]
     assert len(out.logprobs[0]) == len(ids) >= 2
-    want = adore_jax.teacher_force(tiny_model, np.array([prompt + ids]), len(prompt))[0]
+    log_probs = full_attention_log_probs(tiny_model.params, tiny_model.config, np.array([prompt + ids]))[0]
+    want = log_probs[np.arange(len(prompt) - 1, len(prompt) + len(ids) - 1), ids]  # log p(token t | tokens < t)
     np.testing.assert_allclose(out.logprobs[0], want, atol=1e-4)
     assert adore_jax.generate(tiny_model, [prompt], 12).logprobs is None
 
@@ -146,8 +208,6 @@ def test_max_new_tokens_in_one_bucket_share_the_compiled_programs(tiny_model):
         out = adore_jax.generate(tiny_model, [[5] * 25], max_new_tokens=30)
     assert stats.count == 0, f"{stats.count} compilations for max_new_tokens 30 after 20"
     assert len(out.token_ids[0]) == 30 or out.finish_reasons[0] == "eos"
-    import dataclasses
-
     unseen = dataclasses.replace(tiny_model, config=dataclasses.replace(tiny_model.config, rms_norm_eps=1.2345e-5))
     with timing.track_compiles() as stats:
         adore_jax.generate(tiny_model, [[6] * 25], max_new_tokens=25)  # compiled already: the counter must stay on
@@ -156,8 +216,6 @@ def test_max_new_tokens_in_one_bucket_share_the_compiled_programs(tiny_model):
 
 
 def test_decoding_stops_once_every_sequence_has_ended(tiny_model):
-    import dataclasses
-
     free = adore_jax.generate(tiny_model, [[7, 8, 9]], max_new_tokens=40)
     eos = free.token_ids[0][2]
     stopping = dataclasses.replace(tiny_model, config=dataclasses.replace(tiny_model.config, eos_token_ids=(eos,)))
