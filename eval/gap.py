@@ -27,6 +27,7 @@ from adore_jax.eval import metrics, sources
 from adore_jax.model import lm_logits
 from adore_jax.policies import OracleTopK, ScoreTable
 from adore_jax.train.forward import causal_attention, forward_hidden
+from adore_jax.train.labels import window_max
 from pallas_kernels.reference import masked_attention
 
 FLOOR = 1e-30  # log of attention mass: a token never attended scores log(FLOOR), not -inf
@@ -45,24 +46,9 @@ def attention_mass(params, config, tokens):
     return sum(per_layer) / len(per_layer)
 
 
-def window_max(values, horizon: int):
-    """[..., T, T] (query t, token i) -> max over queries t' in [t, t + horizon] (cut at the last query)."""
-    out, span = values, 1  # out[t] = max over queries [t, t + span - 1]
-
-    def shifted(x, by):  # row t holds row t + by (-inf past the last query)
-        by = min(by, x.shape[-2])
-        pad = [(0, 0)] * (x.ndim - 2) + [(0, by), (0, 0)]
-        return np.pad(x[..., by:, :], pad, constant_values=-np.inf)
-
-    while 2 * span <= horizon + 1:
-        out, span = np.maximum(out, shifted(out, span)), 2 * span
-    rest = horizon + 1 - span  # two windows of `span` queries, `rest` apart, cover [t, t + horizon]
-    return np.maximum(out, shifted(out, rest)) if rest else out
-
-
 def perfect_scores(mass, horizon=None):
     """Scores of the perfect rankers from A [B, T, T]: the current query's (horizon None) or future need."""
-    target = mass if horizon is None else window_max(mass, horizon)
+    target = mass if horizon is None else np.asarray(window_max(mass, horizon))
     return np.log(np.maximum(target, FLOOR)).astype(np.float32)
 
 

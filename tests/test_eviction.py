@@ -75,8 +75,11 @@ def _forward(config):
     return _FORWARDS[config]
 
 
-def reference_rule(name):
+def reference_rule(name, attention_weight=0.0):
     """score(k, block, current, mass, acc) -> keep-score of candidate k, from the rule's description."""
+    if name == "adore" and attention_weight:  # the controller's, plus beta * log(the current query's attention)
+        return lambda k, block, current, mass, acc: (DISTANCE_SCORES[current - k]
+                                                     + attention_weight * np.log(mass[current, k] + 1e-6))
     rules = {
         "window": lambda k, block, current, mass, acc: k,  # the most recent
         "streaming_llm": lambda k, block, current, mass, acc: k,  # sinks pinned, then the most recent
@@ -88,13 +91,13 @@ def reference_rule(name):
     return rules[name]
 
 
-def simulate(model, tokens, prompt, name, sinks, recent):
+def simulate(model, tokens, prompt, name, sinks, recent, attention_weight=0.0):
     """Kept positions after the prefill and after each decode step, and the decode logits [STEPS, V]."""
     length = len(tokens)
     visible = np.eye(length, dtype=bool)  # rows not yet run see only themselves (never read)
     blocks = [list(range(s, min(s + CHUNK, prompt))) for s in range(0, prompt, CHUNK)]
     blocks += [[t] for t in range(prompt, length)]
-    rule = reference_rule(name)
+    rule = reference_rule(name, attention_weight)
     kept, acc, history, logits = [], {}, [], None
     for block in blocks:
         for q in block:
@@ -143,6 +146,7 @@ CASES = [
     ("tova", dict(sinks=1, recent=1)),
     ("adore", {}),
     ("adore", dict(sinks=2, recent=3)),
+    ("adore", dict(attention_weight=0.5)),
     ("random", dict(seed=7)),
 ]
 
@@ -157,7 +161,8 @@ def test_kept_set_and_logits_equal_the_event_reference(model, name, options):
     controller = distance_controller(model.config.hidden_size, DISTANCE_SCORES) if name == "adore" else None
     history, logits = run_policy(model, sequences, policy, controller)
     for row, (tokens, prompt) in enumerate(zip(sequences, PROMPTS)):
-        expected, expected_logits = simulate(model, tokens, prompt, name, filled.sinks, filled.recent)
+        expected, expected_logits = simulate(model, tokens, prompt, name, filled.sinks, filled.recent,
+                                             options.get("attention_weight", 0.0))
         got = [kept[row] for kept in history]
         assert got == expected, f"row {row}: kept sets after the prefill and each step differ"
         assert all(len(kept) == M for kept in got)  # prompts of 35-40 tokens: the prefill released

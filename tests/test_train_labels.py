@@ -103,6 +103,61 @@ def test_future_need_labels_equal_brute_force(horizon):
         assert (want.sum(-1) > now.sum(-1)).any(), "the horizon added no label: the test proves nothing"
 
 
+@pytest.mark.parametrize("horizon", [0, 1, 2, 5, 8, 39, 100])
+def test_window_max_equals_brute_force(horizon):
+    values = np.random.default_rng(horizon).random((2, 12, 12)).astype(np.float32)
+    got = labels.window_max(values, horizon)
+    want = np.stack([[values[b, t:t + horizon + 1].max(axis=0) for t in range(12)] for b in range(2)])
+    np.testing.assert_array_equal(got, want)
+
+
+def brute_force_future_statistic(stat, horizon, form):
+    """[T, T] mean attention (query t', key i) -> [T, T] future need of key i at query t, loop by loop."""
+    n = len(stat)
+    out = np.zeros_like(stat)
+    for t in range(n):
+        for i in range(t + 1):
+            later = range(t, min(n, t + horizon + 1)) if form == "max" else range(t, n)
+            values = [stat[u, i] * (1.0 if form == "max" else np.exp(-(u - t) / horizon)) for u in later]
+            out[t, i] = max(values) if form == "max" else sum(values)
+    return out
+
+
+@pytest.mark.parametrize("form,horizon", [("max", 3), ("max", 30), ("discounted", 2), ("discounted", 8)])
+def test_ranked_future_need_labels_equal_brute_force(form, horizon):
+    """future_need max / discounted: each query's top-K keys of the future statistic, exactly K of them."""
+    model = tiny_model()
+    rng = np.random.default_rng(3)
+    length, valid_length, top_k = 24, 19, 3
+    tokens = np.zeros((2, length), np.int32)
+    tokens[:, :valid_length] = rng.integers(2, 258, (2, valid_length))
+    valid = np.arange(length)[None] < np.array([[valid_length], [length]])
+    got, _ = labels.label_pass_jit(model.params, model.config, tokens, valid, top_k=top_k, horizon=horizon,
+                                   future_need=form)
+    got = np.asarray(got)
+    for b, n in enumerate((valid_length, length)):
+        stat = numpy_attention(model.params, model.config, tokens[b, :n]).mean((0, 1))  # [T, T]
+        future = brute_force_future_statistic(stat, horizon, form)
+        want = np.zeros((n, n), bool)
+        for t in range(n):
+            want[t, np.argsort(-future[t, :t + 1])[:top_k]] = True
+        np.testing.assert_array_equal(got[b, :n, :n], want)
+        assert not got[b, n:].any() and not got[b, :, n:].any()
+        now = brute_force_labels(numpy_attention(model.params, model.config, tokens[b, :n]), top_k, "mean")
+        assert (want != now).any(), "the future statistic changed no label: the test proves nothing"
+    np.testing.assert_array_equal(got[1].sum(-1), np.minimum(np.arange(length) + 1, top_k))
+
+
+def test_ranked_future_need_needs_a_statistic():
+    model = tiny_model()
+    tokens, valid = np.ones((1, 8), np.int32), np.ones((1, 8), bool)
+    with pytest.raises(ValueError, match="future_need must be one of"):
+        labels.label_pass(model.params, model.config, tokens, valid, top_k=2, horizon=2, future_need="mean")
+    with pytest.raises(ValueError, match="future_need='max' ranks a statistic: it needs aggregation 'mean' or 'max'"):
+        labels.label_pass(model.params, model.config, tokens, valid, top_k=2, horizon=2, future_need="max",
+                          aggregation="union")
+
+
 def test_records_are_compact_and_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     mask = np.tril(rng.random((30, 30)) < 0.2)

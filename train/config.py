@@ -60,10 +60,15 @@ class LabelsConfig:
     dtype: str = "float32"
     data: DataConfig = DataConfig()
     top_k: int = 32  # K: keys labelled per query
-    horizon: int = 0  # future need: label the top-K keys of every query in [t, t + horizon] (0: query t only)
+    horizon: int = 0  # future need over queries [t, t + horizon] (0: query t only; see adore_jax.train.labels)
+    future_need: str = "union"  # with horizon > 0: "union" (any of those queries' top-K), "max" (top-K of the
+    # max attention over them) or "discounted" (top-K of the attention summed with weight exp(-(t' - t) / horizon))
     aggregation: str = "mean"  # "mean", "max" (per-layer max) or "union" (see adore_jax.train.labels)
     eval_cache_multiples: tuple = (1, 2, 4)  # H2O baseline hits recorded at m = K * these
     batch_size: int = 1  # sequences per label pass
+
+
+CONTROLLER_LOSSES = ("bce", "listwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,7 @@ class ControllerTrainConfig:
     steps: int = 500
     batch_size: int = 8
     queries_per_sequence: int = 128  # queries sampled per row and step for the loss (0: all)
+    loss: str = "bce"  # "bce" over every pair, or "listwise" (per query, -log softmax of its labels over i <= t)
     positive_weight: float = 1.0  # BCE weight of label-1 pairs
     eval_every: int = 100  # held-out metrics every this many steps (and at the end)
     eval_sequences: int = 0  # held-out rows evaluated (0: all)
@@ -89,6 +95,8 @@ class ControllerTrainConfig:
     def __post_init__(self):
         at_least(self, 1, "steps", "batch_size", "log_every", "max_to_keep")
         at_least(self, 0, "queries_per_sequence", "eval_every", "eval_sequences", "checkpoint_every")
+        if self.loss not in CONTROLLER_LOSSES:
+            raise ConfigError(f"loss must be one of {CONTROLLER_LOSSES}; got {self.loss!r}")
 
 
 @dataclasses.dataclass(frozen=True)

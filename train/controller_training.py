@@ -1,4 +1,4 @@
-"""Train the ADORE controller on top-K labels (ADORE.md 2): BCE over all pairs i <= t.
+"""Train the ADORE controller on top-K labels (ADORE.md 2): BCE over all pairs i <= t, or a listwise loss.
 
     summary = train_controller(load_config(ControllerTrainConfig, "configs/train_controller_smollm2.yaml"))
 
@@ -9,6 +9,8 @@ whose history is longer than m (shorter ones keep everything, recall 1 for every
   recency / h2o recall@m: the last m tokens; the top-m accumulated attention (from the labels pass)
 The kept set is the best m for each query on its own (no release history), so it measures how
 well the score ranks keys, the quantity ADORE's release step relies on.
+  release recall@m   the same recall when the kept set has a history: one token released for good per
+                     query, the lowest-scored for that query (`release_recall`), as decoding does.
 """
 import dataclasses
 import json
@@ -46,13 +48,25 @@ class DenseLabels(grain.transforms.Map):
         return {"tokens": tokens, "valid": valid, "labels": labels, "h2o_hits": hits}
 
 
-def label_iterator(source, length: int, batch_size: int, seed: int, shuffle: bool = True, num_epochs=None):
-    """Checkpointable batches of dense labels: grain shuffles anew every epoch."""
+def label_iterator(source, length: int, batch_size: int, seed: int, shuffle: bool = True, num_epochs=None,
+                   rows=None):
+    """Checkpointable batches of dense labels: grain shuffles anew every epoch.
+
+    rows: the rows of every batch to expand and return (this process's share of the global batch, see
+    sharding.process_rows; None: all). The iterator's state counts the records of whole batches, so it is
+    the same on every process (process 0 saves it)."""
     dataset = grain.MapDataset.source(source)
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
-    dataset = dataset.repeat(num_epochs).map(DenseLabels(length))
-    return iter(dataset.to_iter_dataset().batch(batch_size, drop_remainder=num_epochs is None))
+    dense = DenseLabels(length)
+    rows = range(batch_size) if rows is None else rows
+
+    def dense_rows(records):  # a last, partial batch (num_epochs set) keeps the rows it has
+        return jax.tree.map(lambda *values: np.stack(values),
+                            *[dense.map(records[row]) for row in rows if row < len(records)])
+
+    return iter(dataset.repeat(num_epochs).to_iter_dataset().batch(
+        batch_size, drop_remainder=num_epochs is None, batch_fn=dense_rows))
 
 
 def query_scores(config: ControllerConfig, params, states, features, query_index):
@@ -73,17 +87,29 @@ def pair_mask(valid, query_index):
     return (keys[None, None, :] <= query_index[None, :, None]) & valid[:, None, :] & valid[:, query_index, None]
 
 
-def controller_loss(config: ControllerConfig, params, embed, batch, query_index, positive_weight=1.0):
-    """Mean BCE over the pairs (t in query_index, i <= t) of real tokens. Returns (loss, metrics)."""
+def controller_loss(config: ControllerConfig, params, embed, batch, query_index, positive_weight=1.0, loss="bce"):
+    """The training loss over the pairs (t in query_index, i <= t) of real tokens. Returns (loss, metrics).
+
+    bce       mean binary cross-entropy of every pair (label-1 pairs weighted by positive_weight);
+    listwise  per query, the mean over its label keys of -log softmax(scores over keys i <= t): the labels
+              must outrank the rest of the history, which is what a top-m cache decides.
+    """
     x = jax.lax.stop_gradient(embed[batch["tokens"]])  # the LLM's frozen input embeddings [B,T,E]
     states, features, _ = encode_sequence(config, params, x, batch["valid"])
     logits = query_scores(config, params, states, features, query_index)  # [B,Q,T]
     targets = batch["labels"][:, query_index, :]
     mask = pair_mask(batch["valid"], query_index)
+    if loss == "listwise":
+        logp = jax.nn.log_softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+        positives = targets & mask
+        count = jnp.sum(positives, axis=-1)  # [B,Q]
+        per_query = -jnp.sum(jnp.where(positives, logp, 0.0), axis=-1) / jnp.maximum(count, 1)
+        value = jnp.sum(per_query) / jnp.maximum(jnp.sum(count > 0), 1)
+        return value, {"loss": value}
     weight = jnp.where(targets, positive_weight, 1.0) * mask
     bce = optax.sigmoid_binary_cross_entropy(logits, targets.astype(jnp.float32))
-    loss = jnp.sum(bce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-    return loss, {"loss": loss}
+    value = jnp.sum(bce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    return value, {"loss": value}
 
 
 def sample_queries(key, length: int, count: int):
@@ -92,12 +118,13 @@ def sample_queries(key, length: int, count: int):
     return jnp.sort(jax.random.choice(key, length, (count,), replace=False))
 
 
-def make_train_step(config: ControllerConfig, optimizer, queries: int, positive_weight: float, seed: int):
+def make_train_step(config: ControllerConfig, optimizer, queries: int, positive_weight: float, seed: int,
+                    loss: str = "bce"):
     def train_step(state, embed, batch, step):
         query_index = sample_queries(jax.random.fold_in(jax.random.key(seed), step), batch["tokens"].shape[1],
                                      queries)
         grad_fn = jax.value_and_grad(controller_loss, argnums=1, has_aux=True)
-        (_, metrics), grads = grad_fn(config, state["params"], embed, batch, query_index, positive_weight)
+        (_, metrics), grads = grad_fn(config, state["params"], embed, batch, query_index, positive_weight, loss)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -124,17 +151,36 @@ def eval_counts(config: ControllerConfig, params, embed, batch, cache_sizes):
         recent.append(jnp.sum(labels & allowed & in_window[None], axis=-1))
     predicted = allowed & (logits > 0)
     return {
-        "hits": jnp.stack(hits, -1), "recency_hits": jnp.stack(recent, -1),
+        "logits": logits, "hits": jnp.stack(hits, -1), "recency_hits": jnp.stack(recent, -1),
         "labels": jnp.sum(labels & allowed, -1),
         "bce_sum": jnp.sum(jnp.where(allowed, bce, 0.0), -1), "pairs": jnp.sum(allowed, -1),
         "true_positive": jnp.sum(predicted & labels, -1), "predicted": jnp.sum(predicted, -1),
     }
 
 
+def release_recall(logits, labels, length: int, cache_size: int):
+    """Recall under release history: a cache of m that takes every token and, once full, releases for
+    good the lowest-scored one for the current query (what a decode loop does, one token per step).
+
+    logits, labels: [T, T] of one row; length: its real tokens. Returns [length] float: the fraction of
+    query t's labels still kept, NaN where t < m (nothing released yet) or t has no label.
+    """
+    kept = np.zeros(0, np.int64)
+    out = np.full(length, np.nan)
+    for t in range(length):
+        kept = np.append(kept, t)
+        if len(kept) > cache_size:
+            kept = np.delete(kept, np.argmin(logits[t, kept]))
+        wanted = labels[t, :t + 1].sum()
+        if t >= cache_size and wanted:
+            out[t] = labels[t, kept].sum() / wanted
+    return out
+
+
 def evaluate(eval_fn, params, embed, batches, cache_sizes, top_k):
     """Aggregate held-out metrics over batches (see the module doc)."""
     sums = {}
-    recall = {name: {m: [] for m in cache_sizes} for name in ("controller", "recency", "h2o")}
+    recall = {name: {m: [] for m in cache_sizes} for name in ("controller", "recency", "h2o", "release")}
     precision = {m: [] for m in cache_sizes}
     for batch in batches:
         counts = jax.device_get(eval_fn(params, embed, {k: batch[k] for k in ("tokens", "valid", "labels")}))
@@ -148,6 +194,9 @@ def evaluate(eval_fn, params, embed, batches, cache_sizes, top_k):
             recall["recency"][m].append((counts["recency_hits"][..., j] / n)[use])
             recall["h2o"][m].append((batch["h2o_hits"][..., j] / n)[use])
             precision[m].append((counts["hits"][..., j] / m)[use])
+            for b, length in enumerate(batch["valid"].sum(axis=1)):
+                history = release_recall(counts["logits"][b], batch["labels"][b], int(length), m)
+                recall["release"][m].append(history[~np.isnan(history)])
     metrics = {
         "eval_loss": sums["bce_sum"] / max(sums["pairs"], 1),
         "eval_precision@0.5": sums["true_positive"] / max(sums["predicted"], 1),
@@ -202,7 +251,8 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
     state = jax.device_put(state, state_shardings)
     embed = sharding.shard_tree({"embed": embed}, mesh, sharding.LLM_RULES)["embed"]
 
-    iterator = label_iterator(train_source, length, config.batch_size, config.seed)
+    iterator = label_iterator(train_source, length, config.batch_size, config.seed,
+                              rows=sharding.process_rows(mesh, config.batch_size))
     checkpoints = Checkpoints(os.path.join(run_dir, "checkpoints"), config.max_to_keep, config.checkpoint_every)
     start = 0
     if checkpoints.latest_step() is not None:
@@ -212,8 +262,13 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
     record_config(config, run_dir, resumed=bool(start))
 
     step_fn = jax.jit(make_train_step(ccfg, optimizer, config.queries_per_sequence, config.positive_weight,
-                                      config.seed), out_shardings=(state_shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(lambda p, e, b: eval_counts(ccfg, p, e, b, cache_sizes))
+                                      config.seed, config.loss), out_shardings=(state_shardings, None), donate_argnums=0)
+    counts_fn = jax.jit(lambda p, e, b: eval_counts(ccfg, p, e, b, cache_sizes),
+                        out_shardings=sharding.replicated(mesh))
+
+    def eval_fn(params, embed, batch):  # every process evaluates every held-out row
+        return counts_fn(params, embed, sharding.replicate(batch, mesh))
+
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), config.steps, start, desc="controller")
 
     def run_eval(step, state):
@@ -222,7 +277,8 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
         return log.log(step, **metrics)
 
     def train_step(state, batch, step):
-        device_batch = sharding.shard_batch({k: batch[k] for k in ("tokens", "valid", "labels")}, mesh)
+        device_batch = sharding.put_process_batch({k: batch[k] for k in ("tokens", "valid", "labels")}, mesh,
+                                                  config.batch_size)
         return step_fn(state, embed, device_batch, jnp.asarray(step, jnp.int32))
 
     state, final = run_steps(state, iterator, train_step, first_step=start, total_steps=config.steps, log=log,
@@ -232,7 +288,7 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
     if "stopped_at" in final:
         return final
     export_dir = config.export_dir or os.path.join(run_dir, "controller")
-    save_controller(export_dir, ccfg, jax.device_get(state["params"]))
+    save_controller(export_dir, ccfg, sharding.host_tree(state["params"]))
     if jax.process_index() == 0:
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
         plot_metrics(metrics_path, os.path.join(run_dir, "loss.png"), ["loss", "eval_loss", "grad_norm"])

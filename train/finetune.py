@@ -128,7 +128,9 @@ def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
                              meta=lambda step: {"step": step}, stop_after=stop_after)
     if "stopped_at" in final:
         return final
-    return {**final, **export(config, run_dir, jax.device_get(state["params"]), frozen, scale, model, final)}
+    trained = sharding.host_tree(state["params"])  # every process joins the gather, process 0 writes
+    frozen = sharding.host_tree(frozen) if scale is not None and config.export_merged else None
+    return {**final, **export(config, run_dir, trained, frozen, scale, model, final)}
 
 
 def export(config: FinetuneConfig, run_dir: str, trained, frozen, scale, model, final: dict) -> dict:
@@ -141,7 +143,7 @@ def export(config: FinetuneConfig, run_dir: str, trained, frozen, scale, model, 
         paths["adapter_dir"] = save_adapter(config.adapter_dir or os.path.join(run_dir, "adapter"), trained,
                                             base=config.model, alpha=config.lora.alpha)
     if scale is None or config.export_merged:
-        merged = trained if scale is None else lora_lib.merge_lora(jax.device_get(frozen), trained, scale)
+        merged = trained if scale is None else lora_lib.merge_lora(frozen, trained, scale)
         paths["export_dir"] = lora_lib.export_hf(config.export_dir or os.path.join(run_dir, "model"), merged,
                                                  model.config, model.tokenizer)
     plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"),

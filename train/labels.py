@@ -7,8 +7,13 @@ A jit-compiled full-attention pass aggregates the attention of every layer and h
   union  every key in the top-K of at least one (layer, head): may be more than K keys.
 Queries with fewer than K predecessors label all of them. With a horizon H > 0 the labels mark
 future need instead (FINDINGS.md: release is permanent, so the current query's top-K is a myopic
-target): key i is a label of query t if it is in the top-K set of any query in [t, t + H], i <= t
-(near the end of a row the window is cut at the last query). The same pass records, for the
+target), in one of three forms (`future_need`), always over keys i <= t, the window cut at the
+row's last query:
+  union       key i is a label of query t if it is in the top-K set of any query in [t, t + H]
+              (may be far more than K keys);
+  max         the top-K keys of max over t' in [t, t + H] of the statistic at (t', i): exactly
+              the ranking of FINDINGS.md's perfect future-need scorer, K keys per query;
+  discounted  the top-K keys of sum over t' >= t of exp(-(t' - t) / H) times the statistic at (t', i). The same pass records, for the
 evaluation, how many label keys an H2O-style cache of size m would keep: its score is the
 accumulated mean attention sum_{s<=t} A[s, i] (computed here from full attention, so it is an
 optimistic H2O that never lost a token it later wanted).
@@ -27,6 +32,7 @@ import numpy as np
 from adore_jax.train.forward import attention_mask, causal_attention, forward_hidden
 
 AGGREGATIONS = ("mean", "max", "union")
+FUTURE_NEEDS = ("union", "max", "discounted")
 
 
 def _label_attention(q, k, v, *, valid, top_k, aggregation):
@@ -46,7 +52,7 @@ def _kth_largest(x, k):
     return jax.lax.top_k(x, min(k, x.shape[-1]))[0][..., -1]
 
 
-def future_need(labels, allowed, horizon: int):
+def union_over_horizon(labels, allowed, horizon: int):
     """labels [B,T,T] bool (query t, key i) -> key i is a label of some query in [t, t + horizon], masked
     by allowed [B,T,T] (i <= t, real tokens)."""
     if horizon == 0:
@@ -56,16 +62,54 @@ def future_need(labels, allowed, horizon: int):
     return allowed & (later > beyond)
 
 
+def window_max(values, horizon: int):
+    """[..., T, T] (query t, key i) -> max over queries t' in [t, t + horizon] (cut at the last query)."""
+    out, span = values, 1  # out[t] = max over queries [t, t + span - 1]
+
+    def shifted(x, by):  # row t holds row t + by (-inf past the last query)
+        by = min(by, x.shape[-2])
+        pad = [(0, 0)] * (x.ndim - 2) + [(0, by), (0, 0)]
+        return jnp.pad(x[..., by:, :], pad, constant_values=-jnp.inf)
+
+    while 2 * span <= horizon + 1:
+        out, span = jnp.maximum(out, shifted(out, span)), 2 * span
+    rest = horizon + 1 - span  # two windows of `span` queries, `rest` apart, cover [t, t + horizon]
+    return jnp.maximum(out, shifted(out, rest)) if rest else out
+
+
+def discounted_future(values, horizon: int):
+    """[B, T, T] (query t, key i) -> sum over queries t' >= t of exp(-(t' - t) / horizon) values[t']."""
+    decay = np.exp(-1.0 / horizon)
+
+    def step(later, row):  # later: the sum from query t + 1 on
+        total = row + decay * later
+        return total, total
+
+    _, out = jax.lax.scan(step, jnp.zeros_like(values[:, 0]), values.transpose(1, 0, 2), reverse=True)
+    return out.transpose(1, 0, 2)
+
+
+def top_k_mask(stat, allowed, top_k: int):
+    """[B,T,T] statistic -> bool: per query, the top_k allowed keys (every allowed key when fewer)."""
+    stat = jnp.where(allowed, stat, -1.0)
+    return allowed & (stat >= _kth_largest(stat, top_k)[..., None])
+
+
 def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = "mean",
-               cache_sizes: tuple = (), horizon: int = 0):
+               cache_sizes: tuple = (), horizon: int = 0, future_need: str = "union"):
     """tokens [B,T] int32, valid [B,T] bool (real tokens first, padding after).
 
-    Returns (labels [B,T,T] bool: key i is in query t's top-K set, or with horizon H > 0 in the
-    top-K set of a query in [t, t + H]; h2o_hits [B,T,len(cache_sizes)] int32: label keys inside
-    the top-m of accumulated attention, per cache size m).
+    Returns (labels [B,T,T] bool: key i is in query t's top-K set, or with horizon H > 0 a future-need
+    label of the `future_need` form (module doc); h2o_hits [B,T,len(cache_sizes)] int32: label keys
+    inside the top-m of accumulated attention, per cache size m).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {aggregation!r}")
+    if future_need not in FUTURE_NEEDS:
+        raise ValueError(f"future_need must be one of {FUTURE_NEEDS}; got {future_need!r}")
+    if future_need != "union" and aggregation == "union":
+        raise ValueError(f"future_need={future_need!r} ranks a statistic: it needs aggregation 'mean' or 'max', "
+                         "not 'union'")
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
@@ -76,12 +120,17 @@ def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = 
     allowed = attention_mask(length, valid.astype(jnp.int32)) & valid[:, None, :]  # [B,T,T]
     mean = sum(s.astype(jnp.float32) for s in stats) / len(stats) if aggregation != "union" else None
     if aggregation == "union":
-        labels = allowed & jnp.any(jnp.stack(stats), axis=0)
+        labels = union_over_horizon(allowed & jnp.any(jnp.stack(stats), axis=0), allowed, horizon)
     else:
         stat = mean if aggregation == "mean" else jnp.max(jnp.stack(stats), axis=0)
-        stat = jnp.where(allowed, stat, -1.0)
-        labels = allowed & (stat >= _kth_largest(stat, top_k)[..., None])
-    labels = future_need(labels, allowed, horizon)
+        real_queries = valid[:, :, None]  # padding queries never count as future need
+        if horizon and future_need == "max":
+            stat = window_max(jnp.where(real_queries, stat, -1.0), horizon)
+        elif horizon and future_need == "discounted":
+            stat = discounted_future(jnp.where(real_queries, stat, 0.0), horizon)
+        labels = top_k_mask(stat, allowed, top_k)
+        if future_need == "union":
+            labels = union_over_horizon(labels, allowed, horizon)
     hits = []
     if cache_sizes:
         if mean is None:  # union: the accumulated-attention baseline still needs mean attention
@@ -105,7 +154,8 @@ def _mean_attention(params, config, tokens, valid):
     return sum(stats) / len(stats)
 
 
-label_pass_jit = jax.jit(label_pass, static_argnames=("config", "top_k", "aggregation", "cache_sizes", "horizon"))
+label_pass_jit = jax.jit(label_pass, static_argnames=("config", "top_k", "aggregation", "cache_sizes", "horizon",
+                                                     "future_need"))
 
 
 def mask_to_csr(mask):
@@ -173,7 +223,7 @@ class LabelSource:
 
 
 def label_sequences(params, config, rows, *, top_k, aggregation="mean", cache_sizes=(), batch_size=1,
-                    progress=None, horizon=0):
+                    progress=None, horizon=0, future_need="union"):
     """Label token rows (each a 1-D int32 array of one document, length <= T, padded to T here).
 
     rows: an iterable of arrays that all share the padded length T = len(row) of the first.
@@ -189,7 +239,8 @@ def label_sequences(params, config, rows, *, top_k, aggregation="mean", cache_si
             tokens[b, :length] = row[:length]
             valid[b, :length] = True
         labels, hits = label_pass_jit(params, config, jnp.asarray(tokens), jnp.asarray(valid), top_k=top_k,
-                                      aggregation=aggregation, cache_sizes=tuple(cache_sizes), horizon=horizon)
+                                      aggregation=aggregation, cache_sizes=tuple(cache_sizes), horizon=horizon,
+                                      future_need=future_need)
         labels, hits = np.asarray(labels), np.asarray(hits)
         out = []
         for b, length in enumerate(lengths):
@@ -266,6 +317,11 @@ def run_labels(config, model=None) -> dict:
         raise ValueError(f"top_k={config.top_k} must be between 1 and the sequence length {data.seq_len}")
     if not 0 <= config.horizon < data.seq_len:
         raise ValueError(f"horizon={config.horizon} must be in [0, seq_len={data.seq_len})")
+    if config.future_need not in FUTURE_NEEDS:
+        raise ValueError(f"future_need must be one of {FUTURE_NEEDS}; got {config.future_need!r}")
+    if config.future_need != "union" and config.aggregation == "union":
+        raise ValueError(f"future_need={config.future_need!r} ranks a statistic: it needs aggregation 'mean' or "
+                         "'max', not 'union'")
     if data.min_tokens > data.seq_len:
         raise ValueError(f"data.min_tokens={data.min_tokens} is larger than data.seq_len={data.seq_len}")
     cache_sizes = tuple(int(config.top_k * multiple) for multiple in config.eval_cache_multiples)
@@ -281,14 +337,15 @@ def run_labels(config, model=None) -> dict:
         with tqdm(total=count or None, desc=f"labels {split}", dynamic_ncols=True) as progress:
             records = label_sequences(model.params, model.config, rows, top_k=config.top_k,
                                       aggregation=config.aggregation, cache_sizes=cache_sizes,
-                                      batch_size=config.batch_size, progress=progress, horizon=config.horizon)
+                                      batch_size=config.batch_size, progress=progress, horizon=config.horizon,
+                                      future_need=config.future_need)
             path = os.path.join(run_dir, f"{split}.array_record")
             counts[split] = write_records(path, records)
         if counts[split] == 0:
             raise ValueError(f"dataset {data.dataset!r} split {split!r} gave no rows of at least "
                              f"{data.min_tokens} tokens: the dataset is empty")
     meta = {"model": config.model, "dataset": data.dataset, "seq_len": data.seq_len, "top_k": config.top_k,
-            "horizon": config.horizon, "aggregation": config.aggregation, "cache_sizes": list(cache_sizes), "sequences": counts,
+            "horizon": config.horizon, "future_need": config.future_need, "aggregation": config.aggregation, "cache_sizes": list(cache_sizes), "sequences": counts,
             "embed_shape": list(model.params["embed"].shape), "wall_s": round(time.time() - start, 1)}
     write_meta(run_dir, meta)
     return meta

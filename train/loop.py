@@ -235,7 +235,8 @@ def run_steps(state, iterator, step_fn, *, first_step: int, total_steps: int, lo
 
     step_fn(state, batch, step) -> (state, metrics); evaluate(step, state) -> metrics (logged).
     Each step: train, log every `log_every` (with the learning rate and a digest of the batch's
-    tokens, so a resumed run can be compared step by step), evaluate every `eval_every`, and hand
+    tokens, so a resumed run can be compared step by step: of process 0's rows when each process loads
+    only its own), evaluate every `eval_every`, and hand
     the checkpoint manager the state with the iterator's state and `meta(step)` (the last step is
     always saved). stop_after: end right after that step and its checkpoint, as if killed.
     """
@@ -297,11 +298,14 @@ def plot_metrics(metrics_path: str, out_path: str, keys) -> str:
 
 def record_config(config, run_dir: str, resumed: bool) -> None:
     """Write the run's config.yaml once its checkpoint (if any) has been restored, so a resume that fails
-    (another model shape) leaves the recorded config alone; warn when a resume changes settings."""
+    (another model shape) leaves the recorded config alone; warn when a resume changes settings.
+    Process 0 alone reads and writes it (another process could read it half-written)."""
     import warnings
 
     from adore_jax.configfile import read_yaml, save_config, to_dict
 
+    if jax.process_index() != 0:
+        return
     path = os.path.join(run_dir, "config.yaml")
     if resumed and os.path.isfile(path):
         old, new = read_yaml(path), to_dict(config)

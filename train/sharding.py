@@ -3,17 +3,22 @@
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
     params = shard_tree(params, mesh, LLM_RULES)        # params and optimiser state by the rules
     batch = shard_batch(batch, mesh)                    # leading (batch) axis over data x fsdp
+    batch = put_process_batch(rows, mesh, batch_size)   # multi-host: each process loads process_rows() only
 
 A rule is (regex over the leaf's path "layers/3/wq", per-dimension mesh axes). The first rule whose
 regex matches a leaf's path decides its PartitionSpec; a dimension that the axis size does not
 divide stays unsharded there, and leaves no rule matches are replicated. The optimiser state's
 paths end in the parameter paths (".../mu/layers/3/wq"), so the same rules shard it.
 The batch is split over both data and fsdp (FSDP is data parallelism with sharded weights).
+Several processes (a TPU pod slice, or CPU processes with gloo) run the same program on one mesh over
+all their devices (initialize_distributed first); each feeds the rows of the global batch that its
+own devices hold, and host_tree brings sharded results back to every process.
 """
 import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -34,12 +39,13 @@ LLM_RULES = (
 
 
 def initialize_distributed(mesh_config) -> None:
-    """jax.distributed.initialize for multi-host runs (a no-op unless mesh.distributed is set).
+    """jax.distributed.initialize for multi-host runs (a no-op unless mesh.distributed is set, and once
+    done: a process may run several trainings).
 
     On TPU pods and SLURM every argument is detected; elsewhere give the coordinator address,
     the process count and this process's id in the config (or the JAX_COORDINATOR_ADDRESS, ...
     environment variables that jax reads)."""
-    if not mesh_config.distributed:
+    if not mesh_config.distributed or jax.distributed.is_initialized():
         return
     jax.config.update("jax_cpu_collectives_implementation", mesh_config.cpu_collectives)  # before any backend
     kwargs = {k: v for k, v in dict(coordinator_address=mesh_config.coordinator_address,
@@ -94,18 +100,51 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def shard_batch(batch, mesh: Mesh):
-    """Place host arrays [B, ...] with B split over data x fsdp (B must divide evenly).
+def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+    """The rows of a global batch of `batch_size` that this process's devices hold (sorted): all of them
+    on one process, its own share when several processes feed one mesh."""
+    check_batch_size(mesh, batch_size)
+    slices = batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,)).values()
+    return np.unique(np.concatenate([np.arange(batch_size)[index] for index in slices]))
 
-    Single-host: device_put. Multi-host: every process passes the same global batch and keeps
-    its addressable shards (simple and deterministic; a per-host loader is the scalable path)."""
+
+def check_batch_size(mesh: Mesh, batch_size: int) -> None:
+    size = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % size:
+        raise ValueError(f"batch size {batch_size} must be a multiple of data x fsdp = {size}")
+
+
+def put_process_batch(batch, mesh: Mesh, batch_size: int):
+    """The global batch [batch_size, ...] as arrays split over data x fsdp, from this process's rows of it
+    (host arrays [len(process_rows(mesh, batch_size)), ...], in that order)."""
+    check_batch_size(mesh, batch_size)
+
     def put(x):
         x = np.asarray(x)
-        size = mesh.shape["data"] * mesh.shape["fsdp"]
-        if x.shape[0] % size:
-            raise ValueError(f"batch size {x.shape[0]} must be a multiple of data x fsdp = {size}")
-        sharding = batch_sharding(mesh, x.ndim)
-        if jax.process_count() == 1:
-            return jax.device_put(x, sharding)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, (batch_size, *x.shape[1:]))
     return jax.tree.map(put, batch)
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Place host arrays [B, ...] with B split over data x fsdp (B must divide evenly); every process
+    passes the same global batch and keeps its rows (put_process_batch when each loads only its own)."""
+    size = len(jax.tree.leaves(batch)[0])
+    rows = process_rows(mesh, size)
+    return put_process_batch(jax.tree.map(lambda x: np.asarray(x)[rows], batch), mesh, size)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def replicate(tree, mesh: Mesh):
+    """Host arrays, the same on every process, as arrays replicated over the whole mesh."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        replicated(mesh), np.asarray(x), np.shape(x)), tree)
+
+
+def host_tree(tree):
+    """Every leaf's whole value as a numpy array, on every process (all processes must call it)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)

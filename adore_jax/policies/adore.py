@@ -9,6 +9,11 @@ cache keeps the m best of cache ∪ current token ∪ the admitted rebuilt token
 them by default (ADORE.md 4), none with `rebuild_into_cache=False` (the rebuilt rows serve their
 step only), or conservatively: those whose score beats the weakest cached token's by
 `admission_margin`, at most `max_admissions` per step. Rebuilt rows not admitted are freed.
+
+With `attention_weight` beta > 0 a cached token's score adds beta * log(attention mass the block's
+last query gave it) (TOVA's statistic, summed over layers and heads; beyond the paper): the
+controller predicts what the text will need, the attention says what the model uses now. Rebuild
+candidates have no current attention and are ranked by the controller alone.
 """
 import dataclasses
 from typing import Optional
@@ -18,6 +23,8 @@ import jax.numpy as jnp
 
 from adore_jax import controller as ctrl
 from adore_jax.policies.base import BoundedPolicy, PolicyState, rows
+
+MASS_FLOOR = 1e-6  # log(mass + floor): a slot the query ignored gets a finite score
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +47,11 @@ class Adore(BoundedPolicy):
     rebuild_into_cache: bool = True  # rebuilt tokens compete for the m slots (ADORE.md 4); False: one step only
     admission_margin: Optional[float] = None  # a rebuilt token stays only if it outscores the weakest cached by this
     max_admissions: Optional[int] = None  # at most this many rebuilt tokens stay per step (the best scored)
+    attention_weight: float = 0.0  # beta: a cached token's score adds beta * log(its latest attention mass)
+
+    @property
+    def needs_mass(self) -> bool:
+        return self.attention_weight != 0
 
     @property
     def label(self) -> str:
@@ -65,6 +77,8 @@ class Adore(BoundedPolicy):
                              f"rebuild_into_cache={self.rebuild_into_cache}")
         if self.max_admissions is not None and not 0 <= self.max_admissions <= self.rebuild:
             raise ValueError(f"max_admissions must be in [0, rebuild={self.rebuild}]; got {self.max_admissions}")
+        if not self.attention_weight >= 0:
+            raise ValueError(f"attention_weight must be >= 0; got {self.attention_weight}")
         if self.admission_margin is not None and not self.admission_margin >= 0:
             raise ValueError(f"admission_margin must be >= 0; got {self.admission_margin}")
 
@@ -106,8 +120,17 @@ class Adore(BoundedPolicy):
                             query_position, ctx.table)
         return jnp.where(jnp.arange(n)[None, :] <= query_position[:, None], scores, -jnp.inf)
 
+    def update_state(self, ps, block, mass, last_row):
+        """With attention_weight: keep the attention mass [B, S] the block's last valid query gave each slot."""
+        if not self.needs_mass:
+            return ps
+        return dataclasses.replace(ps, mass=jnp.take_along_axis(mass, last_row[:, None, None], axis=1)[:, 0])
+
     def slot_scores(self, cache, ps, token_scores):
-        return jnp.take_along_axis(token_scores, cache.slot_positions, axis=1)
+        scores = jnp.take_along_axis(token_scores, cache.slot_positions, axis=1)
+        if not self.needs_mass or ps is None:  # ps None: comparing with rebuild candidates (controller only)
+            return scores
+        return scores + self.attention_weight * jnp.log(ps.mass + MASS_FLOOR)
 
     def rebuild_choice(self, cache, token_scores, position):
         """The R released tokens to rebuild for the query at position [B].
