@@ -357,3 +357,25 @@ def test_controller_for_another_model_is_refused(tiny_model, tmp_path):
     loaded_config, loaded = ctrl.load_controller(str(tmp_path / "good"), tiny_model.config.hidden_size)
     assert loaded_config == good
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_rebuild_max_distance_keeps_candidates_within_reach(tiny_model, sequences):
+    """The boosted token sits 8 back: rebuilt without a cap, never with rebuild_max_distance=7."""
+    scores = -np.arange(64, dtype=np.float32)
+    scores[8] = 100.0
+    controller = distance_controller(tiny_model.config.hidden_size, scores)
+
+    def rebuilt_distances(**options):
+        policy = adore_jax.make_policy("adore", cache_size=4, rebuild=2, **options)
+        session = adore_jax.DecodeSession(tiny_model, [sequences[0, :PROMPT].tolist()], 12, policy, controller=controller)
+        session.prefill()
+        session.start([int(sequences[0, PROMPT])])
+        picks = np.asarray(session.decode(12).rebuilt[0])  # [T, R] positions, -1: none
+        steps = PROMPT + np.arange(len(picks))[:, None]
+        return (steps - picks)[picks >= 0]
+
+    assert 8 in rebuilt_distances()
+    capped = rebuilt_distances(rebuild_max_distance=7)
+    assert capped.size and capped.max() <= 7
+    with pytest.raises(ValueError, match="rebuild_max_distance must be >= 1 and needs rebuild"):
+        adore_jax.make_policy("adore", cache_size=4, rebuild=0, rebuild_max_distance=4).validate(64)

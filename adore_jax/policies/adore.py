@@ -48,6 +48,7 @@ class Adore(BoundedPolicy):
     admission_margin: Optional[float] = None  # a rebuilt token stays only if it outscores the weakest cached by this
     max_admissions: Optional[int] = None  # at most this many rebuilt tokens stay per step (the best scored)
     attention_weight: float = 0.0  # beta: a cached token's score adds beta * log(its latest attention mass)
+    rebuild_max_distance: Optional[int] = None  # only released tokens at most this far back may be rebuilt
 
     @property
     def needs_mass(self) -> bool:
@@ -77,6 +78,9 @@ class Adore(BoundedPolicy):
                              f"rebuild_into_cache={self.rebuild_into_cache}")
         if self.max_admissions is not None and not 0 <= self.max_admissions <= self.rebuild:
             raise ValueError(f"max_admissions must be in [0, rebuild={self.rebuild}]; got {self.max_admissions}")
+        if self.rebuild_max_distance is not None and (not self.rebuild or self.rebuild_max_distance < 1):
+            raise ValueError(f"rebuild_max_distance must be >= 1 and needs rebuild (R) >= 1; got "
+                             f"{self.rebuild_max_distance} with R={self.rebuild}")
         if not self.attention_weight >= 0:
             raise ValueError(f"attention_weight must be >= 0; got {self.attention_weight}")
         if self.admission_margin is not None and not self.admission_margin >= 0:
@@ -136,12 +140,14 @@ class Adore(BoundedPolicy):
         """The R released tokens to rebuild for the query at position [B].
 
         Returns (picked [B, R] int32 positions, wanted [B, R] bool). A pick is wanted when it exists
-        (fewer than R tokens may be released) and, with adaptive_rebuild, when it outscores the weakest
-        cached token.
+        (fewer than R tokens may be released, or within rebuild_max_distance) and, with adaptive_rebuild,
+        when it outscores the weakest cached token.
         """
         batch, n = token_scores.shape
         in_cache = jnp.zeros((batch, n), bool).at[rows(batch), cache.slot_positions].max(cache.slot_valid)
         released = (jnp.arange(n)[None, :] < position[:, None]) & ~in_cache
+        if self.rebuild_max_distance is not None:  # the range the controller was trained on
+            released &= jnp.arange(n)[None, :] >= position[:, None] - self.rebuild_max_distance
         picked_scores, picked = jax.lax.top_k(jnp.where(released, token_scores, -jnp.inf), self.rebuild)
         wanted = picked_scores > -jnp.inf
         if self.adaptive_rebuild:
