@@ -367,7 +367,8 @@ def test_rebuild_max_distance_keeps_candidates_within_reach(tiny_model, sequence
 
     def rebuilt_distances(**options):
         policy = adore_jax.make_policy("adore", cache_size=4, rebuild=2, **options)
-        session = adore_jax.DecodeSession(tiny_model, [sequences[0, :PROMPT].tolist()], 12, policy, controller=controller)
+        prompt = [sequences[0, :PROMPT].tolist()]
+        session = adore_jax.DecodeSession(tiny_model, prompt, 12, policy, controller=controller)
         session.prefill()
         session.start([int(sequences[0, PROMPT])])
         picks = np.asarray(session.decode(12).rebuilt[0])  # [T, R] positions, -1: none

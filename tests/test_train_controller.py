@@ -159,8 +159,8 @@ def test_listwise_loss_is_the_mean_negative_log_softmax_of_each_querys_labels():
 
 def test_listwise_run_learns_and_bad_loss_is_refused(tmp_path, tiny_labels):
     run_dir = tmp_path / "listwise"
-    summary = train_controller(_config(run_dir, tiny_labels, "loss=listwise", "steps=24", "controller.score_form=static"),
-                               model_params=tiny_model().params)
+    run_config = _config(run_dir, tiny_labels, "loss=listwise", "steps=24", "controller.score_form=static")
+    summary = train_controller(run_config, model_params=tiny_model().params)
     config, _ = load_controller(os.path.join(run_dir, "controller"), tiny_model().config.hidden_size)
     untrained = _held_out_recall((config, init_controller(config, jax.random.key(0))), tiny_labels, 16)
     print("listwise", summary["eval_recall_controller@m=4K"], "untrained", untrained)

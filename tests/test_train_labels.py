@@ -59,14 +59,19 @@ def brute_force_labels(probs, top_k, aggregation):
     return mask
 
 
+def padded_batch(seed, valid_length, length=24):
+    """Two random rows [2, length]: the first padded after valid_length tokens, the second full."""
+    tokens = np.zeros((2, length), np.int32)
+    tokens[:, :valid_length] = np.random.default_rng(seed).integers(2, 258, (2, valid_length))
+    valid = np.arange(length)[None] < np.array([[valid_length], [length]])
+    return tokens, valid
+
+
 @pytest.mark.parametrize("aggregation", ["mean", "max", "union"])
 def test_labels_equal_brute_force_top_k(aggregation):
     model = tiny_model()
-    rng = np.random.default_rng(0)
     length, valid_length, top_k = 24, 20, 5
-    tokens = np.zeros((2, length), np.int32)
-    tokens[:, :valid_length] = rng.integers(2, 258, (2, valid_length))
-    valid = np.arange(length)[None] < np.array([[valid_length], [length]])
+    tokens, valid = padded_batch(0, valid_length, length)
     got, hits = labels.label_pass_jit(model.params, model.config, tokens, valid, top_k=top_k,
                                       aggregation=aggregation, cache_sizes=(5, 10))
     got = np.asarray(got)
@@ -85,11 +90,8 @@ def test_labels_equal_brute_force_top_k(aggregation):
 def test_future_need_labels_equal_brute_force(horizon):
     """Key i is a future-need label of query t iff it is in the top-K set of some query in [t, t + H]."""
     model = tiny_model()
-    rng = np.random.default_rng(2)
     length, valid_length, top_k = 24, 19, 3
-    tokens = np.zeros((2, length), np.int32)
-    tokens[:, :valid_length] = rng.integers(2, 258, (2, valid_length))
-    valid = np.arange(length)[None] < np.array([[valid_length], [length]])
+    tokens, valid = padded_batch(2, valid_length, length)
     got, _ = labels.label_pass_jit(model.params, model.config, tokens, valid, top_k=top_k, horizon=horizon)
     got = np.asarray(got)
     for b, n in enumerate((valid_length, length)):
@@ -127,11 +129,8 @@ def brute_force_future_statistic(stat, horizon, form):
 def test_ranked_future_need_labels_equal_brute_force(form, horizon):
     """future_need max / discounted: each query's top-K keys of the future statistic, exactly K of them."""
     model = tiny_model()
-    rng = np.random.default_rng(3)
     length, valid_length, top_k = 24, 19, 3
-    tokens = np.zeros((2, length), np.int32)
-    tokens[:, :valid_length] = rng.integers(2, 258, (2, valid_length))
-    valid = np.arange(length)[None] < np.array([[valid_length], [length]])
+    tokens, valid = padded_batch(3, valid_length, length)
     got, _ = labels.label_pass_jit(model.params, model.config, tokens, valid, top_k=top_k, horizon=horizon,
                                    future_need=form)
     got = np.asarray(got)

@@ -262,7 +262,8 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
     record_config(config, run_dir, resumed=bool(start))
 
     step_fn = jax.jit(make_train_step(ccfg, optimizer, config.queries_per_sequence, config.positive_weight,
-                                      config.seed, config.loss), out_shardings=(state_shardings, None), donate_argnums=0)
+                                      config.seed, config.loss),
+                      out_shardings=(state_shardings, None), donate_argnums=0)
     counts_fn = jax.jit(lambda p, e, b: eval_counts(ccfg, p, e, b, cache_sizes),
                         out_shardings=sharding.replicated(mesh))
 

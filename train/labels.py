@@ -13,8 +13,8 @@ row's last query:
               (may be far more than K keys);
   max         the top-K keys of max over t' in [t, t + H] of the statistic at (t', i): exactly
               the ranking of FINDINGS.md's perfect future-need scorer, K keys per query;
-  discounted  the top-K keys of sum over t' >= t of exp(-(t' - t) / H) times the statistic at (t', i). The same pass records, for the
-evaluation, how many label keys an H2O-style cache of size m would keep: its score is the
+  discounted  the top-K keys of sum over t' >= t of exp(-(t' - t) / H) times the statistic at (t', i).
+The same pass records, for the evaluation, how many label keys an H2O-style cache of size m would keep: its score is the
 accumulated mean attention sum_{s<=t} A[s, i] (computed here from full attention, so it is an
 optimistic H2O that never lost a token it later wanted).
 
@@ -95,6 +95,17 @@ def top_k_mask(stat, allowed, top_k: int):
     return allowed & (stat >= _kth_largest(stat, top_k)[..., None])
 
 
+def check_target(aggregation: str, future_need: str) -> None:
+    """The label target's options: named errors for unknown ones and for a ranked future need of a union."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {aggregation!r}")
+    if future_need not in FUTURE_NEEDS:
+        raise ValueError(f"future_need must be one of {FUTURE_NEEDS}; got {future_need!r}")
+    if future_need != "union" and aggregation == "union":
+        raise ValueError(f"future_need={future_need!r} ranks a statistic: it needs aggregation 'mean' or 'max', "
+                         "not 'union'")
+
+
 def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = "mean",
                cache_sizes: tuple = (), horizon: int = 0, future_need: str = "union"):
     """tokens [B,T] int32, valid [B,T] bool (real tokens first, padding after).
@@ -103,13 +114,7 @@ def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = 
     label of the `future_need` form (module doc); h2o_hits [B,T,len(cache_sizes)] int32: label keys
     inside the top-m of accumulated attention, per cache size m).
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {aggregation!r}")
-    if future_need not in FUTURE_NEEDS:
-        raise ValueError(f"future_need must be one of {FUTURE_NEEDS}; got {future_need!r}")
-    if future_need != "union" and aggregation == "union":
-        raise ValueError(f"future_need={future_need!r} ranks a statistic: it needs aggregation 'mean' or 'max', "
-                         "not 'union'")
+    check_target(aggregation, future_need)
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
@@ -311,17 +316,11 @@ def run_labels(config, model=None) -> dict:
     from adore_jax.train.config import save_config
 
     data = config.data
-    if config.aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {config.aggregation!r}")
+    check_target(config.aggregation, config.future_need)
     if config.top_k < 1 or config.top_k > data.seq_len:
         raise ValueError(f"top_k={config.top_k} must be between 1 and the sequence length {data.seq_len}")
     if not 0 <= config.horizon < data.seq_len:
         raise ValueError(f"horizon={config.horizon} must be in [0, seq_len={data.seq_len})")
-    if config.future_need not in FUTURE_NEEDS:
-        raise ValueError(f"future_need must be one of {FUTURE_NEEDS}; got {config.future_need!r}")
-    if config.future_need != "union" and config.aggregation == "union":
-        raise ValueError(f"future_need={config.future_need!r} ranks a statistic: it needs aggregation 'mean' or "
-                         "'max', not 'union'")
     if data.min_tokens > data.seq_len:
         raise ValueError(f"data.min_tokens={data.min_tokens} is larger than data.seq_len={data.seq_len}")
     cache_sizes = tuple(int(config.top_k * multiple) for multiple in config.eval_cache_multiples)
@@ -345,7 +344,8 @@ def run_labels(config, model=None) -> dict:
             raise ValueError(f"dataset {data.dataset!r} split {split!r} gave no rows of at least "
                              f"{data.min_tokens} tokens: the dataset is empty")
     meta = {"model": config.model, "dataset": data.dataset, "seq_len": data.seq_len, "top_k": config.top_k,
-            "horizon": config.horizon, "future_need": config.future_need, "aggregation": config.aggregation, "cache_sizes": list(cache_sizes), "sequences": counts,
+            "horizon": config.horizon, "future_need": config.future_need, "aggregation": config.aggregation,
+            "cache_sizes": list(cache_sizes), "sequences": counts,
             "embed_shape": list(model.params["embed"].shape), "wall_s": round(time.time() - start, 1)}
     write_meta(run_dir, meta)
     return meta
