@@ -27,6 +27,12 @@ from adore_jax.policies.base import BoundedPolicy, PolicyState, rows
 MASS_FLOOR = 1e-6  # log(mass + floor): a slot the query ignored gets a finite score
 
 
+def cached_scores(cache, token_scores):
+    """The controller's scores [B, N] of the tokens in the cache's slots: [B, S] (what rebuild candidates,
+    which have no current attention, are compared with)."""
+    return jnp.take_along_axis(token_scores, cache.slot_positions, axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class ControllerContext:
     """The controller as a compiled program sees it: its config (static), its params, the LLM's input
@@ -131,8 +137,8 @@ class Adore(BoundedPolicy):
         return dataclasses.replace(ps, mass=jnp.take_along_axis(mass, last_row[:, None, None], axis=1)[:, 0])
 
     def slot_scores(self, cache, ps, token_scores):
-        scores = jnp.take_along_axis(token_scores, cache.slot_positions, axis=1)
-        if not self.needs_mass or ps is None:  # ps None: comparing with rebuild candidates (controller only)
+        scores = cached_scores(cache, token_scores)
+        if not self.needs_mass:
             return scores
         return scores + self.attention_weight * jnp.log(ps.mass + MASS_FLOOR)
 
@@ -156,8 +162,7 @@ class Adore(BoundedPolicy):
 
     def weakest_cached(self, cache, token_scores):
         """[B, 1]: the lowest score among the cached tokens."""
-        return jnp.min(jnp.where(cache.slot_valid, self.slot_scores(cache, None, token_scores), jnp.inf),
-                       axis=1, keepdims=True)
+        return jnp.min(jnp.where(cache.slot_valid, cached_scores(cache, token_scores), jnp.inf), axis=1, keepdims=True)
 
     def admitted(self, cache, token_scores, picked, wanted):
         """Which rebuilt tokens [B, R] (picked in descending score order) may stay in the cache.
