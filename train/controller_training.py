@@ -28,6 +28,7 @@ from adore_jax.train import labels as label_io
 from adore_jax.train import sharding
 from adore_jax.train.config import ControllerTrainConfig
 from adore_jax.train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, record_config, run_steps
+from pallas_kernels import kth_largest
 
 
 class DenseLabels(grain.transforms.Map):
@@ -145,7 +146,7 @@ def eval_counts(config: ControllerConfig, params, embed, batch, cache_sizes):
     keys = jnp.arange(length)
     hits, recent = [], []
     for m in cache_sizes:
-        kth = jax.lax.top_k(masked, min(m, length))[0][..., -1]
+        kth = kth_largest(masked, m)
         hits.append(jnp.sum(labels & allowed & (masked >= kth[..., None]), axis=-1))
         in_window = keys[None, :] > keys[:, None] - m  # [T,T]
         recent.append(jnp.sum(labels & allowed & in_window[None], axis=-1))

@@ -65,7 +65,8 @@ def setup_training(config: FinetuneConfig, base_params, total_steps):
     return trainable, frozen, scale, optimizer, schedule
 
 
-def _batches(config: FinetuneConfig, tokenizer, split, num_epochs, shuffle):
+def row_batches(config: FinetuneConfig, tokenizer, split, num_epochs, shuffle):
+    """Batches of unpacked rows of config.data (one document each, cut to seq_len) from `split`."""
     from adore_jax.data import BatchConfig, batch_iterator, load_split
 
     records = load_split(config.data.dataset, split, config.data.data_dir)
@@ -93,7 +94,7 @@ def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
     if frozen is not None:
         frozen = sharding.shard_tree(frozen, mesh, sharding.LLM_RULES)
 
-    iterator = _batches(config, model.tokenizer, "train", None, True)
+    iterator = row_batches(config, model.tokenizer, "train", None, True)
     checkpoints = Checkpoints(os.path.join(run_dir, "checkpoints"), config.max_to_keep, config.checkpoint_every)
     start = checkpoints.latest_step() or 0
     if start:
@@ -103,18 +104,27 @@ def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:
 
     step_fn = jax.jit(make_train_step(model.config, optimizer, attention, scale, config.remat),
                       out_shardings=(state_shardings, None), donate_argnums=0)
-    eval_loss = jax.jit(lambda p, f, b: loss_fn(p, f, model.config, b, attention, scale)[1])
+    # Held-out loss under the training attention and, for top-K, under full attention too: their gap is the
+    # top-K damage the fine-tune repairs; the full-attention loss alone shows what it costs full attention.
+    attentions = {"eval_loss": attention}
+    if config.attention != "full":
+        attentions["eval_loss_full"] = make_attention("full")
+    eval_losses = {name: jax.jit(lambda p, f, b, a=a: loss_fn(p, f, model.config, b, a, scale)[1])
+                   for name, a in attentions.items()}
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), config.steps, start, desc="finetune")
 
     def run_eval(step, state):
-        total, count = 0.0, 0.0
-        batches = _batches(config, model.tokenizer, "validation", 1, False)
+        totals = dict.fromkeys(eval_losses, 0.0)
+        count = 0.0
+        batches = row_batches(config, model.tokenizer, "validation", 1, False)
         for _, batch in zip(range(config.eval_batches), batches):
-            metrics = jax.device_get(eval_loss(state["params"], frozen, sharding.shard_batch(batch, mesh)))
-            total += float(metrics["loss"]) * float(metrics["tokens"])
+            batch = sharding.shard_batch(batch, mesh)
+            for name, eval_loss in eval_losses.items():
+                metrics = jax.device_get(eval_loss(state["params"], frozen, batch))
+                totals[name] += float(metrics["loss"]) * float(metrics["tokens"])
             count += float(metrics["tokens"])
-        mean = total / max(count, 1.0)
-        return log.log(step, eval_loss=mean, eval_perplexity=float(np.exp(mean)))
+        means = {name: total / max(count, 1.0) for name, total in totals.items()}
+        return log.log(step, **means, eval_perplexity=float(np.exp(means["eval_loss"])))
 
     def train_step(state, batch, _):
         return step_fn(state, frozen, sharding.shard_batch(batch, mesh))
@@ -147,7 +157,7 @@ def export(config: FinetuneConfig, run_dir: str, trained, frozen, scale, model, 
         paths["export_dir"] = lora_lib.export_hf(config.export_dir or os.path.join(run_dir, "model"), merged,
                                                  model.config, model.tokenizer)
     plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"),
-                 ["loss", "eval_loss", "grad_norm"])
+                 ["loss", "eval_loss", "eval_loss_full", "grad_norm"])
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump({**final, **paths}, f, indent=2)
     return paths

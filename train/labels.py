@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adore_jax.train.forward import attention_mask, causal_attention, forward_hidden
+from pallas_kernels import kth_largest
 
 AGGREGATIONS = ("mean", "max", "union")
 FUTURE_NEEDS = ("union", "max", "discounted")
@@ -40,16 +41,11 @@ def _label_attention(q, k, v, *, valid, top_k, aggregation):
     out, probs = causal_attention(q, k, v, valid.astype(jnp.int32))  # padding is its own segment (id 0)
     if aggregation == "union":
         mask = attention_mask(q.shape[1], valid.astype(jnp.int32))[:, None]
-        kth = _kth_largest(jnp.where(mask, probs, -1.0), top_k)
+        kth = kth_largest(jnp.where(mask, probs, -1.0), top_k)
         stat = jnp.any(mask & (probs >= kth[..., None]), axis=1)
     else:
         stat = jnp.mean(probs, axis=1)
     return out, stat
-
-
-def _kth_largest(x, k):
-    """[..., S] -> [...]: the k-th largest entry along the last axis (k clipped to S)."""
-    return jax.lax.top_k(x, min(k, x.shape[-1]))[0][..., -1]
 
 
 def union_over_horizon(labels, allowed, horizon: int):
@@ -92,7 +88,7 @@ def discounted_future(values, horizon: int):
 def top_k_mask(stat, allowed, top_k: int):
     """[B,T,T] statistic -> bool: per query, the top_k allowed keys (every allowed key when fewer)."""
     stat = jnp.where(allowed, stat, -1.0)
-    return allowed & (stat >= _kth_largest(stat, top_k)[..., None])
+    return allowed & (stat >= kth_largest(stat, top_k)[..., None])
 
 
 def check_target(aggregation: str, future_need: str) -> None:
@@ -142,7 +138,7 @@ def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = 
             mean = _mean_attention(params, config, tokens, valid)
         accumulated = jnp.where(allowed, jnp.cumsum(jnp.where(allowed, mean, 0.0), axis=1), -1.0)
         for m in cache_sizes:
-            kept = allowed & (accumulated >= _kth_largest(accumulated, m)[..., None])
+            kept = allowed & (accumulated >= kth_largest(accumulated, m)[..., None])
             hits.append(jnp.sum(labels & kept, axis=-1))
     hits = jnp.stack(hits, axis=-1).astype(jnp.int32) if hits else jnp.zeros((batch, length, 0), jnp.int32)
     return labels, hits

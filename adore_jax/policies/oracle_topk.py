@@ -36,4 +36,4 @@ class TopKSlotAttention:
 
     def __call__(self, q, k, v, q_positions, slot_positions, slot_valid):
         visible = slot_visibility(q_positions, slot_positions, slot_valid)  # [B, Q, S]
-        return masked_attention(q, k, v, visible, top_k=self.k)[0]
+        return masked_attention(q, k, v, visible, top_k=self.k, fast_threshold=True)[0]
