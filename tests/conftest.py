@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Hugging Face checkpoints and the real SmolLM2 model."""
+import gc
 import json
 import os
 
@@ -33,6 +34,19 @@ def save_tiny_hf(directory, overrides=None, seed=0, max_shard_size=None):
     kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
     model.save_pretrained(directory, **kwargs)
     return str(directory), model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def free_compiled_programs():
+    """Drop every compiled program after each test module.
+
+    XLA:CPU maps memory for each program it compiles (about 3.5 mappings each). The suite compiles
+    enough of them to pass the kernel's vm.max_map_count (65530), and the compiler then segfaults.
+    """
+    yield
+    import jax
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -40,8 +40,16 @@ def launch_two_processes(compile_cache: str, tasks: list) -> None:
                                 env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for process in range(2)]
     deadline = time.monotonic() + TIME_BOUND_S
+    results = []
     try:
-        results = [worker.communicate(timeout=max(deadline - time.monotonic(), 1)) for worker in workers]
+        for worker in workers:
+            results.append(worker.communicate(timeout=max(deadline - time.monotonic(), 1)))
+    except subprocess.TimeoutExpired as late:  # one may have failed and left the other waiting for it
+        partial = late.stderr or b""  # bytes, even in text mode
+        stderrs = [stderr for _, stderr in results] + [
+            partial.decode(errors="replace") if isinstance(partial, bytes) else partial]
+        pytest.fail(f"the processes outlived {TIME_BOUND_S} s; their stderr, process 0 first:\n"
+                    + "\n----\n".join(stderr[-3000:] for stderr in stderrs))
     finally:
         for worker in workers:
             if worker.poll() is None:

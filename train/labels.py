@@ -24,6 +24,7 @@ tokens and, per query, a CSR list of label key indices — O(T K), never a [T, T
 import io
 import json
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +204,9 @@ def write_records(path: str, records) -> int:
     return count
 
 
+_RECORD_READS = threading.Lock()  # one labels record read at a time, see LabelSource.__getitem__
+
+
 class LabelSource:
     """Random access to a labels ArrayRecord file (a grain data source): record i -> dict."""
 
@@ -220,7 +224,12 @@ class LabelSource:
         return len(self._source)
 
     def __getitem__(self, index):
-        return decode_record(self._source[index])
+        # grain's prefetch threads call this concurrently. One two-process test run failed on a record
+        # whose .npz header did not parse, which a garbled concurrent read would explain; records are
+        # small, so reads are serialized (decoding still runs in parallel).
+        with _RECORD_READS:
+            data = self._source[index]
+        return decode_record(data)
 
 
 def label_sequences(params, config, rows, *, top_k, aggregation="mean", cache_sizes=(), batch_size=1,
