@@ -1,6 +1,6 @@
 """Evaluation inputs from the project's datasets (or seeded random tokens, for models without a tokenizer).
 
-  lm_documents        equal-length token rows for perplexity and diagnostics
+  lm_documents        equal-length token rows for perplexity and diagnostics (lm_document_ids: their ids)
   generation_prompts  chat prompts (ShareGPT first turns; summary requests over news / Wikipedia)
   conversations       multi-turn conversations for the streaming setting
   record_texts        plain texts of a dataset's records (the retrieval part's haystacks)
@@ -61,16 +61,27 @@ def lm_documents(model, name: str, count: int, length: int, splits=("test",), se
     """Up to `count` documents of at least `length` tokens, cut to `length`: [N, length] int32."""
     if name == SYNTHETIC:
         return _synthetic_rng(model, seed, 1).integers(3, model.config.vocab_size, (count, length), dtype=np.int32)
+    rows = [ids[:length] for _, ids in _long_documents(model, name, count, length, splits)]
+    return np.asarray(rows, np.int32).reshape(len(rows), length)
+
+
+def lm_document_ids(model, name: str, count: int, length: int, splits=("test",)) -> list:
+    """The record ids of lm_documents' documents (the ones a training run should hold out)."""
+    return [str(record["id"]) for record, _ in _long_documents(model, name, count, length, splits)]
+
+
+def _long_documents(model, name, count, length, splits):
+    """The first `count` (record, token ids) of at least `length` tokens, splits in order, records in file order."""
     from adore_jax import data
 
-    rows = []
+    found = 0
     for record in _records(name, splits):
         ids = data.document_tokens(record, model.tokenizer)
         if len(ids) >= length:
-            rows.append(ids[:length])
-            if len(rows) == count:
-                break
-    return np.asarray(rows, np.int32).reshape(len(rows), length)
+            yield record, ids
+            found += 1
+            if found == count:
+                return
 
 
 def _cut(model, text: str, max_tokens: int) -> str:

@@ -86,6 +86,24 @@ def test_truncation_keeps_one_document_per_row(news):
         np.testing.assert_array_equal(positions, list(range(n)) + [0] * (seq_len - n))
 
 
+def test_excluded_ids_are_skipped_and_every_other_document_kept(news):
+    records = news[:12]
+    excluded = (records[3]["id"], records[7]["id"], "no-such-id")
+    config = BatchConfig(seq_len=4096, batch_size=1, pack=False, shuffle=False, num_epochs=1,
+                         drop_remainder=False, exclude_ids=excluded)
+    rows = [row["tokens"][0][:int(np.sum(row["segment_ids"] > 0))] for row in batch_iterator(records, TOKENIZER, config)]
+    expected = [document_tokens(r, TOKENIZER) for i, r in enumerate(records) if i not in (3, 7)]
+    assert len(rows) == len(expected) == 10
+    for got, want in zip(rows, expected):
+        np.testing.assert_array_equal(got, want[:4096])
+
+
+def test_excluded_ids_need_records_with_ids(news):
+    config = BatchConfig(seq_len=8, batch_size=1, exclude_ids=("x",))
+    with pytest.raises(ValueError, match="exclude_ids needs records with an 'id' field"):
+        next(batch_iterator([{"text": "no id"}], TOKENIZER, config))
+
+
 @pytest.mark.parametrize("pack", [True, False])
 def test_set_state_resumes_with_the_identical_batches(news, pack):
     # 10 short documents and many batches: the resumed stretch crosses epoch boundaries.

@@ -75,7 +75,11 @@ def static_run(tmp_path_factory, tiny_labels):  # query_aware: the resume test a
 
 
 def _held_out_recall(controller, labels_dir, m):
-    """Brute force: over validation queries t >= m with labels, |top-m scores of keys <= t ∩ labels| / |labels|."""
+    return np.mean(_held_out_recalls(controller, labels_dir, m))
+
+
+def _held_out_recalls(controller, labels_dir, m):
+    """Brute force: per validation query t >= m with labels, |top-m scores of keys <= t ∩ labels| / |labels|."""
     config, params = controller
     embed = tiny_model().params["embed"]
     source = labels.LabelSource(os.path.join(labels_dir, "validation.array_record"))
@@ -89,7 +93,7 @@ def _held_out_recall(controller, labels_dir, m):
             kept = np.argsort(-scores[t, :t + 1])[:m]
             if truth[t].any():
                 recalls.append(truth[t, kept].sum() / truth[t].sum())
-    return np.mean(recalls)
+    return recalls
 
 
 def test_static_form_loss_falls(static_run):
@@ -121,6 +125,39 @@ def test_checkpoint_of_other_shape_refused(tmp_path, tiny_labels):
     wider = _config(tmp_path / "run", tiny_labels, "steps=4", "controller.width=24")
     with pytest.raises(ValueError, match="different model shape"):
         train_controller(wider, model_params=model.params)
+
+
+@pytest.fixture(scope="module")
+def longer_labels(tmp_path_factory):  # the same target on another corpus, in longer rows
+    directory = tmp_path_factory.mktemp("labels_sharegpt")
+    config = LabelsConfig(run_dir=str(directory), top_k=4, batch_size=2, data=DataConfig(
+        dataset="sharegpt", seq_len=64, min_tokens=16, train_sequences=4, validation_sequences=2))
+    labels.run_labels(config, tiny_model())
+    return str(directory)
+
+
+def test_two_label_directories_train_together_and_are_all_held_out(tmp_path, tiny_labels, longer_labels):
+    model = tiny_model()
+    config = _config(tmp_path / "both", tiny_labels, f"more_labels_dirs=[{longer_labels}]", "steps=2",
+                     "controller.score_form=static")
+    summary = train_controller(config, model_params=model.params)
+    meta, train_source, eval_source = labels.combined_labels((tiny_labels, longer_labels))
+    assert meta["seq_len"] == 64 and meta["dataset"] == ["news", "sharegpt"]
+    assert (len(train_source), len(eval_source)) == (12 + 4, 4 + 2)
+    controller = load_controller(str(tmp_path / "both" / "controller"), model.config.hidden_size)
+    # every query of both validation splits, the shorter rows padded to 64 tokens
+    queries = [_held_out_recalls(controller, directory, 4) for directory in (tiny_labels, longer_labels)]
+    assert summary["eval_recall_controller@m=1K"] == pytest.approx(np.mean(queries[0] + queries[1]))
+    assert summary["eval_recall_controller@m=1K"] != pytest.approx(np.mean(queries[0]))
+
+
+def test_label_directories_of_different_targets_are_refused(tmp_path, tiny_labels):
+    other = LabelsConfig(run_dir=str(tmp_path / "k8"), top_k=8, batch_size=2, data=DataConfig(
+        dataset="news", seq_len=48, min_tokens=16, train_sequences=2, validation_sequences=1))
+    labels.run_labels(other, tiny_model())
+    with pytest.raises(ValueError, match=r"have top_k=8 but .* has 4: labels trained together must share"):
+        train_controller(_config(tmp_path / "run", tiny_labels, f"more_labels_dirs=[{other.run_dir}]"),
+                         model_params=tiny_model().params)
 
 
 def test_missing_labels_refused(tmp_path):

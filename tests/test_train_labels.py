@@ -195,3 +195,32 @@ def test_bad_label_inputs_are_refused(tmp_path):
         list(labels.document_rows(DataConfig(dataset="news"), "nosuchsplit", model.tokenizer, 1))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         labels.LabelSource(str(tmp_path / "missing.array_record"))
+
+
+def test_concatenated_sources_hold_every_record_in_order(tmp_path):
+    paths = []
+    for name, count in (("a", 3), ("b", 2)):
+        records = [labels.encode_record(np.full(5, 10 * len(paths) + i), np.zeros(6, np.int64), np.zeros(0, np.uint16),
+                                        np.zeros((5, 1))) for i in range(count)]
+        paths.append(str(tmp_path / f"{name}.array_record"))
+        labels.write_records(paths[-1], records)
+    joined = labels.ConcatSource([labels.LabelSource(path) for path in paths])
+    assert len(joined) == 5
+    assert [int(joined[i]["tokens"][0]) for i in range(5)] == [0, 1, 2, 10, 11]
+    with pytest.raises(IndexError, match=r"record 5 is out of range \[0, 5\)"):
+        joined[5]
+
+
+@pytest.mark.slow
+def test_the_default_controllers_wikipedia_labels_hold_out_every_article_the_real_run_scores(smollm2):
+    from adore_jax.eval import sources
+    from adore_jax.eval.config import load_eval_config
+    from adore_jax.train.config import load_config
+
+    run = load_eval_config("configs/eval_smollm2_cpu.yaml").perplexity
+    spec = next(spec for spec in run.datasets if spec["name"] == "wikipedia")
+    scored = sources.lm_document_ids(smollm2, "wikipedia", spec["count"], spec["length"], run.splits)
+    labelled = load_config(LabelsConfig, "configs/labels_smollm2_future_wikipedia.yaml").data
+    assert len(scored) == spec["count"] and sorted(labelled.exclude_ids) == sorted(scored)
+    rows = list(labels.document_rows(labelled, "validation", smollm2.tokenizer, 0))
+    assert len(rows) == 1  # the long validation articles are the real run's, but one

@@ -48,6 +48,7 @@ class DataConfig:
     data_dir: Optional[str] = None  # built tfds datasets; None: $ADORE_DATA_DIR or ~/.cache/adore_jax/tfds
     seq_len: int = 512  # tokens per row; longer documents are truncated (rows are not packed)
     min_tokens: int = 64  # skip documents shorter than this
+    exclude_ids: tuple = ()  # record ids never used, e.g. those an evaluation scores (eval/sources.py document_ids)
     train_sequences: int = 200  # rows taken from the train split (0: all)
     validation_sequences: int = 40  # rows taken from the validation split (0: all)
     seed: int = 0  # document shuffle seed
@@ -75,6 +76,8 @@ CONTROLLER_LOSSES = ("bce", "listwise")
 class ControllerTrainConfig:
     run_dir: str  # config.yaml, metrics.jsonl, checkpoints/, controller/, plots
     labels_dir: str  # output of `adore labels` (holds labels_meta.json)
+    more_labels_dirs: tuple = ()  # more label directories trained on with it (the same target; rows padded to
+    # the longest seq_len), e.g. two corpora; held-out metrics cover every directory's validation rows
     model: str = "smollm2-135m"  # whose frozen input embeddings the controller reads
     controller: ControllerConfig = ControllerConfig()  # embed_dim: left out, taken from the model
     optim: OptimConfig = OptimConfig()

@@ -232,11 +232,9 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
     os.makedirs(run_dir, exist_ok=True)
     sharding.initialize_distributed(config.mesh)
     mesh = sharding.make_mesh(config.mesh)
-    meta = label_io.read_meta(config.labels_dir)
+    meta, train_source, eval_source = label_io.combined_labels((config.labels_dir, *config.more_labels_dirs))
     length, top_k = meta["seq_len"], meta["top_k"]
     cache_sizes = tuple(meta["cache_sizes"])
-    train_source = label_io.LabelSource(os.path.join(config.labels_dir, "train.array_record"))
-    eval_source = label_io.LabelSource(os.path.join(config.labels_dir, "validation.array_record"))
     if model_params is None:
         from adore_jax import load_model
         model_params = load_model(config.model).params

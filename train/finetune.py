@@ -72,7 +72,8 @@ def row_batches(config: FinetuneConfig, tokenizer, split, num_epochs, shuffle):
     records = load_split(config.data.dataset, split, config.data.data_dir)
     return batch_iterator(records, tokenizer, BatchConfig(
         seq_len=config.data.seq_len, batch_size=config.batch_size, pack=False, shuffle=shuffle,
-        seed=config.data.seed, num_epochs=num_epochs, drop_remainder=True, min_tokens=config.data.min_tokens))
+        seed=config.data.seed, num_epochs=num_epochs, drop_remainder=True, min_tokens=config.data.min_tokens,
+        exclude_ids=config.data.exclude_ids))
 
 
 def finetune(config: FinetuneConfig, stop_after=None, model=None) -> dict:

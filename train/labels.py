@@ -232,6 +232,47 @@ class LabelSource:
         return decode_record(data)
 
 
+class ConcatSource:
+    """Several label sources as one (a grain data source): the records of the first, then of the next..."""
+
+    def __init__(self, sources):
+        self.sources = list(sources)
+        self._ends = np.cumsum([len(source) for source in self.sources])
+
+    def __len__(self):
+        return int(self._ends[-1])
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} is out of range [0, {len(self)})")
+        which = int(np.searchsorted(self._ends, index, side="right"))
+        start = int(self._ends[which - 1]) if which else 0
+        return self.sources[which][index - start]
+
+
+# What labels must share to train one controller on them together (seq_len may differ: rows are padded).
+SHARED_META = ("model", "top_k", "horizon", "future_need", "aggregation", "cache_sizes", "embed_shape")
+
+
+def combined_labels(directories):
+    """Label directories -> (meta, train source, validation source) over all of them.
+
+    The meta is the first directory's, with seq_len the longest of any (rows are padded to it) and the
+    datasets and row counts of each. Raises ValueError naming the field where two directories differ in
+    what they label (SHARED_META)."""
+    metas = [read_meta(directory) for directory in directories]
+    for directory, meta in zip(directories[1:], metas[1:]):
+        for key in SHARED_META:
+            if meta.get(key) != metas[0].get(key):
+                raise ValueError(f"labels in {directory!r} have {key}={meta.get(key)!r} but {directories[0]!r} "
+                                 f"has {metas[0].get(key)!r}: labels trained together must share {SHARED_META}")
+    meta = dict(metas[0], seq_len=max(meta["seq_len"] for meta in metas),
+                dataset=[meta["dataset"] for meta in metas], sequences=[meta["sequences"] for meta in metas])
+    sources = [ConcatSource([LabelSource(os.path.join(directory, f"{split}.array_record"))
+                             for directory in directories]) for split in ("train", "validation")]
+    return meta, *sources
+
+
 def label_sequences(params, config, rows, *, top_k, aggregation="mean", cache_sizes=(), batch_size=1,
                     progress=None, horizon=0, future_need="union"):
     """Label token rows (each a 1-D int32 array of one document, length <= T, padded to T here).
@@ -290,13 +331,13 @@ def read_meta(directory) -> dict:
 
 def document_rows(data_config, split: str, tokenizer, count: int):
     """Up to `count` (0: all) rows (tokens [T] int32, length) of one split, documents truncated to
-    seq_len, shorter than min_tokens skipped, in the seeded shuffle order."""
+    seq_len, shorter than min_tokens or of an excluded id skipped, in the seeded shuffle order."""
     from adore_jax.data import BatchConfig, batch_iterator, load_split
 
     records = load_split(data_config.dataset, split, data_config.data_dir)
     batches = batch_iterator(records, tokenizer, BatchConfig(
         seq_len=data_config.seq_len, batch_size=1, pack=False, shuffle=True, seed=data_config.seed,
-        num_epochs=1, drop_remainder=False))
+        num_epochs=1, drop_remainder=False, exclude_ids=data_config.exclude_ids))
     taken = 0
     for batch in batches:
         length = int(np.sum(batch["segment_ids"][0] > 0))

@@ -44,6 +44,7 @@ class BatchConfig:
     num_epochs: int | None = None  # None: repeat forever
     drop_remainder: bool = True  # drop a last, smaller batch (keeps one compiled shape)
     min_tokens: int = 0  # skip documents of fewer tokens (before packing or truncation)
+    exclude_ids: tuple = ()  # skip the records of these ids, e.g. the documents an evaluation scores
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -90,11 +91,25 @@ def document_tokens(record: dict, tokenizer: Tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
+class _ExcludeIds:
+    """A record filter: False for the records whose "id" is listed."""
+
+    def __init__(self, ids):
+        self.ids = frozenset(map(str, ids))
+
+    def __call__(self, record) -> bool:
+        if "id" not in record:
+            raise ValueError(f"exclude_ids needs records with an 'id' field; this one has {sorted(record)}")
+        return str(record["id"]) not in self.ids
+
+
 def batch_iterator(records: Sequence[dict], tokenizer: Tokenizer, config: BatchConfig) -> grain.DatasetIterator:
     """Batches of config.batch_size rows of config.seq_len tokens (see the module doc)."""
     if len(records) == 0:
         raise ValueError("the dataset is empty: there are no records to batch")
     documents = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(records)
+    if config.exclude_ids:
+        documents = documents.filter(_ExcludeIds(config.exclude_ids))
     if config.shuffle:
         documents = documents.shuffle(seed=config.seed)
     tokens = documents.repeat(config.num_epochs).map(lambda record: {"tokens": document_tokens(record, tokenizer)})
