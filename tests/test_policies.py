@@ -125,12 +125,16 @@ def test_oracle_topk_changes_logits_when_k_is_small(tiny_model, sequences):
 
 def test_adore_with_a_recency_controller_equals_window(tiny_model, sequences):
     controller = recency_controller(tiny_model.config.hidden_size)
-    adore = policy_logits(tiny_model, sequences, policy="adore", cache_size=6, controller=controller)
+    adore = policy_logits(tiny_model, sequences, policy="adore", cache_size=6, sinks=0, controller=controller)
     window = policy_logits(tiny_model, sequences, policy="window", cache_size=6)
     np.testing.assert_allclose(adore, window, atol=1e-5)
-    adaptive = policy_logits(tiny_model, sequences, policy="adore", cache_size=6, rebuild=2, adaptive_rebuild=True,
-                             controller=controller)
+    adaptive = policy_logits(tiny_model, sequences, policy="adore", cache_size=6, sinks=0, rebuild=2,
+                             adaptive_rebuild=True, controller=controller)
     np.testing.assert_allclose(adaptive, window, atol=1e-5)  # nothing released ever outranks a cached token
+    # the default pins the first 4 tokens: it is StreamingLLM with 4 sinks, not window attention
+    pinned = policy_logits(tiny_model, sequences, policy="adore", cache_size=6, controller=controller)
+    streaming = policy_logits(tiny_model, sequences, policy="streaming_llm", cache_size=6)
+    np.testing.assert_allclose(pinned, streaming, atol=1e-5)
 
 
 class EventReference:
@@ -215,13 +219,13 @@ def test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention(t
     scores[boosted] = 100.0
     controller = distance_controller(tiny_model.config.hidden_size, scores)
     tokens = sequences[:1, :24]
-    _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, policy="adore",
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, policy="adore", sinks=0,
                                         cache_size=m, rebuild=rebuild, adaptive_rebuild=adaptive,
                                         rebuild_into_cache=into_cache, controller=controller)
     expected, rebuilt = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, adaptive, into_cache)
     assert any(t - boosted in picks for t, picks in zip(range(PROMPT, 24), rebuilt)), "no boosted token was rebuilt"
     np.testing.assert_allclose(logits[0, 1:], expected, atol=1e-4)
-    out = adore_jax.generate(tiny_model, [tokens[0, :PROMPT].tolist()], max_new_tokens=16, policy="adore",
+    out = adore_jax.generate(tiny_model, [tokens[0, :PROMPT].tolist()], max_new_tokens=16, policy="adore", sinks=0,
                              cache_size=m, rebuild=rebuild, adaptive_rebuild=adaptive, rebuild_into_cache=into_cache,
                              controller=controller, return_state=True)
     last = PROMPT + 16 - 2
@@ -240,7 +244,7 @@ def test_conservative_admission_matches_the_event_reference(tiny_model, sequence
     scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
     controller = distance_controller(tiny_model.config.hidden_size, scores)
     tokens = sequences[:1, :32]
-    options = dict(policy="adore", cache_size=m, rebuild=rebuild, admission_margin=margin,
+    options = dict(policy="adore", sinks=0, cache_size=m, rebuild=rebuild, admission_margin=margin,
                    max_admissions=max_admissions, controller=controller)
     _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, **options)
     expected, _ = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, margin=margin,

@@ -48,6 +48,8 @@ class Adore(BoundedPolicy):
     name = "adore"
     needs_controller = True
 
+    sinks: int = 4  # first tokens always kept: position 0 is an attention sink every query needs, which a
+    # controller ranking by distance would release for good (README, the gap decomposition); 0: none
     rebuild: int = 0  # R, released tokens rebuilt per decode step
     adaptive_rebuild: bool = False  # run the rebuild block only when a released token outranks a cached one
     rebuild_into_cache: bool = True  # rebuilt tokens compete for the m slots (ADORE.md 4); False: one step only

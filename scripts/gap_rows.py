@@ -1,0 +1,52 @@
+"""The policy rows of the gap decomposition alone: a controller's rows on the gap documents in minutes,
+without the oracles and perfect scorers that make the `gap` part take 25.
+
+    python scripts/gap_rows.py [--config configs/eval_gap_cpu.yaml] [--set KEY=VALUE ...] [--out runs/gap_rows.json]
+
+The config's documents, cache sizes, policies and controller (the model's default when null) are used as
+`adore eval` uses them. Prints perplexity and its change against full attention per row; writes them as JSON.
+"""
+import argparse
+import json
+import os
+
+import adore_jax
+from adore_jax.eval import metrics, sources
+from adore_jax.eval.config import load_eval_config
+from adore_jax.eval.suite import policy_grid, resolve_controller
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/eval_gap_cpu.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default="runs/gap_rows.json")
+    args = parser.parse_args(argv)
+    config = load_eval_config(args.config, args.overrides)
+    gap = config.gap
+    model = adore_jax.load_model(config.model)
+    controller, described = resolve_controller(model, config.controller, config.seed)
+    docs = sources.lm_documents(model, gap.dataset, gap.documents, gap.length, gap.splits, config.seed)
+    full = metrics.perplexity(adore_jax.teacher_force(model, docs, gap.prompt_length))
+    rows = [dict(row="full", perplexity=full, perplexity_vs_full=0.0)]
+    print(f"{len(docs)} {gap.dataset} documents x {gap.length} tokens, {gap.prompt_length} prefilled; "
+          f"controller {described['source']}")
+    print(f"{'row':<40} {'m':>5} {'perplexity':>11} {'vs full':>8}\n{'full':<40} {'-':>5} {full:>11.3f} {'+0.0%':>8}")
+    for row in policy_grid(config, gap.policies, gap.cache_sizes):
+        if not row.policy.bounded:
+            continue
+        options = dict(cache=row.policy, controller=controller if row.policy.needs_controller else None)
+        perplexity = metrics.perplexity(adore_jax.teacher_force(model, docs, gap.prompt_length, **options))
+        change = metrics.relative_change(perplexity, full)
+        rows.append(dict(row=row.label, cache_size=row.policy.cache_size, perplexity=perplexity,
+                         perplexity_vs_full=change))
+        print(f"{row.label:<40} {row.policy.cache_size:>5} {perplexity:>11.3f} {change:>+8.1%}", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(config=args.config, overrides=args.overrides, controller=described, documents=len(docs),
+                       length=gap.length, prompt_length=gap.prompt_length, rows=rows), f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
