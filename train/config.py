@@ -48,7 +48,7 @@ class DataConfig:
     data_dir: Optional[str] = None  # built tfds datasets; None: $ADORE_DATA_DIR or ~/.cache/adore_jax/tfds
     seq_len: int = 512  # tokens per row; longer documents are truncated (rows are not packed)
     min_tokens: int = 64  # skip documents shorter than this
-    exclude_ids: tuple = ()  # record ids never used, e.g. those an evaluation scores (eval/sources.py document_ids)
+    exclude_ids: tuple = ()  # record ids never used, e.g. those an evaluation scores (eval/sources.py lm_document_ids)
     train_sequences: int = 200  # rows taken from the train split (0: all)
     validation_sequences: int = 40  # rows taken from the validation split (0: all)
     seed: int = 0  # document shuffle seed
