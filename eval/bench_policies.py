@@ -66,9 +66,14 @@ def synthetic_state(model, plan, batch, context, max_length, rng):
     return cache, ps, state
 
 
+def timed_max_length(context: int, steps: int, repeats: int) -> int:
+    """The positions `time_steps` needs: the context, then (repeats + 1) chunks of steps, rounded up to 128."""
+    return -(-(context + (repeats + 1) * steps + 1) // 128) * 128
+
+
 def time_steps(model, plan, cparams, batch, context, steps, repeats, rng):
     """Median ms/step of `steps`-step decode chunks (compiled once beforehand)."""
-    max_length = -(-(context + (repeats + 1) * steps + 1) // 128) * 128
+    max_length = timed_max_length(context, steps, repeats)
     cache, ps, state = synthetic_state(model, plan, batch, context, max_length, rng)
     run = dict(plan=plan, num_steps=steps, greedy=True, pad_id=0)
     args = (jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))

@@ -11,6 +11,8 @@ broadcast to query-head count in memory.
 
 `slot_attention_ref` is the plain-jnp twin (`reference.masked_attention` under `slot_visibility`):
 the reference in tests and the CPU path;
+`slot_attention_grouped` is the same as two plain batched matmuls over the cache in its stored layout (the
+CPU path for decode steps);
 `slot_attention_blocked` is the same in jnp, visiting only the slot blocks up to the last valid slot
 (the CPU path for large caches: a full-attention cache that is a quarter filled costs a quarter);
 `slot_attention_tpu` (Mosaic) and `slot_attention_gpu` (Triton, split-K) are the kernels.
@@ -22,7 +24,7 @@ from pallas_kernels._common import MASK_VALUE, dot_precision
 from pallas_kernels._dispatch import IMPLS, resolve_impl
 from pallas_kernels._slot_attention_gpu import slot_attention_gpu
 from pallas_kernels._slot_attention_tpu import slot_attention_tpu
-from pallas_kernels.reference import masked_attention
+from pallas_kernels.reference import masked_attention, masked_softmax
 
 
 def slot_visibility(q_positions, slot_positions, slot_valid):
@@ -55,6 +57,44 @@ def slot_attention_ref(q, k, v, q_positions, slot_positions, slot_valid, *, retu
     return out, mass.transpose(0, 2, 1, 3)
 
 
+GROUPED_MAX_QUERIES = 16  # query rows per sequence up to which the CPU path is `slot_attention_grouped`
+
+
+def slot_attention_grouped(q, k, v, q_positions, slot_positions, slot_valid, *, return_mass=False):
+    """`slot_attention_ref` for a few queries (decode steps), as two batched matmuls over the cache in its stored
+    layout: K and V viewed as [B, S, G*D], a free reshape.
+
+    The queries of all heads form one block-diagonal matrix [B, G*Q*r, G*D] (query head h = g*r + j holds its
+    vector in columns g*D:(g+1)*D, zeros elsewhere; the TPU kernel's q_bd), so q_bd @ k^T gives every head's
+    logits against its own KV head and p @ v every head's output in the diagonal [D]-blocks. This computes
+    G times the products it keeps, which costs nothing beside reading the cache when there are few queries;
+    the twin's grouped einsum instead has batch dims (b, g) that are not major in [B, S, G, D], and XLA:CPU
+    transposes K and V for it at every step (README, decode against torch).
+    """
+    batch, n_q, n_heads, head_dim = q.shape
+    num_slots, n_kv = k.shape[1], k.shape[2]
+    group = n_heads // n_kv
+    precision = dot_precision(q.dtype)
+    qg = q.reshape(batch, n_q, n_kv, group, head_dim).transpose(0, 2, 1, 3, 4)  # [B, G, Q, r, D]
+    q_bd = jnp.einsum("bgqrd,gh->bgqrhd", qg, jnp.eye(n_kv, dtype=q.dtype))
+    q_bd = q_bd.reshape(batch, n_kv * n_q * group, n_kv * head_dim)  # [B, G*Q*r, G*D], rows ordered (g, i, j)
+    k_rows = k.reshape(batch, num_slots, n_kv * head_dim)  # [B, S, G*D]
+    v_rows = v.reshape(batch, num_slots, n_kv * head_dim)
+    logits = jnp.einsum("brc,bsc->brs", q_bd, k_rows, precision=precision,
+                        preferred_element_type=jnp.float32) * head_dim ** -0.5  # [B, G*Q*r, S]
+    visible = slot_visibility(q_positions, slot_positions, slot_valid)  # [B, Q, S]
+    keep = jnp.broadcast_to(visible[:, None, :, None], (batch, n_kv, n_q, group, num_slots))
+    probs, _ = masked_softmax(logits, keep.reshape(logits.shape))
+    out_bd = jnp.einsum("brs,bsc->brc", probs.astype(v.dtype), v_rows, precision=precision,
+                        preferred_element_type=jnp.float32)  # [B, G*Q*r, G*D]
+    out = jnp.diagonal(out_bd.reshape(batch, n_kv, n_q, group, n_kv, head_dim), axis1=1, axis2=4)  # [B,Q,r,D,G]
+    out = out.transpose(0, 1, 4, 2, 3).reshape(batch, n_q, n_heads, head_dim).astype(q.dtype)
+    if not return_mass:
+        return out
+    mass = probs.reshape(batch, n_kv, n_q, group, num_slots).sum(axis=3)  # [B, G, Q, S]
+    return out, mass.transpose(0, 2, 1, 3)
+
+
 SLOT_BLOCK = 512  # slots per step of `slot_attention_blocked`
 
 
@@ -70,50 +110,66 @@ def slot_attention_blocked(q, k, v, q_positions, slot_positions, slot_valid, *, 
     so the unfilled tail of a full-attention cache, and the not yet written part during a chunked
     prefill, cost nothing. The last block is clamped to end at slot S; slots it shares with the
     previous block are masked, so each slot counts once. Forward only (not reverse-differentiable).
+    Each block is two canonical batched matmuls, [B, G, r*Q, D] queries against the block's keys and
+    values moved to [B, G, blk, D] (a small copy), and the mask is an additive bias: 1.7x faster on
+    XLA:CPU than grouped einsums over the cache's [B, S, G, D] layout with a multiplied mask. A masked
+    logit's weight is exp(MASK_VALUE - max): 0 once the row has seen a slot, and wiped by the rescale
+    when it first does; a row that sees no slot at all gets zeros at the end.
     """
     batch, n_q, n_heads, head_dim = q.shape
     num_slots, n_kv = k.shape[1], k.shape[2]
+    group = n_heads // n_kv
     block = min(block, num_slots)
-    qg = q.reshape(batch, n_q, n_kv, n_heads // n_kv, head_dim)  # [B, Q, G, r, D]
+    rows = group * n_q
+    qg = (q * head_dim ** -0.5).reshape(batch, n_q, n_kv, group, head_dim)
+    qg = qg.transpose(0, 2, 3, 1, 4).reshape(batch, n_kv, rows, head_dim)  # [B, G, r*Q, D], rows ordered (j, i)
     precision = dot_precision(q.dtype)
 
     def step(i, carry):
-        row_max, denom, acc = carry  # [B, G, r, Q], [B, G, r, Q], [B, G, r, Q, D] f32
+        row_max, denom, acc = carry  # [B, G, r*Q], [B, G, r*Q], [B, G, r*Q, D] f32
         start = jnp.minimum(i * block, num_slots - block)
         k_b, v_b, pos_b, valid_b = (jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
                                     for x in (k, v, slot_positions, slot_valid))
         fresh = start + jnp.arange(block) >= i * block  # [blk] not seen by an earlier block
         visible = slot_visibility(q_positions, pos_b, valid_b & fresh)  # [B, Q, blk]
-        logits = jnp.einsum("bqgrd,bsgd->bgrqs", qg, k_b, precision=precision,
-                            preferred_element_type=jnp.float32) * head_dim ** -0.5
-        logits = jnp.where(visible[:, None, None], logits, MASK_VALUE)
+        bias = jnp.where(visible, 0.0, MASK_VALUE)[:, None, None]  # [B, 1, 1, Q, blk]
+        logits = jnp.einsum("bgmd,bgsd->bgms", qg, k_b.transpose(0, 2, 1, 3), precision=precision,
+                            preferred_element_type=jnp.float32)
+        logits = (logits.reshape(batch, n_kv, group, n_q, block) + bias).reshape(batch, n_kv, rows, block)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
-        weights = jnp.exp(logits - new_max[..., None]) * visible[:, None, None]  # [B, G, r, Q, blk]
+        weights = jnp.exp(logits - new_max[..., None])
         rescale = jnp.exp(row_max - new_max)
-        acc = acc * rescale[..., None] + jnp.einsum("bgrqs,bsgd->bgrqd", weights.astype(v.dtype), v_b,
-                                                     precision=precision, preferred_element_type=jnp.float32)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "bgms,bgsd->bgmd", weights.astype(v.dtype), v_b.transpose(0, 2, 1, 3), precision=precision,
+            preferred_element_type=jnp.float32)
         return new_max, denom * rescale + jnp.sum(weights, axis=-1), acc
 
-    stats = (batch, n_kv, n_heads // n_kv, n_q)
+    stats = (batch, n_kv, rows)
     init = (jnp.full(stats, MASK_VALUE, jnp.float32), jnp.zeros(stats, jnp.float32),
             jnp.zeros(stats + (head_dim,), jnp.float32))
     n_blocks = (live_slots(slot_valid) + block - 1) // block
-    _, denom, acc = jax.lax.fori_loop(0, n_blocks, step, init)
-    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [B, G, r, Q, D]
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, n_q, n_heads, head_dim).astype(q.dtype)
+    row_max, denom, acc = jax.lax.fori_loop(0, n_blocks, step, init)
+    seen = row_max > MASK_VALUE / 2  # the row saw a visible slot
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, denom, 1.0)[..., None], 0.0)  # [B, G, r*Q, D]
+    out = out.reshape(batch, n_kv, group, n_q, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, n_q, n_heads, head_dim).astype(q.dtype)
 
 
 def slot_attention(q, k, v, q_positions, slot_positions, slot_valid, *, return_mass=False, impl="auto"):
     """Slot attention (semantics and shapes of `slot_attention_ref`) by the chosen implementation.
 
-    impl: "auto" (the Pallas kernel on a TPU/GPU backend; elsewhere `slot_attention_blocked` for a
-      block of several queries over at least 2 * SLOT_BLOCK slots without mass, i.e. the chunks of a
-      long full-attention prefill, else the jnp twin), "ref", "blocked" (no mass), "pallas" (TPU/GPU
+    impl: "auto" (the Pallas kernel on a TPU/GPU backend; elsewhere `slot_attention_grouped` for a block of at
+      most GROUPED_MAX_QUERIES queries per sequence at batch >= 2 (decode steps), `slot_attention_blocked` for
+      a block of several queries over at least SLOT_BLOCK slots without mass (the chunks of a long
+      full-attention prefill), else the jnp twin), "ref", "grouped", "blocked" (no mass), "pallas" (TPU/GPU
       backend only) or "pallas_interpret" (the kernel in interpret mode).
     On XLA:CPU the blocked path halves a long prefill but is slower than the twin for one query per
-    sequence at batch 1 (measured at 8k slots), so decoding steps keep the twin.
+    sequence at batch 1 (measured at 8k slots), so decoding steps do not take it. The grouped path makes a
+    full-attention step at batch 8 over 2k slots 1.6x faster than the twin (and a bounded cache's step at batch
+    4 1.2x), but at batch 1 XLA:CPU drops the batch dim and copies the cache around its matmuls (1.8x slower
+    at 8k slots), so batch 1 keeps the twin.
     """
-    kind, interpret = resolve_impl(impl, q.shape[-1], allowed=IMPLS + ("blocked",))
+    kind, interpret = resolve_impl(impl, q.shape[-1], allowed=IMPLS + ("blocked", "grouped"))
     args = (q, k, v, q_positions, slot_positions, slot_valid)
     if kind == "tpu":
         return slot_attention_tpu(*args, return_mass=return_mass, interpret=interpret)
@@ -122,11 +178,14 @@ def slot_attention(q, k, v, q_positions, slot_positions, slot_valid, *, return_m
     if kind == "blocked" and return_mass:
         raise ValueError("impl='blocked' has no return_mass (the mass needs every slot's probability); "
                          "use impl='ref' or 'auto'")
-    long_prefill = impl == "auto" and q.shape[1] > 1 and k.shape[1] >= 2 * SLOT_BLOCK and not return_mass
+    few_queries = impl == "auto" and q.shape[0] > 1 and q.shape[1] <= GROUPED_MAX_QUERIES
+    if kind == "grouped" or few_queries:
+        return slot_attention_grouped(*args, return_mass=return_mass)
+    long_prefill = impl == "auto" and q.shape[1] > 1 and k.shape[1] >= SLOT_BLOCK and not return_mass
     if kind == "blocked" or long_prefill:
         return slot_attention_blocked(*args)
     return slot_attention_ref(*args, return_mass=return_mass)
 
 
-__all__ = ["slot_attention", "slot_attention_ref", "slot_attention_blocked", "slot_attention_tpu", "slot_attention_gpu",
-           "slot_visibility", "MASK_VALUE"]
+__all__ = ["slot_attention", "slot_attention_ref", "slot_attention_grouped", "slot_attention_blocked",
+           "slot_attention_tpu", "slot_attention_gpu", "slot_visibility", "MASK_VALUE"]

@@ -34,6 +34,8 @@ EVICTION = "tests/test_eviction.py::test_kept_set_and_logits_equal_the_event_ref
 H2O_RESTART = "tests/test_eviction.py::test_h2o_statistic_restarts_for_a_new_token_in_a_reused_slot"
 REBUILD = "tests/test_policies.py::test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention"
 ADMISSION = "tests/test_policies.py::test_conservative_admission_matches_the_event_reference"
+REBUILD_MARGIN = "tests/test_policies.py::test_adaptive_rebuild_margin_matches_the_event_reference"
+GROUPED = "tests/test_kernels_slot_attention.py::test_grouped_matches_twin"
 
 
 def eviction(*cases):
@@ -86,6 +88,12 @@ MUTANTS = (
     Mutant("admission ignores its margin", "adore_jax/policies/adore.py",
            "> self.weakest_cached(cache, token_scores) + self.admission_margin",
            "> self.weakest_cached(cache, token_scores)", (f"{ADMISSION}[margin]",)),
+    Mutant("adaptive rebuild lowers the bar by its margin", "adore_jax/policies/adore.py",
+           "self.weakest_cached(cache, token_scores) + self.rebuild_margin",
+           "self.weakest_cached(cache, token_scores) - self.rebuild_margin", (REBUILD_MARGIN,)),
+    Mutant("grouped slot attention reads the next KV head", "pallas_kernels/slot_attention.py",
+           'jnp.einsum("bgqrd,gh->bgqrhd", qg, jnp.eye(n_kv, dtype=q.dtype))',
+           'jnp.einsum("bgqrd,gh->bgqrhd", qg, jnp.roll(jnp.eye(n_kv, dtype=q.dtype), 1, axis=1))', (GROUPED,)),
     Mutant("future-need labels look one query short of the horizon", "train/labels.py",
            "[:, horizon + 1:]  # ... of queries > t + horizon", "[:, horizon:]  # ... of queries > t + horizon",
            ("tests/test_train_labels.py::test_future_need_labels_equal_brute_force",)),

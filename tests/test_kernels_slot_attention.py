@@ -11,8 +11,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import slot_attention, slot_attention_ref
 from pallas_kernels.reference import masked_attention
-from pallas_kernels.slot_attention import (SLOT_BLOCK, live_slots, slot_attention_blocked, slot_attention_gpu,
-                                           slot_attention_tpu)
+from pallas_kernels.slot_attention import (GROUPED_MAX_QUERIES, SLOT_BLOCK, live_slots, slot_attention_blocked,
+                                           slot_attention_gpu, slot_attention_grouped, slot_attention_tpu)
 
 TOL = 2e-6
 
@@ -44,6 +44,7 @@ KERNELS = {
     "tpu": functools.partial(slot_attention_tpu, block_slots=16, interpret=pltpu.InterpretParams()),
     "gpu": functools.partial(slot_attention_gpu, block_slots=16, n_split=2, interpret=True),
     "ref": slot_attention_ref,
+    "grouped": slot_attention_grouped,
 }
 
 
@@ -131,7 +132,7 @@ def test_dispatcher():
         assert_close(got, want, TOL)
     with pytest.raises(ValueError, match="impl='pallas' needs a TPU or GPU"):
         slot_attention(*inputs, impl="pallas")
-    allowed = "'auto', 'ref', 'pallas', 'pallas_interpret', 'blocked'"
+    allowed = "'auto', 'ref', 'pallas', 'pallas_interpret', 'blocked', 'grouped'"
     with pytest.raises(ValueError, match=f"impl must be one of {allowed}; got impl='xla'"):
         slot_attention(*inputs, impl="xla")
 
@@ -142,6 +143,34 @@ def test_blocked_matches_twin(shape):
     inputs = make_inputs(7, *shape)
     blocked = jax.jit(functools.partial(slot_attention_blocked, block=16))
     assert_close(blocked(*inputs), run("ref", inputs, return_mass=False), TOL)
+
+
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: "B{}-Q{}-H{}-G{}-D{}-S{}".format(*s))
+def test_grouped_matches_twin(shape):
+    """The block-diagonal matmuls: every head's output and mass equal the twin's (rows that see nothing too)."""
+    inputs = make_inputs(11, *shape, valid_fraction=0.5)
+    q_positions = inputs[3].at[0, 0].set(-1)  # a query before every slot: sees nothing
+    inputs = inputs[:3] + (q_positions,) + inputs[4:]
+    for got, want in zip(run("grouped", inputs), run("ref", inputs)):
+        assert_close(got, want, TOL)
+    assert np.asarray(run("grouped", inputs)[0])[0, 0].any() == 0
+
+
+def test_dispatcher_uses_grouped_path_for_decode_blocks_at_batch_2_and_more():
+    """"auto" on the CPU: grouped for up to GROUPED_MAX_QUERIES queries per sequence at batch >= 2, with or
+    without mass; the twin at batch 1 and for longer blocks."""
+    for shape, grouped in [((2, 9, 6, 2, 16, 40), True), ((2, GROUPED_MAX_QUERIES + 1, 6, 2, 16, 40), False),
+                           ((1, 9, 6, 2, 16, 40), False)]:
+        inputs = make_inputs(12, *shape)
+        chosen = slot_attention_grouped if grouped else slot_attention_ref
+        for return_mass in (False, True):
+            got = jax.tree_util.tree_leaves(slot_attention(*inputs, return_mass=return_mass))
+            want = jax.tree_util.tree_leaves(chosen(*inputs, return_mass=return_mass))
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    inputs = make_inputs(12, 2, 1, 6, 2, 16, 40)
+    np.testing.assert_array_equal(np.asarray(slot_attention(*inputs, impl="grouped")),
+                                  np.asarray(slot_attention_grouped(*inputs)))
 
 
 def test_blocked_visits_only_the_filled_prefix():
@@ -163,16 +192,16 @@ def test_blocked_visits_only_the_filled_prefix():
 
 
 def test_dispatcher_uses_blocked_path_for_long_prefill():
-    """"auto" on the CPU: blocked for several queries over >= 2 * SLOT_BLOCK slots without mass;
+    """"auto" on the CPU: blocked for several queries over >= SLOT_BLOCK slots without mass;
     the plain twin with mass and for one query (a decoding step)."""
-    inputs = make_inputs(9, 1, 9, 6, 2, 16, 2 * SLOT_BLOCK)
+    inputs = make_inputs(9, 1, 9, 6, 2, 16, SLOT_BLOCK)
     ref_out, ref_mass = slot_attention_ref(*inputs, return_mass=True)
     auto = slot_attention(*inputs)
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(slot_attention_blocked(*inputs)))
     assert_close(auto, ref_out, TOL)
     for got, want in zip(slot_attention(*inputs, return_mass=True), (ref_out, ref_mass)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    one_query = make_inputs(9, 1, 1, 6, 2, 16, 2 * SLOT_BLOCK)
+    one_query = make_inputs(9, 1, 1, 6, 2, 16, SLOT_BLOCK)
     np.testing.assert_array_equal(np.asarray(slot_attention(*one_query)), np.asarray(slot_attention_ref(*one_query)))
     with pytest.raises(ValueError, match="impl='blocked' has no return_mass"):
         slot_attention(*inputs, return_mass=True, impl="blocked")

@@ -176,8 +176,10 @@ class EventReference:
 
 
 def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False, into_cache=True, margin=None,
-                   max_admissions=None):
+                   max_admissions=None, rebuild_margin=0.0):
     """Logits of every step and the rebuilt positions, from the event reference.
+
+    adaptive: only released tokens scoring above the weakest cached one by more than rebuild_margin are rebuilt.
 
     The rebuilt events that stay in the cache (admitted) are all of them by default, none with
     into_cache=False, or those scoring above the weakest cached token by `margin`, the best
@@ -192,7 +194,7 @@ def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False,
         released = sorted((i for i in range(t) if i not in cached_positions), key=lambda i: -score[i])
         picked = released[:rebuild]
         if adaptive:
-            picked = [i for i in picked if score[i] > weakest]
+            picked = [i for i in picked if score[i] > weakest + rebuild_margin]
         admitted = picked if into_cache else []
         if margin is not None:
             admitted = [i for i in admitted if score[i] > weakest + margin]
@@ -252,6 +254,31 @@ def test_conservative_admission_matches_the_event_reference(tiny_model, sequence
     np.testing.assert_allclose(logits[0, 1:], expected, atol=1e-4)
     everything, _ = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores)
     assert np.max(np.abs(everything - expected)) > 1e-3, "admission changed nothing: the test proves nothing"
+
+
+@pytest.mark.parametrize("into_cache", [True, False], ids=["into-cache", "transient"])
+def test_adaptive_rebuild_margin_matches_the_event_reference(tiny_model, sequences, into_cache):
+    """R = 3 per step under a random distance profile: with rebuild_margin only released tokens that clear the
+    weakest cached score by the margin are rebuilt, and the block runs at fewer steps than with margin 0."""
+    m, rebuild, margin = 6, 3, 6.0
+    scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
+    controller = distance_controller(tiny_model.config.hidden_size, scores)
+    tokens = sequences[:1, :32]
+    options = dict(policy="adore", sinks=0, cache_size=m, rebuild=rebuild, adaptive_rebuild=True,
+                   rebuild_into_cache=into_cache, controller=controller)
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, rebuild_margin=margin,
+                                        **options)
+    expected, rebuilt = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, adaptive=True,
+                                       into_cache=into_cache, rebuild_margin=margin)
+    np.testing.assert_allclose(logits[0, 1:], expected, atol=1e-4)
+    _, rebuilt_at_zero = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, adaptive=True,
+                                        into_cache=into_cache)
+    fired, fired_at_zero = (sum(map(bool, picks)) for picks in (rebuilt, rebuilt_at_zero))
+    assert 0 < fired < fired_at_zero, (fired, fired_at_zero)
+    prompt = [tokens[0, :PROMPT].tolist()]
+    steps = {margin_: adore_jax.generate(tiny_model, prompt, max_new_tokens=16, rebuild_margin=margin_,
+                                         **options).stats["rebuild_steps"] for margin_ in (0.0, margin)}
+    assert steps[margin] < steps[0.0]
 
 
 @pytest.mark.parametrize("into_cache", [True, False], ids=["into-cache", "transient"])
@@ -330,6 +357,10 @@ def test_chunked_prefill_memory_is_bounded_by_m_plus_chunk(tiny_model):
     (dict(policy="streaming_llm", cache_size=8, sinks=9), r"sinks and recent must be in \[0, cache_size=8\]"),
     (dict(policy="adore", cache_size=8, rebuild=2, max_admissions=3), r"max_admissions must be in \[0, rebuild=2\]"),
     (dict(policy="adore", cache_size=8, rebuild=2, admission_margin=-1.0), "admission_margin must be >= 0"),
+    (dict(policy="adore", cache_size=8, rebuild=2, adaptive_rebuild=True, rebuild_margin=-0.5),
+     "rebuild_margin must be >= 0; got -0.5"),
+    (dict(policy="adore", cache_size=8, rebuild=2, rebuild_margin=1.0),
+     "rebuild_margin applies to adaptive_rebuild=True"),
     (dict(policy="adore", cache_size=8, rebuild=2, rebuild_into_cache=False, max_admissions=1),
      "need rebuild \\(R\\) >= 1 and rebuild_into_cache=True"),
     (dict(policy="full", controller="x"), "controller= applies only to a policy that reads one"),

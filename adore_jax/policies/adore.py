@@ -1,5 +1,6 @@
 """ADORE (Zhang et al., 2024; ADORE.md): a learned controller scores every token seen; the cache keeps
-the m best, and each decode step rebuilds the R best released tokens.
+the m best, and each decode step rebuilds the R best released tokens (with `adaptive_rebuild`, only those
+that outscore the weakest cached token by more than `rebuild_margin`; the block runs only when one does).
 
 Per block: the controller advances over the block's tokens and writes their features into the
 release buffer (`observe`), then scores every buffered token for the current query
@@ -52,6 +53,7 @@ class Adore(BoundedPolicy):
     # controller ranking by distance would release for good (README, the gap decomposition); 0: none
     rebuild: int = 0  # R, released tokens rebuilt per decode step
     adaptive_rebuild: bool = False  # run the rebuild block only when a released token outranks a cached one
+    rebuild_margin: float = 0.0  # adaptive: ... outscores the weakest cached token by more than this (fewer blocks)
     rebuild_into_cache: bool = True  # rebuilt tokens compete for the m slots (ADORE.md 4); False: one step only
     admission_margin: Optional[float] = None  # a rebuilt token stays only if it outscores the weakest cached by this
     max_admissions: Optional[int] = None  # at most this many rebuilt tokens stay per step (the best scored)
@@ -91,6 +93,12 @@ class Adore(BoundedPolicy):
                              f"{self.rebuild_max_distance} with R={self.rebuild}")
         if not self.attention_weight >= 0:
             raise ValueError(f"attention_weight must be >= 0; got {self.attention_weight}")
+        if not self.rebuild_margin >= 0:
+            raise ValueError(f"rebuild_margin must be >= 0; got {self.rebuild_margin}")
+        if self.rebuild_margin and not self.adaptive_rebuild:
+            raise ValueError(f"rebuild_margin applies to adaptive_rebuild=True (the block runs only for released "
+                             f"tokens that clear it); got rebuild_margin={self.rebuild_margin} with "
+                             f"adaptive_rebuild=False")
         if self.admission_margin is not None and not self.admission_margin >= 0:
             raise ValueError(f"admission_margin must be >= 0; got {self.admission_margin}")
 
@@ -149,7 +157,7 @@ class Adore(BoundedPolicy):
 
         Returns (picked [B, R] int32 positions, wanted [B, R] bool). A pick is wanted when it exists
         (fewer than R tokens may be released, or within rebuild_max_distance) and, with adaptive_rebuild,
-        when it outscores the weakest cached token.
+        when it outscores the weakest cached token by more than rebuild_margin.
         """
         batch, n = token_scores.shape
         in_cache = jnp.zeros((batch, n), bool).at[rows(batch), cache.slot_positions].max(cache.slot_valid)
@@ -159,7 +167,7 @@ class Adore(BoundedPolicy):
         picked_scores, picked = jax.lax.top_k(jnp.where(released, token_scores, -jnp.inf), self.rebuild)
         wanted = picked_scores > -jnp.inf
         if self.adaptive_rebuild:
-            wanted &= picked_scores > self.weakest_cached(cache, token_scores)
+            wanted &= picked_scores > self.weakest_cached(cache, token_scores) + self.rebuild_margin
         return picked.astype(jnp.int32), wanted
 
     def weakest_cached(self, cache, token_scores):

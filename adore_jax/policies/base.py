@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 CACHE_UPDATES = ("scatter", "onehot")
 PROTECTED = 1e9  # added to the score of pinned tokens (sinks, recent window)
-UNBOUNDED_PREFILL_CHUNK = 512  # prompt tokens per prefill block when nothing is released
+UNBOUNDED_PREFILL_CHUNK = 256  # prompt tokens per prefill block when nothing is released (2048-token prompt at
+# batch 1 on XLA:CPU: 6.6 s against 8.0 s with 512, the [B, G, r*Q, blk] logits of a block stay in cache)
 BOUNDED_PREFILL_CHUNK = 128  # ... and when the cache is cut back to m after every block
 
 
@@ -57,7 +58,7 @@ class CachePolicy:
     rebuild: ClassVar[int] = 0  # R, released tokens rebuilt per decode step (a field where a policy has it)
 
     cache_size: Optional[int] = None  # unbounded policies: cache slots (default: as many as the run needs)
-    prefill_chunk: Optional[int] = None  # prompt tokens per prefill block (default 512; bounded 128)
+    prefill_chunk: Optional[int] = None  # prompt tokens per prefill block (default 256; bounded 128)
     cache_update: str = "scatter"  # how block K/V enter the cache: "scatter" (index) or "onehot" (matmul)
 
     @property
