@@ -56,6 +56,25 @@ def round_up(x, multiple):
     return -(-x // multiple) * multiple
 
 
+def block_diagonal_queries(q, n_kv: int):
+    """q [B, Q, H, D] -> [B, G*Q*r, G*D]: the queries of all heads as one block-diagonal matrix, rows ordered
+    (g, i, j) for query head h = g*r + j, whose vector sits in columns g*D:(g+1)*D (zeros elsewhere). Against
+    K or V viewed as [B, S, G*D] (a free reshape of the cache), one matmul gives every head's logits against
+    its own KV head; the products with the other G - 1 heads are computed and dropped."""
+    batch, n_q, n_heads, head_dim = q.shape
+    qg = q.reshape(batch, n_q, n_kv, n_heads // n_kv, head_dim).transpose(0, 2, 1, 3, 4)  # [B, G, Q, r, D]
+    q_bd = jnp.einsum("bgqrd,gh->bgqrhd", qg, jnp.eye(n_kv, dtype=q.dtype))
+    return q_bd.reshape(batch, n_heads * n_q, n_kv * head_dim)
+
+
+def block_diagonal_outputs(out_bd, n_q: int, n_kv: int):
+    """[B, G*Q*r, G*D] (p @ v for `block_diagonal_queries` rows) -> [B, Q, H, D]: each head's diagonal block."""
+    batch, rows, width = out_bd.shape
+    head_dim, group = width // n_kv, rows // (n_kv * n_q)
+    out = jnp.diagonal(out_bd.reshape(batch, n_kv, n_q, group, n_kv, head_dim), axis1=1, axis2=4)  # [B,Q,r,D,G]
+    return out.transpose(0, 1, 4, 2, 3).reshape(batch, n_q, n_kv * group, head_dim)
+
+
 def mass_from_logits(logits, row_max, row_sum, n_q):
     """Attention mass per KV head from a kernel's masked logits and final softmax statistics.
 

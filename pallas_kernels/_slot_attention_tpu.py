@@ -21,8 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import (
-    INVISIBLE_POSITION, MASK_VALUE, contract_last, mass_from_logits, matmul, round_up, slot_keys,
-    tpu_compiler_params)
+    INVISIBLE_POSITION, MASK_VALUE, block_diagonal_outputs, block_diagonal_queries, contract_last, mass_from_logits,
+    matmul, round_up, slot_keys, tpu_compiler_params)
 
 LANES = 128
 
@@ -82,9 +82,7 @@ def slot_attention_tpu(q, k, v, q_positions, slot_positions, slot_valid, *, retu
     block = min(block_slots, round_up(n_slots, LANES))
     n_blocks = pl.cdiv(n_slots, block)
 
-    qg = q.reshape(batch, n_q, n_kv, group, head_dim).transpose(0, 2, 1, 3, 4)  # [B, G, Q, r, D]
-    q_bd = jnp.einsum("bgqrd,gh->bgqrhd", qg, jnp.eye(n_kv, dtype=q.dtype))
-    q_bd = q_bd.reshape(batch, rows, n_kv * head_dim)  # [B, rows, G*D], rows ordered (g, i, j)
+    q_bd = block_diagonal_queries(q, n_kv)  # [B, rows, G*D], rows ordered (g, i, j)
     row_pos = jnp.broadcast_to(q_positions.astype(jnp.int32)[:, None, :, None], (batch, n_kv, n_q, group))
     row_pos = row_pos.reshape(batch, rows, 1)  # [B, rows, 1]
     col_pos = slot_keys(slot_positions, slot_valid)
@@ -132,9 +130,7 @@ def slot_attention_tpu(q, k, v, q_positions, slot_positions, slot_valid, *, retu
         interpret=interpret,
         name="slot_attention_tpu",
     )(q_bd, row_pos, col_pos, k_rows, v_rows)
-    out_bd = results[0].reshape(batch, n_kv, n_q, group, n_kv, head_dim)
-    out = jnp.diagonal(out_bd, axis1=1, axis2=4)  # [B, Q, r, D, G]
-    out = out.transpose(0, 1, 4, 2, 3).reshape(batch, n_q, n_heads, head_dim)
+    out = block_diagonal_outputs(results[0], n_q, n_kv)
     if not return_mass:
         return out
     shape = (batch, n_kv, n_q * group)

@@ -20,7 +20,7 @@ CPU path for decode steps);
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import MASK_VALUE, dot_precision
+from pallas_kernels._common import MASK_VALUE, block_diagonal_outputs, block_diagonal_queries, dot_precision
 from pallas_kernels._dispatch import IMPLS, resolve_impl
 from pallas_kernels._slot_attention_gpu import slot_attention_gpu
 from pallas_kernels._slot_attention_tpu import slot_attention_tpu
@@ -75,9 +75,7 @@ def slot_attention_grouped(q, k, v, q_positions, slot_positions, slot_valid, *, 
     num_slots, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
     precision = dot_precision(q.dtype)
-    qg = q.reshape(batch, n_q, n_kv, group, head_dim).transpose(0, 2, 1, 3, 4)  # [B, G, Q, r, D]
-    q_bd = jnp.einsum("bgqrd,gh->bgqrhd", qg, jnp.eye(n_kv, dtype=q.dtype))
-    q_bd = q_bd.reshape(batch, n_kv * n_q * group, n_kv * head_dim)  # [B, G*Q*r, G*D], rows ordered (g, i, j)
+    q_bd = block_diagonal_queries(q, n_kv)  # [B, G*Q*r, G*D], rows ordered (g, i, j)
     k_rows = k.reshape(batch, num_slots, n_kv * head_dim)  # [B, S, G*D]
     v_rows = v.reshape(batch, num_slots, n_kv * head_dim)
     logits = jnp.einsum("brc,bsc->brs", q_bd, k_rows, precision=precision,
@@ -87,8 +85,7 @@ def slot_attention_grouped(q, k, v, q_positions, slot_positions, slot_valid, *, 
     probs, _ = masked_softmax(logits, keep.reshape(logits.shape))
     out_bd = jnp.einsum("brs,bsc->brc", probs.astype(v.dtype), v_rows, precision=precision,
                         preferred_element_type=jnp.float32)  # [B, G*Q*r, G*D]
-    out = jnp.diagonal(out_bd.reshape(batch, n_kv, n_q, group, n_kv, head_dim), axis1=1, axis2=4)  # [B,Q,r,D,G]
-    out = out.transpose(0, 1, 4, 2, 3).reshape(batch, n_q, n_heads, head_dim).astype(q.dtype)
+    out = block_diagonal_outputs(out_bd, n_q, n_kv).astype(q.dtype)
     if not return_mass:
         return out
     mass = probs.reshape(batch, n_kv, n_q, group, num_slots).sum(axis=3)  # [B, G, Q, S]

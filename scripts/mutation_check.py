@@ -91,7 +91,7 @@ MUTANTS = (
     Mutant("adaptive rebuild lowers the bar by its margin", "adore_jax/policies/adore.py",
            "self.weakest_cached(cache, token_scores) + self.rebuild_margin",
            "self.weakest_cached(cache, token_scores) - self.rebuild_margin", (REBUILD_MARGIN,)),
-    Mutant("grouped slot attention reads the next KV head", "pallas_kernels/slot_attention.py",
+    Mutant("block-diagonal queries read the next KV head (grouped path, TPU kernel)", "pallas_kernels/_common.py",
            'jnp.einsum("bgqrd,gh->bgqrhd", qg, jnp.eye(n_kv, dtype=q.dtype))',
            'jnp.einsum("bgqrd,gh->bgqrhd", qg, jnp.roll(jnp.eye(n_kv, dtype=q.dtype), 1, axis=1))', (GROUPED,)),
     Mutant("future-need labels look one query short of the horizon", "train/labels.py",
