@@ -52,7 +52,7 @@ class DecodeState:
 
 
 def init_policy_state(plan: DecodePlan, batch: int, num_slots: int, max_length: int) -> PolicyState:
-    return plan.policy.init_state(batch, num_slots, max_length, plan.controller)
+    return plan.policy.init_state(batch, num_slots, max_length, plan.controller, plan.model)
 
 
 def position_limit(plan: DecodePlan, cache: kv_cache.KVCache, ps: PolicyState) -> Optional[int]:
@@ -71,10 +71,11 @@ def position_limit(plan: DecodePlan, cache: kv_cache.KVCache, ps: PolicyState) -
 def _run_block(plan, params, cache, ps, block, last_row):
     """Forward a block and let the policy see its attention. Returns (hidden [B, Q, E], cache, ps)."""
     policy = plan.policy
-    hidden, cache, mass = forward_block(params, plan.model, cache, block,
-                                        attention=policy.attention(plan.attention_impl),
-                                        collect_mass=policy.needs_mass, cache_update=policy.cache_update)
-    return hidden, cache, policy.update_state(ps, block, mass, last_row)
+    hidden, cache, mass, tapped = forward_block(params, plan.model, cache, block,
+                                                attention=policy.attention(plan.attention_impl),
+                                                collect_mass=policy.needs_mass, cache_update=policy.cache_update,
+                                                tap_layer=policy.tap_layer(plan.model))
+    return hidden, cache, policy.update_state(ps, block, mass, last_row, tapped)
 
 
 def block_for(plan, cache, tokens, positions, valid):
@@ -162,7 +163,7 @@ def _decode_block(plan, params, ctx, cache, ps, token, position):
         if policy.bounded:
             cache = release(policy, cache, ps, token_scores, position, max_evictions=1)
         return hidden, cache, ps, jnp.zeros((batch, 0), jnp.int32)
-    picked, wanted = policy.rebuild_choice(cache, token_scores, position)  # [B, R] each
+    picked, wanted = policy.rebuild_choice(cache, ps, token_scores, position)  # [B, R] each
     admitted = policy.admitted(cache, token_scores, picked, wanted)  # [B, R]: may stay in the cache
 
     def with_rebuild(cache, ps):

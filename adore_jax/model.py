@@ -122,15 +122,18 @@ def run_layers(params, config: ModelConfig, tokens, positions, attend, remat: bo
 
 
 def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: BlockInput,
-                  attention=slot_attention, collect_mass: bool = False, cache_update: str = "scatter"):
+                  attention=slot_attention, collect_mass: bool = False, cache_update: str = "scatter",
+                  tap_layer=None):
     """Run a block through all layers, writing its K/V into the cache first, then attending.
 
     `attention(q [B,Q,H,D], k [B,S,G,D], v [B,S,G,D], q_positions [B,Q], slot_positions [B,S],
     slot_valid [B,S], [return_mass=True]) -> [B,Q,H,D] [, mass [B,Q,G,S]]` is the seam where
     policies and kernels plug in. With collect_mass, the attention mass each query puts on each
     slot is summed over layers and heads. cache_update: "scatter" or "onehot" (see cache.py).
+    tap_layer: a layer index whose RoPE'd queries and keys are returned (a policy's retrieval keys).
 
-    Returns (hidden [B, Q, E] after the final norm, updated cache, mass [B, Q, S] float32 or None).
+    Returns (hidden [B, Q, E] after the final norm, updated cache, mass [B, Q, S] float32 or None,
+    (q [B, Q, H, D], k [B, Q, G, D]) of tap_layer or None).
     """
     cache = kv_cache.claim_slots(cache, block.slots, block.positions, block.valid)
     write = kv_cache.WRITERS[cache_update]
@@ -139,15 +142,17 @@ def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: B
         k_slots = write(cache.k[index], block.slots, k)  # [B, S, G, D]
         v_slots = write(cache.v[index], block.slots, v)
         args = (q, k_slots, v_slots, block.positions, cache.slot_positions, cache.slot_valid)
+        tapped = (q, k) if index == tap_layer else None
         if not collect_mass:
-            return attention(*args), (k_slots, v_slots, None)
+            return attention(*args), (k_slots, v_slots, None, tapped)
         out, mass = attention(*args, return_mass=True)
-        return out, (k_slots, v_slots, jnp.sum(mass, axis=2))  # mass [B, Q, S]
+        return out, (k_slots, v_slots, jnp.sum(mass, axis=2), tapped)  # mass [B, Q, S]
 
     hidden, layer_aux = run_layers(params, config, block.tokens, block.positions, attend_slots)
-    new_k, new_v, masses = zip(*layer_aux)
+    new_k, new_v, masses, taps = zip(*layer_aux)
     cache = dataclasses.replace(cache, k=new_k, v=new_v)
-    return hidden, cache, functools.reduce(operator.add, masses) if collect_mass else None
+    mass = functools.reduce(operator.add, masses) if collect_mass else None
+    return hidden, cache, mass, None if tap_layer is None else taps[tap_layer]
 
 
 def lm_logits(params, hidden):
@@ -166,7 +171,7 @@ def forward(params, config: ModelConfig, tokens):
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     cache = kv_cache.init_cache(config, batch, length, params["embed"].dtype)
     block = BlockInput(tokens, positions, positions, jnp.ones((batch, length), bool))
-    hidden, _, _ = forward_block(params, config, cache, block)
+    hidden, *_ = forward_block(params, config, cache, block)
     return lm_logits(params, hidden)
 
 

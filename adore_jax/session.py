@@ -170,13 +170,27 @@ class DecodeSession:
         return self.plan.policy
 
     def prefill(self):
-        """Run the prompts through the cache; returns the logits after each prompt, [B, V] float32."""
+        """Run the prompts through the cache; returns the logits after each prompt, [B, V] float32.
+
+        A policy that rebuilds (R > 0) runs each prompt's last token as a decode step, so the first new token,
+        like every later one, is predicted with the released tokens it needs rebuilt (a question at the end of
+        a long prompt can bring back the passage it asks about)."""
+        rebuilds = self.policy.rebuild > 0
+        lengths = self.lengths - 1 if rebuilds else self.lengths
         logits, self.cache, self.ps = decode.prefill(
             self.model.params, self.controller_params, self.cache, self.ps, jnp.asarray(self.tokens),
-            jnp.asarray(self.lengths), plan=self.plan, chunk=self.shape.chunk)
+            jnp.asarray(lengths), plan=self.plan, chunk=self.shape.chunk)
         if self.shape.decode_slots < self.cache.num_slots:
             self.cache, self.ps = decode.compact(self.cache, self.ps, num_slots=self.shape.decode_slots)
-        return logits
+        if not rebuilds:
+            return logits
+        batch = len(lengths)
+        state = decode.DecodeState(token=jnp.asarray(self.tokens[np.arange(batch), lengths]),
+                                   position=jnp.asarray(lengths), done=jnp.zeros((batch,), bool), key=jax.random.key(0))
+        out, self.cache, self.ps, _ = decode.decode(
+            self.model.params, self.controller_params, self.cache, self.ps, state, *SamplingParams().as_arrays(),
+            plan=self.plan, num_steps=1, greedy=True, pad_id=self.model.pad_id, return_logits=True)
+        return out.logits[:, 0]
 
     def start(self, tokens, key=None, done=None) -> None:
         """The tokens [B] the first decode step feeds (at each prompt's end), the PRNG key and done flags."""

@@ -38,6 +38,7 @@ POLICY_ROWS = {  # row name -> cache policy spec (at --cache-size unless it sets
 BREAKDOWN_ROWS = {
     "window m=16": dict(policy="window", cache_size=16),  # ~ the weights alone
     "window onehot": dict(policy="window", cache_update="onehot"),  # matrix-slicing cache update
+    "adore R=0 beta=0": dict(policy="adore", attention_weight=0.0),  # without the attention term (its cost)
 }
 
 
@@ -46,10 +47,11 @@ def synthetic_state(model, plan, batch, context, max_length, rng):
     policy = plan.policy
     slots = policy.cache_size + policy.block_rows if policy.bounded else max_length
     kept = min(context, policy.cache_size) if policy.bounded else context
-    cache = kv_cache.init_cache(model.config, batch, slots, model.dtype)
-    shape = cache.k[0].shape
-    k = tuple(jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.5) for _ in cache.k)
-    v = tuple(jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.5) for _ in cache.v)
+    # the shapes only: a zero cache held while the random one is built would double the peak memory (the
+    # window row at 363 sequences, 8 GiB of cache, ran out of 23 GB that way)
+    shape = jax.eval_shape(lambda: kv_cache.init_cache(model.config, batch, slots, model.dtype)).k[0].shape
+    k = tuple(jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.5) for _ in range(model.config.num_layers))
+    v = tuple(jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.5) for _ in range(model.config.num_layers))
     positions = np.zeros((batch, slots), np.int32)
     positions[:, :kept] = np.arange(context - kept, context)
     valid = np.zeros((batch, slots), bool)

@@ -39,7 +39,8 @@ def run_row(model, docs, policy: dict, context: int, steps: int, chunk: int) -> 
                 chunk_ms.append(1e3 * (time.perf_counter() - began))
             logprobs.extend(np.asarray(out.forced_logprobs[0]).tolist())
         fired += int(session.ps.rebuild_steps)
-    return dict(ms_per_step=float(np.median(chunk_ms)) / chunk, fired=fired / (len(docs) * steps),
+    # the prompt's last token ran as a decode step too (DecodeSession.prefill, R > 0): steps + 1 per document
+    return dict(ms_per_step=float(np.median(chunk_ms)) / chunk, fired=fired / (len(docs) * (steps + 1)),
                 perplexity=float(np.exp(-np.mean(logprobs))))
 
 

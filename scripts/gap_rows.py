@@ -1,10 +1,12 @@
 """The policy rows of the gap decomposition alone: a controller's rows on the gap documents in minutes,
 without the oracles and perfect scorers that make the `gap` part take 25.
 
-    python scripts/gap_rows.py [--config configs/eval_gap_cpu.yaml] [--set KEY=VALUE ...] [--out runs/gap_rows.json]
+    python scripts/gap_rows.py [--config configs/eval_gap_cpu.yaml] [--set KEY=VALUE ...] [--skip N] [--out runs/gap_rows.json]
 
 The config's documents, cache sizes, policies and controller (the model's default when null) are used as
 `adore eval` uses them. Prints perplexity and its change against full attention per row; writes them as JSON.
+--skip N scores the `gap.documents` documents that follow the first N instead: with N = an evaluation's
+document count (the same dataset, length and splits), documents it never scores, to choose options on.
 """
 import argparse
 import json
@@ -20,13 +22,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/eval_gap_cpu.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--skip", type=int, default=0, help="score the documents after the first SKIP")
     parser.add_argument("--out", default="runs/gap_rows.json")
     args = parser.parse_args(argv)
+    if args.skip < 0:
+        parser.error(f"--skip must be >= 0; got {args.skip}")
     config = load_eval_config(args.config, args.overrides)
     gap = config.gap
     model = adore_jax.load_model(config.model)
     controller, described = resolve_controller(model, config.controller, config.seed)
-    docs = sources.lm_documents(model, gap.dataset, gap.documents, gap.length, gap.splits, config.seed)
+    docs = sources.lm_documents(model, gap.dataset, args.skip + gap.documents, gap.length, gap.splits,
+                                config.seed)[args.skip:]
+    if not len(docs):
+        raise SystemExit(f"gap_rows: no {gap.dataset} documents of {gap.length} tokens after the first {args.skip}")
     full = metrics.perplexity(adore_jax.teacher_force(model, docs, gap.prompt_length))
     rows = [dict(row="full", perplexity=full, perplexity_vs_full=0.0)]
     print(f"{len(docs)} {gap.dataset} documents x {gap.length} tokens, {gap.prompt_length} prefilled; "
@@ -43,7 +51,8 @@ def main(argv=None):
         print(f"{row.label:<40} {row.policy.cache_size:>5} {perplexity:>11.3f} {change:>+8.1%}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(config=args.config, overrides=args.overrides, controller=described, documents=len(docs),
+        json.dump(dict(config=args.config, overrides=args.overrides, skip=args.skip, controller=described,
+                       documents=len(docs),
                        length=gap.length, prompt_length=gap.prompt_length, rows=rows), f, indent=2)
     print(f"wrote {args.out}")
 

@@ -36,6 +36,7 @@ REBUILD = "tests/test_policies.py::test_rebuild_reenters_block_and_cache_and_mat
 ADMISSION = "tests/test_policies.py::test_conservative_admission_matches_the_event_reference"
 REBUILD_MARGIN = "tests/test_policies.py::test_adaptive_rebuild_margin_matches_the_event_reference"
 GROUPED = "tests/test_kernels_slot_attention.py::test_grouped_matches_twin"
+BY_ATTENTION = "tests/test_policies.py::test_rebuild_by_attention_matches_the_event_reference"
 
 
 def eviction(*cases):
@@ -99,7 +100,13 @@ MUTANTS = (
            ("tests/test_train_labels.py::test_future_need_labels_equal_brute_force",)),
     Mutant("adore's attention term prefers the least attended tokens", "adore_jax/policies/adore.py",
            "return scores + self.attention_weight * jnp.log", "return scores - self.attention_weight * jnp.log",
-           eviction("adore-attention_weight0.5")),
+           eviction("adore-default", "adore-attention_weight2.0")),
+    Mutant("rebuild by attention takes the mean over heads, not the max", "adore_jax/policies/adore.py",
+           "return jnp.max(logits, axis=(1, 2))", "return jnp.mean(logits, axis=(1, 2))",
+           (f"{BY_ATTENTION}[transient]", f"{BY_ATTENTION}[transient-long-prompt]")),
+    Mutant("a rebuilt token's retrieval key is overwritten by its rebuilt key", "adore_jax/policies/adore.py",
+           "first_seen = block.valid & (block.positions >= ps.retrieval_next)", "first_seen = block.valid",
+           (f"{BY_ATTENTION}[into-cache]", f"{BY_ATTENTION}[transient]")),
     Mutant("rebuild reaches one token beyond rebuild_max_distance", "adore_jax/policies/adore.py",
            "position[:, None] - self.rebuild_max_distance\n", "position[:, None] - self.rebuild_max_distance - 1\n",
            ("tests/test_policies.py::test_rebuild_max_distance_keeps_candidates_within_reach",)),

@@ -79,7 +79,7 @@ def test_decoding_buffer_holds_the_parallel_forms_features(tiny_model):
     np.testing.assert_array_equal(np.asarray(buffer.token_ids[0, :len(seen)]), seen)
     np.testing.assert_allclose(np.asarray(buffer.features[0, :len(seen)]), np.asarray(features[0]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(buffer.controller_state), np.asarray(final), atol=1e-5)
-    assert int(buffer.rebuild_steps) == 9
+    assert int(buffer.rebuild_steps) == 10  # the prompt's last token, then the 9 generated tokens fed back
 
 
 def test_bad_controller_config_is_refused():

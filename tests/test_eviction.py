@@ -146,7 +146,8 @@ CASES = [
     ("tova", dict(sinks=1, recent=1)),
     ("adore", {}),
     ("adore", dict(sinks=2, recent=3)),
-    ("adore", dict(attention_weight=0.5)),
+    ("adore", dict(attention_weight=2.0)),
+    ("adore", dict(attention_weight=0.0)),
     ("random", dict(seed=7)),
 ]
 
@@ -162,7 +163,7 @@ def test_kept_set_and_logits_equal_the_event_reference(model, name, options):
     history, logits = run_policy(model, sequences, policy, controller)
     for row, (tokens, prompt) in enumerate(zip(sequences, PROMPTS)):
         expected, expected_logits = simulate(model, tokens, prompt, name, filled.sinks, filled.recent,
-                                             options.get("attention_weight", 0.0))
+                                             getattr(filled, "attention_weight", 0.0))
         got = [kept[row] for kept in history]
         assert got == expected, f"row {row}: kept sets after the prefill and each step differ"
         assert all(len(kept) == M for kept in got)  # prompts of 35-40 tokens: the prefill released

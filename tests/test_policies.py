@@ -44,7 +44,7 @@ def masked_reference_logits(model, tokens, visible):
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     cache = kv_cache.init_cache(model.config, batch, length)
-    hidden, _, _ = forward_block(model.params, model.config, cache,
+    hidden, *_ = forward_block(model.params, model.config, cache,
                                  BlockInput(tokens, positions, positions, jnp.ones((batch, length), bool)),
                                  attention=attention)
     return np.asarray(lm_logits(model.params, hidden))
@@ -125,14 +125,16 @@ def test_oracle_topk_changes_logits_when_k_is_small(tiny_model, sequences):
 
 def test_adore_with_a_recency_controller_equals_window(tiny_model, sequences):
     controller = recency_controller(tiny_model.config.hidden_size)
-    adore = policy_logits(tiny_model, sequences, policy="adore", cache_size=6, sinks=0, controller=controller)
+    adore = policy_logits(tiny_model, sequences, policy="adore", attention_weight=0.0, cache_size=6, sinks=0,
+                          controller=controller)
     window = policy_logits(tiny_model, sequences, policy="window", cache_size=6)
     np.testing.assert_allclose(adore, window, atol=1e-5)
-    adaptive = policy_logits(tiny_model, sequences, policy="adore", cache_size=6, sinks=0, rebuild=2,
-                             adaptive_rebuild=True, controller=controller)
+    adaptive = policy_logits(tiny_model, sequences, policy="adore", attention_weight=0.0, cache_size=6, sinks=0,
+                             rebuild=2, adaptive_rebuild=True, controller=controller)
     np.testing.assert_allclose(adaptive, window, atol=1e-5)  # nothing released ever outranks a cached token
     # the default pins the first 4 tokens: it is StreamingLLM with 4 sinks, not window attention
-    pinned = policy_logits(tiny_model, sequences, policy="adore", cache_size=6, controller=controller)
+    pinned = policy_logits(tiny_model, sequences, policy="adore", attention_weight=0.0, cache_size=6,
+                           controller=controller)
     streaming = policy_logits(tiny_model, sequences, policy="streaming_llm", cache_size=6)
     np.testing.assert_allclose(pinned, streaming, atol=1e-5)
 
@@ -143,14 +145,14 @@ class EventReference:
     def __init__(self, model):
         self.model, self.config = model, model.config
         self.inv_freq = jnp.asarray(inverse_frequencies(model.config))
-        self.events = []  # dicts: position, k, v (per layer [G, D])
+        self.events = []  # dicts: position, q (per layer [H, D]), k, v (per layer [G, D])
 
     def run_block(self, tokens, positions, context):
         """Compute events for `tokens` at `positions`, attending `context` event ids and each other causally."""
         params, config = self.model.params, self.config
         x = params["embed"][jnp.asarray(tokens)][None]  # [1, Q, E]
         pos = jnp.asarray(positions)[None]
-        ks, vs = [], []
+        qs, ks, vs = [], [], []
         for l, layer in enumerate(params["layers"]):
             q, k, v = attention_inputs(layer, config, rms_norm(x, layer["attn_norm"], config.rms_norm_eps), pos,
                                        self.inv_freq)
@@ -165,33 +167,52 @@ class EventReference:
             probs = jax.nn.softmax(jnp.where(mask[None], logits, -jnp.inf), axis=-1)
             attn = jnp.einsum("hqs,shd->qhd", probs, jnp.repeat(values[0], group, axis=1))[None]
             x = mlp_block(layer, config, attention_output(layer, x, attn))
+            qs.append(q[0])
             ks.append(k[0])
             vs.append(v[0])
         ids = []
         for i, p in enumerate(positions):
-            self.events.append(dict(position=p, k=[kl[i] for kl in ks], v=[vl[i] for vl in vs]))
+            self.events.append(dict(position=p, q=[ql[i] for ql in qs], k=[kl[i] for kl in ks], v=[vl[i] for vl in vs]))
             ids.append(len(self.events) - 1)
         hidden = rms_norm(x, params["final_norm"], config.rms_norm_eps)
         return ids, np.asarray(lm_logits(params, hidden[0, -1]))
 
 
+def attention_ranking(ref, released, layer):
+    """Released positions by the latest event's attention logit at `layer` (max over heads) against the key
+    each position got when it was first computed."""
+    config = ref.config
+    query = np.asarray(ref.events[-1]["q"][layer])  # [H, D]
+    first = {}
+    for event in ref.events:
+        first.setdefault(event["position"], np.asarray(event["k"][layer]))  # [G, D]
+    group = config.num_heads // config.num_kv_heads
+    logit = {i: max(query[h] @ first[i][h // group] for h in range(config.num_heads)) for i in released}
+    return sorted(released, key=lambda i: -logit[i])
+
+
 def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False, into_cache=True, margin=None,
-                   max_admissions=None, rebuild_margin=0.0):
+                   max_admissions=None, rebuild_margin=0.0, retrieval_layer=None, prompt=PROMPT):
     """Logits of every step and the rebuilt positions, from the event reference.
 
     adaptive: only released tokens scoring above the weakest cached one by more than rebuild_margin are rebuilt.
+    retrieval_layer: rebuild candidates ranked by attention_ranking at that layer instead of by score.
 
     The rebuilt events that stay in the cache (admitted) are all of them by default, none with
     into_cache=False, or those scoring above the weakest cached token by `margin`, the best
     `max_admissions` of them; the others serve their step only."""
     ref = EventReference(model)
-    cache, _ = ref.run_block(tokens[:PROMPT], list(range(PROMPT)), [])
+    cache, _ = ref.run_block(tokens[:prompt - 1], list(range(prompt - 1)), [])  # the prompt's last token is a step
+    last = prompt - 2  # the prefill's last query: it releases down to m by that query's scores
+    cache = sorted(cache, key=lambda e: -score_of_distance[last - ref.events[e]["position"]])[:m]
     logits, rebuilt = [], []
-    for t in range(PROMPT, len(tokens) - 1):
+    for t in range(prompt - 1, len(tokens) - 1):
         score = {i: score_of_distance[t - i] for i in range(t + 1)}
         cached_positions = {ref.events[e]["position"] for e in cache}
         weakest = min(score[p] for p in cached_positions)
         released = sorted((i for i in range(t) if i not in cached_positions), key=lambda i: -score[i])
+        if retrieval_layer is not None:
+            released = attention_ranking(ref, released, retrieval_layer)
         picked = released[:rebuild]
         if adaptive:
             picked = [i for i in picked if score[i] > weakest + rebuild_margin]
@@ -221,15 +242,15 @@ def test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention(t
     scores[boosted] = 100.0
     controller = distance_controller(tiny_model.config.hidden_size, scores)
     tokens = sequences[:1, :24]
-    _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, policy="adore", sinks=0,
-                                        cache_size=m, rebuild=rebuild, adaptive_rebuild=adaptive,
-                                        rebuild_into_cache=into_cache, controller=controller)
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, policy="adore",
+                                        attention_weight=0.0, sinks=0, cache_size=m, rebuild=rebuild,
+                                        adaptive_rebuild=adaptive, rebuild_into_cache=into_cache, controller=controller)
     expected, rebuilt = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, adaptive, into_cache)
-    assert any(t - boosted in picks for t, picks in zip(range(PROMPT, 24), rebuilt)), "no boosted token was rebuilt"
-    np.testing.assert_allclose(logits[0, 1:], expected, atol=1e-4)
-    out = adore_jax.generate(tiny_model, [tokens[0, :PROMPT].tolist()], max_new_tokens=16, policy="adore", sinks=0,
-                             cache_size=m, rebuild=rebuild, adaptive_rebuild=adaptive, rebuild_into_cache=into_cache,
-                             controller=controller, return_state=True)
+    assert any(t - boosted in picks for t, picks in zip(range(PROMPT - 1, 24), rebuilt)), "no boosted token was rebuilt"
+    np.testing.assert_allclose(logits[0], expected, atol=1e-4)
+    out = adore_jax.generate(tiny_model, [tokens[0, :PROMPT].tolist()], max_new_tokens=16, policy="adore",
+                             attention_weight=0.0, sinks=0, cache_size=m, rebuild=rebuild, adaptive_rebuild=adaptive,
+                             rebuild_into_cache=into_cache, controller=controller, return_state=True)
     last = PROMPT + 16 - 2
     kept = np.asarray(out.cache.slot_positions[0])[np.asarray(out.cache.slot_valid[0])]
     assert len(kept) == m
@@ -246,12 +267,12 @@ def test_conservative_admission_matches_the_event_reference(tiny_model, sequence
     scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
     controller = distance_controller(tiny_model.config.hidden_size, scores)
     tokens = sequences[:1, :32]
-    options = dict(policy="adore", sinks=0, cache_size=m, rebuild=rebuild, admission_margin=margin,
-                   max_admissions=max_admissions, controller=controller)
+    options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, rebuild=rebuild,
+                   admission_margin=margin, max_admissions=max_admissions, controller=controller)
     _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, **options)
     expected, _ = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, margin=margin,
                                  max_admissions=max_admissions)
-    np.testing.assert_allclose(logits[0, 1:], expected, atol=1e-4)
+    np.testing.assert_allclose(logits[0], expected, atol=1e-4)
     everything, _ = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores)
     assert np.max(np.abs(everything - expected)) > 1e-3, "admission changed nothing: the test proves nothing"
 
@@ -264,13 +285,13 @@ def test_adaptive_rebuild_margin_matches_the_event_reference(tiny_model, sequenc
     scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
     controller = distance_controller(tiny_model.config.hidden_size, scores)
     tokens = sequences[:1, :32]
-    options = dict(policy="adore", sinks=0, cache_size=m, rebuild=rebuild, adaptive_rebuild=True,
-                   rebuild_into_cache=into_cache, controller=controller)
+    options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, rebuild=rebuild,
+                   adaptive_rebuild=True, rebuild_into_cache=into_cache, controller=controller)
     _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, rebuild_margin=margin,
                                         **options)
     expected, rebuilt = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, adaptive=True,
                                        into_cache=into_cache, rebuild_margin=margin)
-    np.testing.assert_allclose(logits[0, 1:], expected, atol=1e-4)
+    np.testing.assert_allclose(logits[0], expected, atol=1e-4)
     _, rebuilt_at_zero = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, adaptive=True,
                                         into_cache=into_cache)
     fired, fired_at_zero = (sum(map(bool, picks)) for picks in (rebuilt, rebuilt_at_zero))
@@ -279,6 +300,60 @@ def test_adaptive_rebuild_margin_matches_the_event_reference(tiny_model, sequenc
     steps = {margin_: adore_jax.generate(tiny_model, prompt, max_new_tokens=16, rebuild_margin=margin_,
                                          **options).stats["rebuild_steps"] for margin_ in (0.0, margin)}
     assert steps[margin] < steps[0.0]
+
+
+@pytest.mark.parametrize("into_cache, prompt", [(True, PROMPT), (False, PROMPT), (False, 12)],
+                         ids=["into-cache", "transient", "transient-long-prompt"])
+def test_rebuild_by_attention_matches_the_event_reference(tiny_model, sequences, into_cache, prompt):
+    """R = 2 per step: the released tokens with the highest attention logit of the latest query at layer 1
+    (max over heads, against the key of their first pass) are rebuilt; the controller only releases. With a
+    prompt longer than m the prefill releases, and the prompt's last token already runs with a rebuild."""
+    m, rebuild, layer = 5, 2, 1
+    scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
+    controller = distance_controller(tiny_model.config.hidden_size, scores)
+    tokens = sequences[:1, :32]
+    options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, rebuild=rebuild,
+                   rebuild_into_cache=into_cache, controller=controller)
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, rebuild_by="attention",
+                                        retrieval_layer=layer, **options)
+    expected, rebuilt = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, into_cache=into_cache,
+                                       retrieval_layer=layer, prompt=prompt)
+    np.testing.assert_allclose(logits[0], expected, atol=1e-4)
+    assert rebuilt[0] or prompt <= m, "the prompt's last token rebuilt nothing: the long prompt proves nothing"
+    by_controller, rebuilt_by_controller = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores,
+                                                          into_cache=into_cache, prompt=prompt)
+    assert rebuilt != rebuilt_by_controller and np.max(np.abs(by_controller - expected)) > 1e-3, \
+        "the attention ranking picked what the controller picks: the test proves nothing"
+
+
+def test_a_one_token_prompt_runs_as_a_rebuild_step(tiny_model, sequences):
+    """With R > 0 the prompt's last token is a decode step, so a one-token prompt prefills nothing; its
+    prediction and the next ones equal full attention while nothing needs releasing (m >= length)."""
+    tokens = sequences[:, :6]
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, 1, return_logits=True, policy="adore", cache_size=8,
+                                        rebuild=2, rebuild_into_cache=False,
+                                        controller=recency_controller(tiny_model.config.hidden_size))
+    full = np.asarray(forward(tiny_model.params, tiny_model.config, tokens))[:, :-1]
+    np.testing.assert_allclose(logits, full, atol=1e-4)
+
+
+def test_rebuild_by_attention_options_are_checked(tiny_model):
+    def check(**options):
+        adore_jax.make_policy("adore", cache_size=8, **options).validate(64)
+
+    with pytest.raises(ValueError, match="rebuild_by must be one of"):
+        check(rebuild=2, rebuild_by="mass")
+    with pytest.raises(ValueError, match="rebuild_by='attention' needs rebuild"):
+        check(rebuild_by="attention")
+    with pytest.raises(ValueError, match="rebuild_by='attention' needs rebuild"):
+        check(rebuild=2, adaptive_rebuild=True, rebuild_by="attention")
+    with pytest.raises(ValueError, match="retrieval_layer must be >= 0 and needs rebuild_by='attention'"):
+        check(rebuild=2, retrieval_layer=1)
+    layers = tiny_model.config.num_layers
+    with pytest.raises(ValueError, match=rf"retrieval_layer must be in \[0, {layers}\)"):
+        adore_jax.generate(tiny_model, [[5, 6, 7, 8]], max_new_tokens=2, policy="adore", cache_size=4, rebuild=1,
+                           rebuild_by="attention", retrieval_layer=layers,
+                           controller=recency_controller(tiny_model.config.hidden_size))
 
 
 @pytest.mark.parametrize("into_cache", [True, False], ids=["into-cache", "transient"])

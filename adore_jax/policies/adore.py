@@ -11,7 +11,15 @@ them by default (ADORE.md 4), none with `rebuild_into_cache=False` (the rebuilt 
 step only), or conservatively: those whose score beats the weakest cached token's by
 `admission_margin`, at most `max_admissions` per step. Rebuilt rows not admitted are freed.
 
-With `attention_weight` beta > 0 a cached token's score adds beta * log(attention mass the block's
+With `rebuild_by="attention"` the rebuild candidates are ranked instead by the model's own attention
+logits at one layer (`retrieval_layer`, default the middle one): every token's RoPE'd key of that layer
+is kept when the token is first seen (G x D floats, against 2 L G D for its K/V), and the latest
+token's queries score every released token, max over heads of q . k / sqrt(D). The controller still
+decides release; the model's attention decides what comes back, so a token that nothing predicted
+(a pass key) can return when a query asks for it. The query is the previous token's (a decode step
+picks its rebuild block before its own forward).
+
+With `attention_weight` beta > 0 (default 0.5) a cached token's score adds beta * log(attention mass the block's
 last query gave it) (TOVA's statistic, summed over layers and heads; beyond the paper): the
 controller predicts what the text will need, the attention says what the model uses now. Rebuild
 candidates have no current attention and are ranked by the controller alone.
@@ -26,6 +34,7 @@ from adore_jax import controller as ctrl
 from adore_jax.policies.base import BoundedPolicy, PolicyState, rows
 
 MASS_FLOOR = 1e-6  # log(mass + floor): a slot the query ignored gets a finite score
+REBUILD_SCORERS = ("controller", "attention")
 
 
 def cached_scores(cache, token_scores):
@@ -57,8 +66,12 @@ class Adore(BoundedPolicy):
     rebuild_into_cache: bool = True  # rebuilt tokens compete for the m slots (ADORE.md 4); False: one step only
     admission_margin: Optional[float] = None  # a rebuilt token stays only if it outscores the weakest cached by this
     max_admissions: Optional[int] = None  # at most this many rebuilt tokens stay per step (the best scored)
-    attention_weight: float = 0.0  # beta: a cached token's score adds beta * log(its latest attention mass)
+    attention_weight: float = 0.5  # beta: a cached token's score adds beta * log(its latest attention mass); 0.5
+    # was chosen on held-out documents (README, "The attention term"); 0 turns it off
     rebuild_max_distance: Optional[int] = None  # only released tokens at most this far back may be rebuilt
+    rebuild_by: str = "controller"  # rank rebuild candidates by the controller, or by "attention": the model's
+    # attention logits at retrieval_layer for the latest query
+    retrieval_layer: Optional[int] = None  # rebuild_by="attention": the layer (default: num_layers // 2)
 
     @property
     def needs_mass(self) -> bool:
@@ -99,6 +112,15 @@ class Adore(BoundedPolicy):
             raise ValueError(f"rebuild_margin applies to adaptive_rebuild=True (the block runs only for released "
                              f"tokens that clear it); got rebuild_margin={self.rebuild_margin} with "
                              f"adaptive_rebuild=False")
+        if self.rebuild_by not in REBUILD_SCORERS:
+            raise ValueError(f"rebuild_by must be one of {REBUILD_SCORERS}; got {self.rebuild_by!r}")
+        if self.rebuild_by == "attention" and (not self.rebuild or self.adaptive_rebuild):
+            raise ValueError(f"rebuild_by='attention' needs rebuild (R) >= 1 and adaptive_rebuild=False (its scores "
+                             f"are not comparable with the cached tokens'); got R={self.rebuild}, "
+                             f"adaptive_rebuild={self.adaptive_rebuild}")
+        if self.retrieval_layer is not None and (self.rebuild_by != "attention" or self.retrieval_layer < 0):
+            raise ValueError(f"retrieval_layer must be >= 0 and needs rebuild_by='attention'; got "
+                             f"{self.retrieval_layer} with rebuild_by={self.rebuild_by!r}")
         if self.admission_margin is not None and not self.admission_margin >= 0:
             raise ValueError(f"admission_margin must be >= 0; got {self.admission_margin}")
 
@@ -107,14 +129,30 @@ class Adore(BoundedPolicy):
         from adore_jax.session import resolve_controller
         return resolve_controller(model, controller)
 
-    def init_state(self, batch, num_slots, max_length, controller=None) -> PolicyState:
+    def tap_layer(self, model) -> Optional[int]:
+        if self.rebuild_by != "attention":
+            return None
+        layer = model.num_layers // 2 if self.retrieval_layer is None else self.retrieval_layer
+        if layer >= model.num_layers:
+            raise ValueError(f"retrieval_layer must be in [0, {model.num_layers}) for this model; got {layer}")
+        return layer
+
+    def init_state(self, batch, num_slots, max_length, controller=None, model=None) -> PolicyState:
         if controller is None:
             raise ValueError("policy 'adore' needs a controller config")
-        return dataclasses.replace(
+        state = dataclasses.replace(
             super().init_state(batch, num_slots, max_length),
             token_ids=jnp.zeros((batch, max_length), jnp.int32),
             features=jnp.zeros((batch, max_length, controller.feature_width), jnp.float32),
             controller_state=jnp.zeros((batch, controller.width), jnp.float32))
+        if self.rebuild_by != "attention":
+            return state
+        if model is None:
+            raise ValueError("rebuild_by='attention' needs the model config (its heads and head width)")
+        return dataclasses.replace(
+            state, retrieval_keys=jnp.zeros((batch, max_length, model.num_kv_heads, model.head_dim), jnp.float32),
+            retrieval_query=jnp.zeros((batch, model.num_heads, model.head_dim), jnp.float32),
+            retrieval_next=jnp.zeros((batch, 1), jnp.int32))
 
     def context(self, controller, controller_params, embed, ps: PolicyState) -> ControllerContext:
         table = None
@@ -140,11 +178,32 @@ class Adore(BoundedPolicy):
                             query_position, ctx.table)
         return jnp.where(jnp.arange(n)[None, :] <= query_position[:, None], scores, -jnp.inf)
 
-    def update_state(self, ps, block, mass, last_row):
-        """With attention_weight: keep the attention mass [B, S] the block's last valid query gave each slot."""
-        if not self.needs_mass:
+    def update_state(self, ps, block, mass, last_row, tapped=None):
+        """With attention_weight: keep the attention mass [B, S] the block's last valid query gave each slot.
+        With rebuild_by="attention": store the keys of the block's tokens seen for the first time (a rebuilt
+        token keeps the key of its first pass) and the last valid row's queries."""
+        if self.needs_mass:
+            ps = dataclasses.replace(ps, mass=jnp.take_along_axis(mass, last_row[:, None, None], axis=1)[:, 0])
+        if tapped is None:
             return ps
-        return dataclasses.replace(ps, mass=jnp.take_along_axis(mass, last_row[:, None, None], axis=1)[:, 0])
+        query, keys = tapped  # [B, Q, H, D], [B, Q, G, D]
+        first_seen = block.valid & (block.positions >= ps.retrieval_next)  # [B, Q]
+        where = jnp.where(first_seen, block.positions, ps.token_ids.shape[1])  # others out of range: dropped
+        seen_upto = jnp.max(jnp.where(first_seen, block.positions + 1, 0), axis=1, keepdims=True)
+        latest = jnp.take_along_axis(query, last_row[:, None, None, None], axis=1)[:, 0]  # [B, H, D]
+        has_rows = jnp.any(block.valid, axis=1)[:, None, None]  # a prompt that ended in an earlier chunk keeps its query
+        return dataclasses.replace(
+            ps, retrieval_keys=ps.retrieval_keys.at[rows(keys.shape[0]), where].set(keys.astype(jnp.float32),
+                                                                                   mode="drop"),
+            retrieval_query=jnp.where(has_rows, latest.astype(jnp.float32), ps.retrieval_query),
+            retrieval_next=jnp.maximum(ps.retrieval_next, seen_upto))
+
+    def retrieval_scores(self, ps):
+        """[B, N]: the latest query's attention logit for every stored key, max over heads."""
+        batch, n, groups, dim = ps.retrieval_keys.shape
+        query = ps.retrieval_query.reshape(batch, groups, -1, dim)  # [B, G, H/G, D]: heads grouped by KV head
+        logits = jnp.einsum("bgrd,bngd->bgrn", query, ps.retrieval_keys) * dim ** -0.5
+        return jnp.max(logits, axis=(1, 2))
 
     def slot_scores(self, cache, ps, token_scores):
         scores = cached_scores(cache, token_scores)
@@ -152,8 +211,9 @@ class Adore(BoundedPolicy):
             return scores
         return scores + self.attention_weight * jnp.log(ps.mass + MASS_FLOOR)
 
-    def rebuild_choice(self, cache, token_scores, position):
-        """The R released tokens to rebuild for the query at position [B].
+    def rebuild_choice(self, cache, ps, token_scores, position):
+        """The R released tokens to rebuild for the query at position [B]: the best by token_scores, or by
+        retrieval_scores with rebuild_by="attention".
 
         Returns (picked [B, R] int32 positions, wanted [B, R] bool). A pick is wanted when it exists
         (fewer than R tokens may be released, or within rebuild_max_distance) and, with adaptive_rebuild,
@@ -164,7 +224,8 @@ class Adore(BoundedPolicy):
         released = (jnp.arange(n)[None, :] < position[:, None]) & ~in_cache
         if self.rebuild_max_distance is not None:  # the range the controller was trained on
             released &= jnp.arange(n)[None, :] >= position[:, None] - self.rebuild_max_distance
-        picked_scores, picked = jax.lax.top_k(jnp.where(released, token_scores, -jnp.inf), self.rebuild)
+        ranking = self.retrieval_scores(ps) if self.rebuild_by == "attention" else token_scores
+        picked_scores, picked = jax.lax.top_k(jnp.where(released, ranking, -jnp.inf), self.rebuild)
         wanted = picked_scores > -jnp.inf
         if self.adaptive_rebuild:
             wanted &= picked_scores > self.weakest_cached(cache, token_scores) + self.rebuild_margin

@@ -6,9 +6,10 @@ prefill chunk, or a decode step of the current token plus R rebuilt ones), `ador
 
     ps = policy.observe(ps, ctx, tokens, positions, valid)        before the block (adore: the controller)
     scores = policy.token_scores(ps, ctx, query_position)          [B, N] scores of every token seen, or None
-    picked, wanted = policy.rebuild_choice(cache, scores, position)   decode steps with rebuild > 0 only
+    picked, wanted = policy.rebuild_choice(cache, ps, scores, position)   decode steps with rebuild > 0 only
     ... the block runs through the model with policy.attention(impl) ...
-    ps = policy.update_state(ps, block, mass, last_row)            after the block (h2o, tova: attention mass)
+    ps = policy.update_state(ps, block, mass, last_row, tapped)    after the block (h2o, tova: attention mass;
+                                                                   adore: layer tap_layer's queries and keys)
     keep = policy.slot_scores(cache, ps, scores)                   [B, S], higher is kept; then sink and recent
                                                                    tokens are pinned and the lowest released
                                                                    until m remain (bounded policies)
@@ -40,6 +41,10 @@ class PolicyState:
     features: jax.Array  # [B, N, h] float32 controller features of every token seen (adore)
     controller_state: jax.Array  # [B, c] float32 GRU state after the last token (adore)
     mass: jax.Array  # [B, S] float32 attention statistic per slot (h2o, tova)
+    retrieval_keys: jax.Array  # [B, N, G, D] float32 one layer's RoPE'd key of every token seen (adore, rebuild_by
+    # attention)
+    retrieval_query: jax.Array  # [B, H, D] float32 ... and its query of the latest token
+    retrieval_next: jax.Array  # [B, 1] int32 the first position whose key is not yet stored
     rebuild_steps: jax.Array  # [] int32 steps at which the rebuild block ran
     rebuilt_tokens: jax.Array  # [B] int32 tokens rebuilt so far
 
@@ -108,11 +113,13 @@ class CachePolicy:
         from pallas_kernels import slot_attention
         return partial(slot_attention, impl=impl)
 
-    def init_state(self, batch: int, num_slots: int, max_length: int, controller=None) -> PolicyState:
+    def init_state(self, batch: int, num_slots: int, max_length: int, controller=None, model=None) -> PolicyState:
         return PolicyState(
             token_ids=jnp.zeros((batch, 0), jnp.int32), features=jnp.zeros((batch, 0, 0), jnp.float32),
             controller_state=jnp.zeros((batch, 0), jnp.float32),
             mass=jnp.zeros((batch, num_slots if self.needs_mass else 0), jnp.float32),
+            retrieval_keys=jnp.zeros((batch, 0, 0, 0), jnp.float32),
+            retrieval_query=jnp.zeros((batch, 0, 0), jnp.float32), retrieval_next=jnp.zeros((batch, 0), jnp.int32),
             rebuild_steps=jnp.zeros((), jnp.int32), rebuilt_tokens=jnp.zeros((batch,), jnp.int32))
 
     def context(self, controller, controller_params, embed, ps: PolicyState):
@@ -125,7 +132,11 @@ class CachePolicy:
     def token_scores(self, ps: PolicyState, ctx, query_position):
         return None
 
-    def update_state(self, ps: PolicyState, block, mass, last_row) -> PolicyState:
+    def tap_layer(self, model) -> Optional[int]:
+        """The layer whose queries and keys update_state sees (`tapped`), or None."""
+        return None
+
+    def update_state(self, ps: PolicyState, block, mass, last_row, tapped=None) -> PolicyState:
         return ps
 
     def slot_scores(self, cache, ps: PolicyState, token_scores):

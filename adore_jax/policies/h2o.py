@@ -19,7 +19,7 @@ class H2O(BoundedPolicy):
     def with_defaults(self):
         return self if self.recent else dataclasses.replace(self, recent=self.cache_size // 2)
 
-    def update_state(self, ps, block, mass, last_row):
+    def update_state(self, ps, block, mass, last_row, tapped=None):
         """mass [B, Q, S]: each block query's attention per slot. A slot written by this block starts
         from zero (it holds a new token); every slot then adds what the block's queries gave it."""
         mass = mass * block.valid[:, :, None]

@@ -21,6 +21,8 @@ from adore_jax.policies.base import BoundedPolicy, PolicyState, rows
 class ScoreTable(Adore):
     name = "score_table"
 
+    attention_weight: float = 0.0  # the given scores alone rank (a perfect scorer needs no attention term)
+
     @property
     def label(self) -> str:
         return "score_table" + super().label[len("adore"):]
@@ -35,7 +37,13 @@ class ScoreTable(Adore):
             raise ValueError(f"score_table scores must be [B, T, T]; got shape {scores.shape}")
         return None, {"scores": jnp.asarray(scores)}
 
-    def init_state(self, batch, num_slots, max_length, controller=None) -> PolicyState:
+    def check(self, max_length: int) -> None:
+        super().check(max_length)
+        if self.rebuild_by != "controller":
+            raise ValueError(f"score_table ranks rebuild candidates by its scores: rebuild_by must be "
+                             f"'controller'; got {self.rebuild_by!r}")
+
+    def init_state(self, batch, num_slots, max_length, controller=None, model=None) -> PolicyState:
         state = BoundedPolicy.init_state(self, batch, num_slots, max_length)
         return dataclasses.replace(state, token_ids=jnp.zeros((batch, max_length), jnp.int32))
 

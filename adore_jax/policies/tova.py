@@ -14,7 +14,7 @@ class TOVA(BoundedPolicy):
     name = "tova"
     needs_mass = True
 
-    def update_state(self, ps, block, mass, last_row):
+    def update_state(self, ps, block, mass, last_row, tapped=None):
         """mass [B, Q, S]; last_row [B]: the block's last valid query, whose attention is kept."""
         latest = jnp.take_along_axis(mass, last_row[:, None, None], axis=1)[:, 0]  # [B, S]
         return dataclasses.replace(ps, mass=latest)
