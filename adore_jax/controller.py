@@ -10,7 +10,8 @@
 sigma = sigmoid(s) is the probability that token i is in the top-K attention set of query t. The
 first MLP layer is linear, so each token's `features` a_i = W_1 z_i (+ W_1 p_i when static), with
 its key z_i K appended when content_dim > 0, are computed once, when the token is seen, and kept in
-the release buffer; a decoding step then costs O(n (h + d)) for n past tokens. Ranking uses the logit s, not sigma (same order, no saturation).
+the release buffer; a decoding step then costs O(n (h + d)) for n past tokens (O(m (h + d)) without rebuild,
+where only the m cached tokens are ranked). Ranking uses the logit s, not sigma (same order, no saturation).
 """
 import dataclasses
 import json

@@ -109,7 +109,8 @@ def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, ch
         last_row = jnp.clip(lengths - 1 - start, 0, chunk - 1)  # [B] last valid row in this chunk
         current = jnp.minimum(start + chunk, lengths) - 1  # [B] position of that row
         ps = policy.observe(ps, ctx, chunk_tokens, positions, valid)
-        token_scores = policy.token_scores(ps, ctx, current)
+        # the release after the chunk ranks only the cached tokens and the chunk's
+        token_scores = policy.token_scores(ps, ctx, current, jnp.concatenate([cache.slot_positions, positions], 1))
         block = block_for(plan, cache, chunk_tokens, positions, valid)
         hidden, cache, ps = _run_block(plan, params, cache, ps, block, last_row)
         if policy.bounded:
@@ -150,7 +151,9 @@ def _decode_block(plan, params, ctx, cache, ps, token, position):
     batch = token.shape[0]
     current = BlockInput(token[:, None], position[:, None], None, jnp.ones((batch, 1), bool))
     ps = policy.observe(ps, ctx, current.tokens, current.positions, current.valid)
-    token_scores = policy.token_scores(ps, ctx, position)
+    # without rebuild only the cached tokens and the current one are ranked; rebuild ranks every released token
+    needed = None if policy.rebuild else jnp.concatenate([cache.slot_positions, current.positions], axis=1)
+    token_scores = policy.token_scores(ps, ctx, position, needed)
 
     def current_only(cache, ps):
         block = block_for(plan, cache, current.tokens, current.positions, current.valid)

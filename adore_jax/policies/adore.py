@@ -4,7 +4,8 @@ that outscore the weakest cached token by more than `rebuild_margin`; the block 
 
 Per block: the controller advances over the block's tokens and writes their features into the
 release buffer (`observe`), then scores every buffered token for the current query
-(`token_scores`). A decode step picks the R released tokens with the best scores (`rebuild_choice`)
+(`token_scores`; without rebuild only the cached tokens and the block's, since nothing released comes
+back). A decode step picks the R released tokens with the best scores (`rebuild_choice`)
 and runs them with the current token as one block at their original positions. Afterwards the
 cache keeps the m best of cache ∪ current token ∪ the admitted rebuilt tokens (`admitted`): all of
 them by default (ADORE.md 4), none with `rebuild_into_cache=False` (the rebuilt rows serve their
@@ -171,12 +172,21 @@ class Adore(BoundedPolicy):
                                    token_ids=ps.token_ids.at[r, where].set(tokens, mode="drop"),
                                    features=ps.features.at[r, where].set(features, mode="drop"))
 
-    def token_scores(self, ps, ctx: ControllerContext, query_position):
-        """Score logits of every buffered token for the query at query_position [B]: [B, N]; unseen -inf."""
+    def token_scores(self, ps, ctx: ControllerContext, query_position, positions=None):
+        """Score logits of the buffered tokens for the query at query_position [B]: [B, N]; unseen -inf.
+
+        positions [B, K]: score only these (the cache's slots and the block's tokens when nothing released can
+        come back), the rest stays -inf: O(K) work per step instead of O(N)."""
         n = ps.token_ids.shape[1]
-        scores = ctrl.score(ctx.config, ctx.params, ps.features, jnp.arange(n), ps.controller_state,
-                            query_position, ctx.table)
-        return jnp.where(jnp.arange(n)[None, :] <= query_position[:, None], scores, -jnp.inf)
+        if positions is None:
+            scores = ctrl.score(ctx.config, ctx.params, ps.features, jnp.arange(n), ps.controller_state,
+                                query_position, ctx.table)
+            return jnp.where(jnp.arange(n)[None, :] <= query_position[:, None], scores, -jnp.inf)
+        features = jnp.take_along_axis(ps.features, positions[..., None], axis=1)  # [B, K, h + d]
+        scores = ctrl.score(ctx.config, ctx.params, features, positions, ps.controller_state, query_position,
+                            ctx.table)
+        scores = jnp.where(positions <= query_position[:, None], scores, -jnp.inf)
+        return jnp.full((positions.shape[0], n), -jnp.inf).at[rows(positions.shape[0]), positions].set(scores)
 
     def update_state(self, ps, block, mass, last_row, tapped=None):
         """With attention_weight: keep the attention mass [B, S] the block's last valid query gave each slot.

@@ -5,7 +5,8 @@ programs are compiled for. Its methods are the only place its rule lives. For ev
 prefill chunk, or a decode step of the current token plus R rebuilt ones), `adore_jax.decode` calls
 
     ps = policy.observe(ps, ctx, tokens, positions, valid)        before the block (adore: the controller)
-    scores = policy.token_scores(ps, ctx, query_position)          [B, N] scores of every token seen, or None
+    scores = policy.token_scores(ps, ctx, query_position, needed)  [B, N] scores of the tokens seen (those in
+                                                                   needed [B, K] when given), or None
     picked, wanted = policy.rebuild_choice(cache, ps, scores, position)   decode steps with rebuild > 0 only
     ... the block runs through the model with policy.attention(impl) ...
     ps = policy.update_state(ps, block, mass, last_row, tapped)    after the block (h2o, tova: attention mass;
@@ -129,7 +130,9 @@ class CachePolicy:
     def observe(self, ps: PolicyState, ctx, tokens, positions, valid) -> PolicyState:
         return ps
 
-    def token_scores(self, ps: PolicyState, ctx, query_position):
+    def token_scores(self, ps: PolicyState, ctx, query_position, positions=None):
+        """[B, N] scores of the tokens seen for the query at query_position [B], or None; positions [B, K]: only
+        these are needed (the others may be left -inf)."""
         return None
 
     def tap_layer(self, model) -> Optional[int]:

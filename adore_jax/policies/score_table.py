@@ -61,7 +61,7 @@ class ScoreTable(Adore):
         return dataclasses.replace(ps, token_ids=ps.token_ids.at[rows(tokens.shape[0]), where].set(tokens,
                                                                                                     mode="drop"))
 
-    def token_scores(self, ps, ctx, query_position):
+    def token_scores(self, ps, ctx, query_position, positions=None):
         """Row query_position [B] of the table: [B, N]; tokens after the query -inf."""
         n = ctx.shape[1]
         row = jnp.take_along_axis(ctx, query_position[:, None, None], axis=1)[:, 0]
