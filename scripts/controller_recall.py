@@ -25,12 +25,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     meta = label_io.read_meta(args.labels_dir)
     cache_sizes = tuple(meta["cache_sizes"])
+    sets = 1 + len(meta.get("levels", ()))  # held out on the top_k set of graded labels
     source = label_io.LabelSource(os.path.join(args.labels_dir, "validation.array_record"))
     embed = load_model(args.model).params["embed"]
     for path in args.controllers:
         config, params = load_controller(path, embed.shape[1])
-        counts = jax.jit(lambda p, e, b, config=config: eval_counts(config, p, e, b, cache_sizes))
-        metrics = evaluate(counts, params, embed, eval_batches(source, meta["seq_len"], 0), cache_sizes, meta["top_k"])
+        counts = jax.jit(lambda p, e, b, config=config: eval_counts(config, p, e, b, cache_sizes, sets))
+        metrics = evaluate(counts, params, embed, eval_batches(source, meta["seq_len"], 0), cache_sizes, meta["top_k"],
+                           sets)
         print(path, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adore_jax import H2O, DecodeSession, Model, ModelConfig, make_policy
+from adore_jax import H2O, Adore, DecodeSession, Model, ModelConfig, make_policy
 from adore_jax.model import BlockInput, init_params, lm_logits
 from adore_jax.train.forward import forward_hidden
 from references import distance_controller
@@ -76,29 +76,32 @@ def _forward(config):
 
 
 def reference_rule(name, attention_weight=0.0):
-    """score(k, block, current, mass, acc) -> keep-score of candidate k, from the rule's description."""
-    if name == "adore" and attention_weight:  # the controller's, plus beta * log(the current query's attention)
-        return lambda k, block, current, mass, acc: (DISTANCE_SCORES[current - k]
-                                                     + attention_weight * np.log(mass[current, k] + 1e-6))
+    """score(k, current, mass, acc, held) -> keep-score of candidate k, from the rule's description."""
+    if name == "adore" and attention_weight:  # the controller's, plus beta * log(the attention statistic held)
+        return lambda k, current, mass, acc, held: DISTANCE_SCORES[current - k] + attention_weight * np.log(
+            held[k] + 1e-6)
     rules = {
-        "window": lambda k, block, current, mass, acc: k,  # the most recent
-        "streaming_llm": lambda k, block, current, mass, acc: k,  # sinks pinned, then the most recent
-        "h2o": lambda k, block, current, mass, acc: acc[k],  # mass accumulated since the token entered
-        "tova": lambda k, block, current, mass, acc: mass[current, k],  # the current query's attention
-        "adore": lambda k, block, current, mass, acc: DISTANCE_SCORES[current - k],  # the controller's
-        "random": lambda k, block, current, mass, acc: RANDOM_SCORES[k],  # a fixed random number per token
+        "window": lambda k, current, mass, acc, held: k,  # the most recent
+        "streaming_llm": lambda k, current, mass, acc, held: k,  # sinks pinned, then the most recent
+        "h2o": lambda k, current, mass, acc, held: acc[k],  # mass accumulated since the token entered
+        "tova": lambda k, current, mass, acc, held: mass[current, k],  # the current query's attention
+        "adore": lambda k, current, mass, acc, held: DISTANCE_SCORES[current - k],  # the controller's
+        "random": lambda k, current, mass, acc, held: RANDOM_SCORES[k],  # a fixed random number per token
     }
     return rules[name]
 
 
-def simulate(model, tokens, prompt, name, sinks, recent, attention_weight=0.0):
-    """Kept positions after the prefill and after each decode step, and the decode logits [STEPS, V]."""
+def simulate(model, tokens, prompt, name, sinks, recent, attention_weight=0.0, attention_decay=0.0):
+    """Kept positions after the prefill and after each decode step, and the decode logits [STEPS, V].
+
+    held[k]: the current query's attention on k, or with attention_decay gamma the max of it and gamma times
+    k's value after the previous block (a token starts afresh when it enters)."""
     length = len(tokens)
     visible = np.eye(length, dtype=bool)  # rows not yet run see only themselves (never read)
     blocks = [list(range(s, min(s + CHUNK, prompt))) for s in range(0, prompt, CHUNK)]
     blocks += [[t] for t in range(prompt, length)]
     rule = reference_rule(name, attention_weight)
-    kept, acc, history, logits = [], {}, [], None
+    kept, acc, held, history, logits = [], {}, {}, [], None
     for block in blocks:
         for q in block:
             visible[q, kept] = True
@@ -107,11 +110,12 @@ def simulate(model, tokens, prompt, name, sinks, recent, attention_weight=0.0):
         candidates = kept + block
         current = block[-1]
         for k in block:  # a new token starts with no accumulated mass
-            acc[k] = 0.0
+            acc[k] = held[k] = 0.0
         for k in candidates:
             acc[k] += float(mass[block, k].sum())
+            held[k] = max(float(mass[current, k]), attention_decay * held[k])
         pinned = {k: k < sinks or k > current - recent for k in candidates}
-        order = sorted(candidates, key=lambda k: (pinned[k], rule(k, block, current, mass, acc)), reverse=True)
+        order = sorted(candidates, key=lambda k: (pinned[k], rule(k, current, mass, acc, held)), reverse=True)
         kept = sorted(order[:M])
         history.append(kept)
     return history[len(blocks) - STEPS - 1:], logits[prompt:length]
@@ -148,6 +152,7 @@ CASES = [
     ("adore", dict(sinks=2, recent=3)),
     ("adore", dict(attention_weight=2.0)),
     ("adore", dict(attention_weight=0.0)),
+    ("adore", dict(attention_weight=50.0, attention_decay=0.8)),  # the term decides: a test of its statistic
     ("random", dict(seed=7)),
 ]
 
@@ -163,14 +168,27 @@ def test_kept_set_and_logits_equal_the_event_reference(model, name, options):
     history, logits = run_policy(model, sequences, policy, controller)
     for row, (tokens, prompt) in enumerate(zip(sequences, PROMPTS)):
         expected, expected_logits = simulate(model, tokens, prompt, name, filled.sinks, filled.recent,
-                                             getattr(filled, "attention_weight", 0.0))
+                                             getattr(filled, "attention_weight", 0.0),
+                                             getattr(filled, "attention_decay", 0.0))
         got = [kept[row] for kept in history]
         assert got == expected, f"row {row}: kept sets after the prefill and each step differ"
         assert all(len(kept) == M for kept in got)  # prompts of 35-40 tokens: the prefill released
+        np.testing.assert_allclose(logits[row], expected_logits, atol=1e-4)
     if name == "random":  # a control must not be a recency rule in disguise, and its seed must matter
         other, _ = run_policy(model, sequences, make_policy(name, cache_size=M, prefill_chunk=CHUNK, seed=8), None)
         assert other[0] != history[0] and history[0][0] != list(range(PROMPTS[0] - M, PROMPTS[0]))
-        np.testing.assert_allclose(logits[row], expected_logits, atol=1e-4)
+
+
+def test_adore_decayed_attention_restarts_for_a_new_token_in_a_reused_slot():
+    """attention_decay: a slot keeps max(the block's last query's mass, gamma * its statistic), except a slot the
+    block wrote, whose new token starts from the latest mass alone."""
+    policy = Adore(cache_size=4, attention_decay=0.5)
+    ps = dataclasses.replace(H2O(cache_size=4).init_state(1, 6, 16), mass=jnp.array([[8.0, 1.0, 2.0, 7.0, 6.0, 0.0]]))
+    block = BlockInput(tokens=jnp.array([[1, 2]]), positions=jnp.array([[9, 10]]), slots=jnp.array([[3, 5]]),
+                       valid=jnp.array([[True, True]]))
+    mass = jnp.array([[[9.0, 9.0, 9.0, 9.0, 9.0, 9.0], [0.1, 2.0, 0.3, 0.4, 0.0, 0.2]]])  # [B, Q, S]
+    new = policy.update_state(ps, block, mass, jnp.ones((1,), jnp.int32))  # the last row's attention counts
+    np.testing.assert_allclose(np.asarray(new.mass), [[4.0, 2.0, 1.0, 0.4, 3.0, 0.2]], rtol=1e-6)
 
 
 def test_h2o_statistic_restarts_for_a_new_token_in_a_reused_slot():

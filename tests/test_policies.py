@@ -436,6 +436,10 @@ def test_chunked_prefill_memory_is_bounded_by_m_plus_chunk(tiny_model):
      "rebuild_margin must be >= 0; got -0.5"),
     (dict(policy="adore", cache_size=8, rebuild=2, rebuild_margin=1.0),
      "rebuild_margin applies to adaptive_rebuild=True"),
+    (dict(policy="adore", cache_size=8, attention_decay=1.0), r"attention_decay must be in \[0, 1\) .*got "
+     "attention_decay=1.0"),
+    (dict(policy="adore", cache_size=8, attention_decay=0.5, attention_weight=0.0),
+     "attention_decay must be .* needs attention_weight > 0; got attention_decay=0.5 with attention_weight=0.0"),
     (dict(policy="adore", cache_size=8, rebuild=2, rebuild_into_cache=False, max_admissions=1),
      "need rebuild \\(R\\) >= 1 and rebuild_into_cache=True"),
     (dict(policy="full", controller="x"), "controller= applies only to a policy that reads one"),

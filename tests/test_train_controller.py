@@ -221,3 +221,54 @@ def test_release_recall_follows_a_hand_assembled_history():
     labels[4, [3]] = True
     got = release_recall(logits, labels, 5, 2)
     np.testing.assert_allclose(got, [np.nan, np.nan, 1 / 2, 1 / 3, 1.0])
+
+
+def test_graded_bce_is_the_mean_bce_against_each_nested_set():
+    """labels counting 3 nested sets: the loss is the mean over pairs and sets of BCE(logit, key in set)."""
+    from adore_jax.controller import ControllerConfig
+    from adore_jax.train.controller_training import controller_loss, query_scores
+
+    rng = np.random.default_rng(6)
+    length, valid_length, sets = 10, 8, 3
+    config = ControllerConfig(embed_dim=6, width=8, hidden=8)
+    params = init_controller(config, jax.random.key(2))
+    embed = rng.normal(size=(20, 6)).astype(np.float32)
+    tokens = rng.integers(0, 20, (1, length)).astype(np.int32)
+    valid = np.arange(length)[None] < valid_length
+    counts = (np.tril(rng.integers(0, sets + 1, (length, length))) * (valid[0, :, None] & valid[0, None, :]))
+    batch = {"tokens": tokens, "valid": valid, "labels": counts[None].astype(np.uint8)}
+    queries = np.arange(length)
+    got, _ = controller_loss(config, params, embed, batch, queries, sets=sets)
+    states, features, _ = encode_sequence(config, params, embed[tokens], valid)
+    logits = np.asarray(query_scores(config, params, states, features, queries))[0]  # [T, T]
+    losses = []
+    for t in range(valid_length):
+        for i in range(t + 1):
+            for level in range(1, sets + 1):  # the set of the level-th largest K holds keys counted >= level
+                y = float(counts[t, i] >= level)
+                losses.append(max(logits[t, i], 0) - logits[t, i] * y + np.log1p(np.exp(-abs(logits[t, i]))))
+    assert float(got) == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def graded_labels(tmp_path_factory):  # tiny_labels' rows, graded by the top-8 and top-16 sets
+    directory = tmp_path_factory.mktemp("graded")
+    config = LabelsConfig(run_dir=str(directory), top_k=4, levels=(8, 16), batch_size=4, data=DataConfig(
+        dataset="news", seq_len=48, min_tokens=16, train_sequences=12, validation_sequences=4))
+    labels.run_labels(config, tiny_model())
+    return str(directory)
+
+
+def test_graded_run_is_held_out_on_its_top_k_set_and_refuses_listwise(tmp_path, tiny_labels, graded_labels):
+    model = tiny_model()
+    assert labels.read_meta(graded_labels)["levels"] == [8, 16]
+    summary = train_controller(_config(tmp_path / "graded", graded_labels, "controller.score_form=static"),
+                               model_params=model.params)
+    controller = load_controller(str(tmp_path / "graded" / "controller"), model.config.hidden_size)
+    # the same rows' ungraded labels are the top-4 set: the brute-force recall reads them
+    assert summary["eval_recall_controller@m=2K"] == pytest.approx(_held_out_recall(controller, tiny_labels, 8))
+    with pytest.raises(ValueError, match=r"are graded \(levels \[8, 16\]\): loss must be 'bce', not 'listwise'"):
+        train_controller(_config(tmp_path / "listwise", graded_labels, "loss=listwise"), model_params=model.params)
+    with pytest.raises(ValueError, match=r"have levels=\[8, 16\] but .* has \[\]: labels trained together must"):
+        train_controller(_config(tmp_path / "mixed", tiny_labels, f"more_labels_dirs=[{graded_labels}]"),
+                         model_params=model.params)

@@ -147,6 +147,50 @@ def test_ranked_future_need_labels_equal_brute_force(form, horizon):
     np.testing.assert_array_equal(got[1].sum(-1), np.minimum(np.arange(length) + 1, top_k))
 
 
+@pytest.mark.parametrize("form,horizon", [("max", 0), ("max", 6), ("union", 4)])
+def test_graded_labels_count_the_nested_top_k_sets(form, horizon):
+    """levels: a key's label is how many of the top-K sets (K = top_k and each level) hold it, each set
+    the brute-force one of its K."""
+    model = tiny_model()
+    length, valid_length, top_k, levels = 24, 19, 3, (6, 10)
+    tokens, valid = padded_batch(4, valid_length, length)
+    got, hits = labels.label_pass_jit(model.params, model.config, tokens, valid, top_k=top_k, horizon=horizon,
+                                      future_need=form, levels=levels, cache_sizes=(4,))
+    plain, plain_hits = labels.label_pass_jit(model.params, model.config, tokens, valid, top_k=top_k,
+                                              horizon=horizon, future_need=form, cache_sizes=(4,))
+    got = np.asarray(got)
+    for b, n in enumerate((valid_length, length)):
+        probs = numpy_attention(model.params, model.config, tokens[b, :n])
+        want = np.zeros((n, n), np.uint8)
+        for k in (top_k, *levels):
+            if form == "union":
+                now = brute_force_labels(probs, k, "mean")
+                want += np.array([[now[t:t + horizon + 1, i].any() and i <= t for i in range(n)]
+                                  for t in range(n)], np.uint8)
+            else:
+                future = brute_force_future_statistic(probs.mean((0, 1)), horizon, "max")
+                for t in range(n):
+                    want[t, np.argsort(-future[t, :t + 1])[:k]] += 1
+        np.testing.assert_array_equal(got[b, :n, :n], want)
+        assert not got[b, n:].any() and not got[b, :, n:].any()
+    assert set(np.unique(got)) == {0, 1, 2, 3}, "some grade never occurs: the test proves little"
+    np.testing.assert_array_equal(got == 3, np.asarray(plain) == 1)  # the top-K set is the ungraded label
+    np.testing.assert_array_equal(hits, plain_hits)  # the H2O baseline counts the top-K set
+
+
+def test_levels_must_be_larger_increasing_k_values(tmp_path):
+    import dataclasses
+    model = tiny_model()
+    tokens, valid = np.ones((1, 8), np.int32), np.ones((1, 8), bool)
+    for bad in ((2,), (6, 4), (3, 3)):
+        with pytest.raises(ValueError, match=r"levels must increase and exceed top_k=3; got \["):
+            labels.label_pass(model.params, model.config, tokens, valid, top_k=3, levels=bad)
+    with pytest.raises(ValueError, match="levels grade a ranking: they need aggregation 'mean' or 'max'"):
+        labels.label_pass(model.params, model.config, tokens, valid, top_k=2, levels=(4,), aggregation="union")
+    with pytest.raises(ValueError, match="levels=100 must be between 1 and the sequence length 64"):
+        labels.run_labels(dataclasses.replace(_config(tmp_path), levels=(8, 100)), model)
+
+
 def test_ranked_future_need_needs_a_statistic():
     model = tiny_model()
     tokens, valid = np.ones((1, 8), np.int32), np.ones((1, 8), bool)
@@ -160,13 +204,18 @@ def test_ranked_future_need_needs_a_statistic():
 def test_records_are_compact_and_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     mask = np.tril(rng.random((30, 30)) < 0.2)
-    offsets, indices = labels.mask_to_csr(mask)
+    graded = mask * rng.integers(1, 4, (30, 30)).astype(np.uint8)
+    offsets, indices, _ = labels.mask_to_csr(mask)
     record = labels.encode_record(np.arange(30), offsets, indices, np.zeros((30, 2)))
     path = str(tmp_path / "x.array_record")
-    assert labels.write_records(path, [record, record]) == 2
-    back = labels.LabelSource(path)[1]
-    assert back["indices"].dtype == np.uint16 and len(back["indices"]) == mask.sum()
+    offsets, indices, counts = labels.mask_to_csr(graded)
+    graded_record = labels.encode_record(np.arange(30), offsets, indices, np.zeros((30, 2)), counts)
+    assert labels.write_records(path, [record, graded_record]) == 2
+    back = labels.LabelSource(path)[0]
+    assert back["indices"].dtype == np.uint16 and len(back["indices"]) == mask.sum() and "counts" not in back
     np.testing.assert_array_equal(labels.csr_to_mask(back["offsets"], back["indices"], 30), mask)
+    back = labels.LabelSource(path)[1]
+    np.testing.assert_array_equal(labels.csr_to_mask(back["offsets"], back["indices"], 30, back["counts"]), graded)
 
 
 def _config(tmp_path, **data):

@@ -61,6 +61,8 @@ class LabelsConfig:
     dtype: str = "float32"
     data: DataConfig = DataConfig()
     top_k: int = 32  # K: keys labelled per query
+    levels: tuple = ()  # larger K values grading the labels: a key's target is the share of the nested top-K
+    # sets (top_k, *levels) that hold it (see adore_jax.train.labels)
     horizon: int = 0  # future need over queries [t, t + horizon] (0: query t only; see adore_jax.train.labels)
     future_need: str = "union"  # with horizon > 0: "union" (any of those queries' top-K), "max" (top-K of the
     # max attention over them) or "discounted" (top-K of the attention summed with weight exp(-(t' - t) / horizon))

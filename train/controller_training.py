@@ -1,5 +1,9 @@
 """Train the ADORE controller on top-K labels (ADORE.md 2): BCE over all pairs i <= t, or a listwise loss.
 
+Graded labels (`adore labels` with levels: nested top-K sets for K = top_k, *levels) train the BCE on
+the share of the sets that hold each key, which is the mean BCE against each set's labels; the held-out
+metrics and the listwise loss use the top_k set.
+
     summary = train_controller(load_config(ControllerTrainConfig, "configs/train_controller_smollm2.yaml"))
 
 Held-out metrics, per cache size m (= K x the labels' eval_cache_multiples), over the queries t
@@ -32,7 +36,8 @@ from pallas_kernels import kth_largest
 
 
 class DenseLabels(grain.transforms.Map):
-    """A decoded label record -> fixed-shape arrays of padded length T."""
+    """A decoded label record -> fixed-shape arrays of padded length T (labels: uint8 counts of the nested
+    top-K sets holding each key, 1 for every label of ungraded records)."""
 
     def __init__(self, length: int):
         self.length = length
@@ -42,8 +47,8 @@ class DenseLabels(grain.transforms.Map):
         tokens = np.zeros(t, np.int32)
         tokens[:n] = record["tokens"]
         valid = np.arange(t) < n
-        labels = np.zeros((t, t), bool)
-        labels[:n, :n] = label_io.csr_to_mask(record["offsets"], record["indices"], n)
+        labels = np.zeros((t, t), np.uint8)
+        labels[:n, :n] = label_io.csr_to_mask(record["offsets"], record["indices"], n, record.get("counts"))
         hits = np.zeros((t, record["h2o_hits"].shape[1]), np.int32)
         hits[:n] = record["h2o_hits"]
         return {"tokens": tokens, "valid": valid, "labels": labels, "h2o_hits": hits}
@@ -88,27 +93,30 @@ def pair_mask(valid, query_index):
     return (keys[None, None, :] <= query_index[None, :, None]) & valid[:, None, :] & valid[:, query_index, None]
 
 
-def controller_loss(config: ControllerConfig, params, embed, batch, query_index, positive_weight=1.0, loss="bce"):
+def controller_loss(config: ControllerConfig, params, embed, batch, query_index, positive_weight=1.0, loss="bce",
+                    sets=1):
     """The training loss over the pairs (t in query_index, i <= t) of real tokens. Returns (loss, metrics).
 
-    bce       mean binary cross-entropy of every pair (label-1 pairs weighted by positive_weight);
-    listwise  per query, the mean over its label keys of -log softmax(scores over keys i <= t): the labels
-              must outrank the rest of the history, which is what a top-m cache decides.
+    batch["labels"] [B,T,T]: how many of the `sets` nested top-K sets hold each key (0 or 1 ungraded).
+    bce       mean binary cross-entropy of every pair against that count / sets (pairs in any set weighted
+              by positive_weight);
+    listwise  per query, the mean over its top_k keys (in every set) of -log softmax(scores over keys
+              i <= t): the labels must outrank the rest of the history, which is what a top-m cache decides.
     """
     x = jax.lax.stop_gradient(embed[batch["tokens"]])  # the LLM's frozen input embeddings [B,T,E]
     states, features, _ = encode_sequence(config, params, x, batch["valid"])
     logits = query_scores(config, params, states, features, query_index)  # [B,Q,T]
-    targets = batch["labels"][:, query_index, :]
+    counts = batch["labels"][:, query_index, :]
     mask = pair_mask(batch["valid"], query_index)
     if loss == "listwise":
         logp = jax.nn.log_softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
-        positives = targets & mask
+        positives = (counts == sets) & mask
         count = jnp.sum(positives, axis=-1)  # [B,Q]
         per_query = -jnp.sum(jnp.where(positives, logp, 0.0), axis=-1) / jnp.maximum(count, 1)
         value = jnp.sum(per_query) / jnp.maximum(jnp.sum(count > 0), 1)
         return value, {"loss": value}
-    weight = jnp.where(targets, positive_weight, 1.0) * mask
-    bce = optax.sigmoid_binary_cross_entropy(logits, targets.astype(jnp.float32))
+    weight = jnp.where(counts > 0, positive_weight, 1.0) * mask
+    bce = optax.sigmoid_binary_cross_entropy(logits, counts.astype(jnp.float32) / sets)
     value = jnp.sum(bce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
     return value, {"loss": value}
 
@@ -120,12 +128,13 @@ def sample_queries(key, length: int, count: int):
 
 
 def make_train_step(config: ControllerConfig, optimizer, queries: int, positive_weight: float, seed: int,
-                    loss: str = "bce"):
+                    loss: str = "bce", sets: int = 1):
     def train_step(state, embed, batch, step):
         query_index = sample_queries(jax.random.fold_in(jax.random.key(seed), step), batch["tokens"].shape[1],
                                      queries)
         grad_fn = jax.value_and_grad(controller_loss, argnums=1, has_aux=True)
-        (_, metrics), grads = grad_fn(config, state["params"], embed, batch, query_index, positive_weight, loss)
+        (_, metrics), grads = grad_fn(config, state["params"], embed, batch, query_index, positive_weight, loss,
+                                        sets)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -133,10 +142,10 @@ def make_train_step(config: ControllerConfig, optimizer, queries: int, positive_
     return train_step
 
 
-def eval_counts(config: ControllerConfig, params, embed, batch, cache_sizes):
-    """Per-query counts for the held-out metrics: dict of [B,T] / [B,T,M] arrays."""
+def eval_counts(config: ControllerConfig, params, embed, batch, cache_sizes, sets=1):
+    """Per-query counts for the held-out metrics, against the top_k set: dict of [B,T] / [B,T,M] arrays."""
     x = embed[batch["tokens"]]
-    valid, labels = batch["valid"], batch["labels"]
+    valid, labels = batch["valid"], batch["labels"] == sets
     states, features, _ = encode_sequence(config, params, x, valid)
     logits = pairwise_scores(config, params, states, features)  # [B,T,T]
     length = valid.shape[1]
@@ -178,8 +187,8 @@ def release_recall(logits, labels, length: int, cache_size: int):
     return out
 
 
-def evaluate(eval_fn, params, embed, batches, cache_sizes, top_k):
-    """Aggregate held-out metrics over batches (see the module doc)."""
+def evaluate(eval_fn, params, embed, batches, cache_sizes, top_k, sets=1):
+    """Aggregate held-out metrics over batches (see the module doc), against the top_k set."""
     sums = {}
     recall = {name: {m: [] for m in cache_sizes} for name in ("controller", "recency", "h2o", "release")}
     precision = {m: [] for m in cache_sizes}
@@ -196,7 +205,7 @@ def evaluate(eval_fn, params, embed, batches, cache_sizes, top_k):
             recall["h2o"][m].append((batch["h2o_hits"][..., j] / n)[use])
             precision[m].append((counts["hits"][..., j] / m)[use])
             for b, length in enumerate(batch["valid"].sum(axis=1)):
-                history = release_recall(counts["logits"][b], batch["labels"][b], int(length), m)
+                history = release_recall(counts["logits"][b], batch["labels"][b] == sets, int(length), m)
                 recall["release"][m].append(history[~np.isnan(history)])
     metrics = {
         "eval_loss": sums["bce_sum"] / max(sums["pairs"], 1),
@@ -234,6 +243,10 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
     mesh = sharding.make_mesh(config.mesh)
     meta, train_source, eval_source = label_io.combined_labels((config.labels_dir, *config.more_labels_dirs))
     length, top_k = meta["seq_len"], meta["top_k"]
+    sets = 1 + len(meta.get("levels", ()))  # nested top-K sets of graded labels
+    if sets > 1 and config.loss != "bce":
+        raise ValueError(f"labels in {config.labels_dir!r} are graded (levels {meta['levels']}): loss must be "
+                         f"'bce', not {config.loss!r}")
     cache_sizes = tuple(meta["cache_sizes"])
     if model_params is None:
         from adore_jax import load_model
@@ -261,9 +274,9 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
     record_config(config, run_dir, resumed=bool(start))
 
     step_fn = jax.jit(make_train_step(ccfg, optimizer, config.queries_per_sequence, config.positive_weight,
-                                      config.seed, config.loss),
+                                      config.seed, config.loss, sets),
                       out_shardings=(state_shardings, None), donate_argnums=0)
-    counts_fn = jax.jit(lambda p, e, b: eval_counts(ccfg, p, e, b, cache_sizes),
+    counts_fn = jax.jit(lambda p, e, b: eval_counts(ccfg, p, e, b, cache_sizes, sets),
                         out_shardings=sharding.replicated(mesh))
 
     def eval_fn(params, embed, batch):  # every process evaluates every held-out row
@@ -273,7 +286,7 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
 
     def run_eval(step, state):
         metrics = evaluate(eval_fn, state["params"], embed, eval_batches(eval_source, length, config.eval_sequences),
-                           cache_sizes, top_k)
+                           cache_sizes, top_k, sets)
         return log.log(step, **metrics)
 
     def train_step(state, batch, step):

@@ -14,12 +14,17 @@ row's last query:
   max         the top-K keys of max over t' in [t, t + H] of the statistic at (t', i): exactly
               the ranking of FINDINGS.md's perfect future-need scorer, K keys per query;
   discounted  the top-K keys of sum over t' >= t of exp(-(t' - t) / H) times the statistic at (t', i).
+Graded labels (`levels`, larger K values): the same ranking cut at each K gives nested sets, and a
+key's label counts the sets that hold it (the controller's BCE target is that count over their number:
+the mean BCE against every set's labels, so the ranking is trained down to the largest K, which a
+cache of m comparable to it needs).
 The same pass records, for the evaluation, how many label keys an H2O-style cache of size m would keep: its score is the
 accumulated mean attention sum_{s<=t} A[s, i] (computed here from full attention, so it is an
 optimistic H2O that never lost a token it later wanted).
 
 Labels are stored compactly, one ArrayRecord record per sequence (see `encode_record`): the
-tokens and, per query, a CSR list of label key indices — O(T K), never a [T, T] mask.
+tokens and, per query, a CSR list of label key indices — O(T K), never a [T, T] mask — with each
+key's count of sets when the labels are graded.
 """
 import io
 import json
@@ -92,8 +97,9 @@ def top_k_mask(stat, allowed, top_k: int):
     return allowed & (stat >= kth_largest(stat, top_k)[..., None])
 
 
-def check_target(aggregation: str, future_need: str) -> None:
-    """The label target's options: named errors for unknown ones and for a ranked future need of a union."""
+def check_target(aggregation: str, future_need: str, top_k: int = 1, levels: tuple = ()) -> None:
+    """The label target's options: named errors for unknown ones, for a ranked future need of a union and for
+    levels that are not K values above top_k in increasing order."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {aggregation!r}")
     if future_need not in FUTURE_NEEDS:
@@ -101,17 +107,22 @@ def check_target(aggregation: str, future_need: str) -> None:
     if future_need != "union" and aggregation == "union":
         raise ValueError(f"future_need={future_need!r} ranks a statistic: it needs aggregation 'mean' or 'max', "
                          "not 'union'")
+    if levels and aggregation == "union":
+        raise ValueError("levels grade a ranking: they need aggregation 'mean' or 'max', not 'union'")
+    if any(k <= below for below, k in zip((top_k, *levels), levels)):
+        raise ValueError(f"levels must increase and exceed top_k={top_k}; got {list(levels)}")
 
 
 def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = "mean",
-               cache_sizes: tuple = (), horizon: int = 0, future_need: str = "union"):
+               cache_sizes: tuple = (), horizon: int = 0, future_need: str = "union", levels: tuple = ()):
     """tokens [B,T] int32, valid [B,T] bool (real tokens first, padding after).
 
-    Returns (labels [B,T,T] bool: key i is in query t's top-K set, or with horizon H > 0 a future-need
-    label of the `future_need` form (module doc); h2o_hits [B,T,len(cache_sizes)] int32: label keys
-    inside the top-m of accumulated attention, per cache size m).
+    Returns (labels [B,T,T] uint8: 1 where key i is in query t's top-K set, or with horizon H > 0 a
+    future-need label of the `future_need` form (module doc); with levels, how many of the nested sets of
+    K = top_k, *levels hold it, so 1 + len(levels) marks the top_k set; h2o_hits [B,T,len(cache_sizes)]
+    int32: keys of the top_k set inside the top-m of accumulated attention, per cache size m).
     """
-    check_target(aggregation, future_need)
+    check_target(aggregation, future_need, top_k, levels)
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
@@ -122,7 +133,7 @@ def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = 
     allowed = attention_mask(length, valid.astype(jnp.int32)) & valid[:, None, :]  # [B,T,T]
     mean = sum(s.astype(jnp.float32) for s in stats) / len(stats) if aggregation != "union" else None
     if aggregation == "union":
-        labels = union_over_horizon(allowed & jnp.any(jnp.stack(stats), axis=0), allowed, horizon)
+        sets = [union_over_horizon(allowed & jnp.any(jnp.stack(stats), axis=0), allowed, horizon)]
     else:
         stat = mean if aggregation == "mean" else jnp.max(jnp.stack(stats), axis=0)
         real_queries = valid[:, :, None]  # padding queries never count as future need
@@ -130,9 +141,10 @@ def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = 
             stat = window_max(jnp.where(real_queries, stat, -1.0), horizon)
         elif horizon and future_need == "discounted":
             stat = discounted_future(jnp.where(real_queries, stat, 0.0), horizon)
-        labels = top_k_mask(stat, allowed, top_k)
+        sets = [top_k_mask(stat, allowed, k) for k in (top_k, *levels)]
         if future_need == "union":
-            labels = union_over_horizon(labels, allowed, horizon)
+            sets = [union_over_horizon(labels, allowed, horizon) for labels in sets]
+    labels = sets[0]  # the top_k set: inside every larger one
     hits = []
     if cache_sizes:
         if mean is None:  # union: the accumulated-attention baseline still needs mean attention
@@ -142,7 +154,7 @@ def label_pass(params, config, tokens, valid, *, top_k: int, aggregation: str = 
             kept = allowed & (accumulated >= kth_largest(accumulated, m)[..., None])
             hits.append(jnp.sum(labels & kept, axis=-1))
     hits = jnp.stack(hits, axis=-1).astype(jnp.int32) if hits else jnp.zeros((batch, length, 0), jnp.int32)
-    return labels, hits
+    return sum(labels.astype(jnp.uint8) for labels in sets), hits
 
 
 def _mean_attention(params, config, tokens, valid):
@@ -157,35 +169,39 @@ def _mean_attention(params, config, tokens, valid):
 
 
 label_pass_jit = jax.jit(label_pass, static_argnames=("config", "top_k", "aggregation", "cache_sizes", "horizon",
-                                                     "future_need"))
+                                                     "future_need", "levels"))
 
 
 def mask_to_csr(mask):
-    """[T, T] bool -> (offsets [T+1] int32, indices [nnz] int32), row t listing its keys."""
+    """[T, T] counts (or bool) -> (offsets [T+1] int32, indices [nnz] int32, counts [nnz] uint8), row t
+    listing its nonzero keys and their counts."""
     rows, cols = np.nonzero(mask)
     offsets = np.zeros(mask.shape[0] + 1, np.int64)
     np.add.at(offsets, rows + 1, 1)
-    return np.cumsum(offsets).astype(np.int32), cols.astype(np.int32)
+    return np.cumsum(offsets).astype(np.int32), cols.astype(np.int32), np.asarray(mask[rows, cols], np.uint8)
 
 
-def csr_to_mask(offsets, indices, length):
-    """Inverse of `mask_to_csr`: -> [length, length] bool."""
-    mask = np.zeros((length, length), bool)
+def csr_to_mask(offsets, indices, length, counts=None):
+    """Inverse of `mask_to_csr`: -> [length, length] uint8 counts (1 for every listed key without counts)."""
+    mask = np.zeros((length, length), np.uint8)
     rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    mask[rows, indices] = True
+    mask[rows, indices] = 1 if counts is None else counts
     return mask
 
 
-def encode_record(tokens, offsets, indices, h2o_hits) -> bytes:
-    """One sequence's labels as bytes (an .npz): tokens [n], CSR offsets [n+1]/indices, h2o_hits [n, M]."""
+def encode_record(tokens, offsets, indices, h2o_hits, counts=None) -> bytes:
+    """One sequence's labels as bytes (an .npz): tokens [n], CSR offsets [n+1]/indices, h2o_hits [n, M] and,
+    for graded labels, the counts [nnz] of the listed keys."""
     buffer = io.BytesIO()
     index_dtype = np.uint16 if len(tokens) <= np.iinfo(np.uint16).max else np.int32
+    graded = {} if counts is None else {"counts": np.asarray(counts, np.uint8)}
     np.savez(buffer, tokens=np.asarray(tokens, np.int32), offsets=np.asarray(offsets, np.int32),
-             indices=np.asarray(indices).astype(index_dtype), h2o_hits=np.asarray(h2o_hits, np.int16))
+             indices=np.asarray(indices).astype(index_dtype), h2o_hits=np.asarray(h2o_hits, np.int16), **graded)
     return buffer.getvalue()
 
 
 def decode_record(data: bytes) -> dict:
+    """-> tokens, offsets, indices, h2o_hits and, for graded labels, counts."""
     with np.load(io.BytesIO(data)) as f:
         return {name: f[name] for name in f.files}
 
@@ -251,7 +267,7 @@ class ConcatSource:
 
 
 # What labels must share to train one controller on them together (seq_len may differ: rows are padded).
-SHARED_META = ("model", "top_k", "horizon", "future_need", "aggregation", "cache_sizes", "embed_shape")
+SHARED_META = ("model", "top_k", "levels", "horizon", "future_need", "aggregation", "cache_sizes", "embed_shape")
 
 
 def combined_labels(directories):
@@ -274,7 +290,7 @@ def combined_labels(directories):
 
 
 def label_sequences(params, config, rows, *, top_k, aggregation="mean", cache_sizes=(), batch_size=1,
-                    progress=None, horizon=0, future_need="union"):
+                    progress=None, horizon=0, future_need="union", levels=()):
     """Label token rows (each a 1-D int32 array of one document, length <= T, padded to T here).
 
     rows: an iterable of arrays that all share the padded length T = len(row) of the first.
@@ -291,18 +307,20 @@ def label_sequences(params, config, rows, *, top_k, aggregation="mean", cache_si
             valid[b, :length] = True
         labels, hits = label_pass_jit(params, config, jnp.asarray(tokens), jnp.asarray(valid), top_k=top_k,
                                       aggregation=aggregation, cache_sizes=tuple(cache_sizes), horizon=horizon,
-                                      future_need=future_need)
+                                      future_need=future_need, levels=tuple(levels))
         labels, hits = np.asarray(labels), np.asarray(hits)
         out = []
         for b, length in enumerate(lengths):
-            offsets, indices = mask_to_csr(labels[b, :length, :length])
-            out.append(encode_record(tokens[b, :length], offsets, indices, hits[b, :length]))
+            offsets, indices, counts = mask_to_csr(labels[b, :length, :length])
+            out.append(encode_record(tokens[b, :length], offsets, indices, hits[b, :length],
+                                     counts if levels else None))
         return out
 
     lengths = []
     for row, length in rows:
-        if top_k > len(row):
-            raise ValueError(f"top_k={top_k} is larger than the sequence length {len(row)}")
+        if max((top_k, *levels)) > len(row):
+            raise ValueError(f"top_k={top_k} and levels={list(levels)} must not exceed the sequence length "
+                             f"{len(row)}")
         pending.append(row)
         lengths.append(length)
         if len(pending) == batch_size:
@@ -362,9 +380,10 @@ def run_labels(config, model=None) -> dict:
     from adore_jax.train.config import save_config
 
     data = config.data
-    check_target(config.aggregation, config.future_need)
-    if config.top_k < 1 or config.top_k > data.seq_len:
-        raise ValueError(f"top_k={config.top_k} must be between 1 and the sequence length {data.seq_len}")
+    check_target(config.aggregation, config.future_need, config.top_k, config.levels)
+    for name, k in (("top_k", config.top_k), *(("levels", k) for k in config.levels)):
+        if k < 1 or k > data.seq_len:
+            raise ValueError(f"{name}={k} must be between 1 and the sequence length {data.seq_len}")
     if not 0 <= config.horizon < data.seq_len:
         raise ValueError(f"horizon={config.horizon} must be in [0, seq_len={data.seq_len})")
     if data.min_tokens > data.seq_len:
@@ -383,14 +402,15 @@ def run_labels(config, model=None) -> dict:
             records = label_sequences(model.params, model.config, rows, top_k=config.top_k,
                                       aggregation=config.aggregation, cache_sizes=cache_sizes,
                                       batch_size=config.batch_size, progress=progress, horizon=config.horizon,
-                                      future_need=config.future_need)
+                                      future_need=config.future_need, levels=config.levels)
             path = os.path.join(run_dir, f"{split}.array_record")
             counts[split] = write_records(path, records)
         if counts[split] == 0:
             raise ValueError(f"dataset {data.dataset!r} split {split!r} gave no rows of at least "
                              f"{data.min_tokens} tokens: the dataset is empty")
     meta = {"model": config.model, "dataset": data.dataset, "seq_len": data.seq_len, "top_k": config.top_k,
-            "horizon": config.horizon, "future_need": config.future_need, "aggregation": config.aggregation,
+            "levels": list(config.levels), "horizon": config.horizon, "future_need": config.future_need,
+            "aggregation": config.aggregation,
             "cache_sizes": list(cache_sizes), "sequences": counts,
             "embed_shape": list(model.params["embed"].shape), "wall_s": round(time.time() - start, 1)}
     write_meta(run_dir, meta)

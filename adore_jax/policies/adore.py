@@ -23,7 +23,10 @@ picks its rebuild block before its own forward).
 With `attention_weight` beta > 0 (default 0.5) a cached token's score adds beta * log(attention mass the block's
 last query gave it) (TOVA's statistic, summed over layers and heads; beyond the paper): the
 controller predicts what the text will need, the attention says what the model uses now. Rebuild
-candidates have no current attention and are ranked by the controller alone.
+candidates have no current attention and are ranked by the controller alone. With `attention_decay`
+gamma > 0 the statistic is a decaying maximum instead: after each block, a slot keeps
+max(latest mass, gamma * its previous statistic), so a token the model attended a few steps ago is not
+released because the latest query happened to ignore it (a token newly written to a slot starts afresh).
 """
 import dataclasses
 from typing import Optional
@@ -69,6 +72,8 @@ class Adore(BoundedPolicy):
     max_admissions: Optional[int] = None  # at most this many rebuilt tokens stay per step (the best scored)
     attention_weight: float = 0.5  # beta: a cached token's score adds beta * log(its latest attention mass); 0.5
     # was chosen on held-out documents (README, "The attention term"); 0 turns it off
+    attention_decay: float = 0.0  # gamma in [0, 1): the attention term reads max(latest mass, gamma * previous
+    # statistic) per block instead of the latest mass alone (0: the latest, TOVA's statistic)
     rebuild_max_distance: Optional[int] = None  # only released tokens at most this far back may be rebuilt
     rebuild_by: str = "controller"  # rank rebuild candidates by the controller, or by "attention": the model's
     # attention logits at retrieval_layer for the latest query
@@ -107,6 +112,9 @@ class Adore(BoundedPolicy):
                              f"{self.rebuild_max_distance} with R={self.rebuild}")
         if not self.attention_weight >= 0:
             raise ValueError(f"attention_weight must be >= 0; got {self.attention_weight}")
+        if not 0 <= self.attention_decay < 1 or (self.attention_decay and not self.attention_weight):
+            raise ValueError(f"attention_decay must be in [0, 1) and needs attention_weight > 0; got "
+                             f"attention_decay={self.attention_decay} with attention_weight={self.attention_weight}")
         if not self.rebuild_margin >= 0:
             raise ValueError(f"rebuild_margin must be >= 0; got {self.rebuild_margin}")
         if self.rebuild_margin and not self.adaptive_rebuild:
@@ -189,11 +197,16 @@ class Adore(BoundedPolicy):
         return jnp.full((positions.shape[0], n), -jnp.inf).at[rows(positions.shape[0]), positions].set(scores)
 
     def update_state(self, ps, block, mass, last_row, tapped=None):
-        """With attention_weight: keep the attention mass [B, S] the block's last valid query gave each slot.
-        With rebuild_by="attention": store the keys of the block's tokens seen for the first time (a rebuilt
-        token keeps the key of its first pass) and the last valid row's queries."""
+        """With attention_weight: keep the attention mass [B, S] the block's last valid query gave each slot
+        (with attention_decay gamma, the max of it and gamma times the slot's previous statistic, reset for
+        slots this block wrote). With rebuild_by="attention": store the keys of the block's tokens seen for the
+        first time (a rebuilt token keeps the key of its first pass) and the last valid row's queries."""
         if self.needs_mass:
-            ps = dataclasses.replace(ps, mass=jnp.take_along_axis(mass, last_row[:, None, None], axis=1)[:, 0])
+            latest = jnp.take_along_axis(mass, last_row[:, None, None], axis=1)[:, 0]  # [B, S]
+            if self.attention_decay:
+                written = jnp.zeros(ps.mass.shape, bool).at[rows(mass.shape[0]), block.slots].set(True)
+                latest = jnp.maximum(latest, self.attention_decay * jnp.where(written, 0.0, ps.mass))
+            ps = dataclasses.replace(ps, mass=latest)
         if tapped is None:
             return ps
         query, keys = tapped  # [B, Q, H, D], [B, Q, G, D]
