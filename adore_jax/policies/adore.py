@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from adore_jax import controller as ctrl
-from adore_jax.policies.base import BoundedPolicy, PolicyState, rows
+from adore_jax.policies.base import BoundedPolicy, PolicyState, rows, written_slots
 
 MASS_FLOOR = 1e-6  # log(mass + floor): a slot the query ignored gets a finite score
 REBUILD_SCORERS = ("controller", "attention")
@@ -204,7 +204,7 @@ class Adore(BoundedPolicy):
         if self.needs_mass:
             latest = jnp.take_along_axis(mass, last_row[:, None, None], axis=1)[:, 0]  # [B, S]
             if self.attention_decay:
-                written = jnp.zeros(ps.mass.shape, bool).at[rows(mass.shape[0]), block.slots].set(True)
+                written = written_slots(block, ps.mass.shape[1])
                 latest = jnp.maximum(latest, self.attention_decay * jnp.where(written, 0.0, ps.mass))
             ps = dataclasses.replace(ps, mass=latest)
         if tapped is None:

@@ -54,6 +54,12 @@ def rows(batch: int):
     return jnp.arange(batch)[:, None]  # [B, 1] batch index for per-row scatters
 
 
+def written_slots(block, num_slots: int):
+    """[B, S] bool: the slots a block wrote, which hold new tokens (a per-slot statistic starts afresh there)."""
+    batch = block.slots.shape[0]
+    return jnp.zeros((batch, num_slots), bool).at[rows(batch), block.slots].set(True)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CachePolicy:
     """The protocol (see the module doc) with the defaults of a policy that keeps every token."""

@@ -8,7 +8,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from adore_jax.policies.base import BoundedPolicy, rows
+from adore_jax.policies.base import BoundedPolicy, written_slots
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -23,7 +23,7 @@ class H2O(BoundedPolicy):
         """mass [B, Q, S]: each block query's attention per slot. A slot written by this block starts
         from zero (it holds a new token); every slot then adds what the block's queries gave it."""
         mass = mass * block.valid[:, :, None]
-        written = jnp.zeros(ps.mass.shape, bool).at[rows(mass.shape[0]), block.slots].set(True)
+        written = written_slots(block, ps.mass.shape[1])
         return dataclasses.replace(ps, mass=jnp.where(written, 0.0, ps.mass) + jnp.sum(mass, axis=1))
 
     def slot_scores(self, cache, ps, token_scores):
