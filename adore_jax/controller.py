@@ -1,6 +1,8 @@
-"""The ADORE controller: a GRU over the LLM's frozen token embeddings that scores every past token.
+"""The ADORE controller: a GRU over the LLM's frozen token representations that scores every past token.
 
-    u_i = x_i W_in + b_in                        (x_i: the LLM's input embedding of token i)
+    u_i = x_i W_in + b_in                        (x_i: the LLM's input embedding of token i, or with
+                                                  input_layer = l its hidden state after the first l
+                                                  layers through the final norm, as a logit lens reads it)
     z_i = GRU(u_i, z_{i-1})
     static:       s_i     = MLP(p_i + z_i)
     query_aware:  s_{t,i} = MLP(p_{t-i} + z_i, z_t) = w_2 . relu(W_1 (p_{t-i} + z_i) + U z_t + b_1) + b_2
@@ -39,6 +41,8 @@ class ControllerConfig:
     max_positions: int = 8192  # table size of a learned position embedding
     buckets: int = 64  # log_buckets: table rows; 64 reach distance ~16 * 2^12 before clipping
     content_dim: int = 0  # d of the bilinear query-key term (query_aware only); 0: no such term
+    input_layer: Optional[int] = None  # x_i: None, the input embedding; l >= 1, the hidden state after l layers
+    # (the decode loop taps it from the token's own forward pass, so the controller sees it after that pass)
 
     def __post_init__(self):
         if self.score_form not in SCORE_FORMS:
@@ -49,6 +53,9 @@ class ControllerConfig:
         for name in ("embed_dim", "width", "hidden", "max_positions", "buckets"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"controller {name} must be >= 1; got {getattr(self, name)}")
+        if self.input_layer is not None and (isinstance(self.input_layer, bool) or self.input_layer < 1):
+            raise ValueError(f"controller input_layer must be None (input embeddings) or a layer count >= 1; "
+                             f"got {self.input_layer!r}")
         if self.content_dim < 0 or (self.content_dim and self.score_form != "query_aware"):
             raise ValueError(f"controller content_dim must be >= 0, and 0 unless score_form='query_aware'; "
                              f"got {self.content_dim} with score_form={self.score_form!r}")

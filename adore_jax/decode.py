@@ -16,6 +16,9 @@ block at their original positions (RoPE at absolute positions: a rebuilt token's
 would have had if never released, up to the context it now sees); then the policy sees the block's
 attention, and the cache keeps its m best slots — rebuilt rows the policy does not admit
 (`rebuild_into_cache=False`: none) are freed first, so they serve one step only.
+A block's tokens are observed after its forward pass (a controller with `input_layer` reads their hidden
+states from it), except that a rebuild step's current token is observed before it when the controller
+reads input embeddings, so that its rebuild choice already sees the current token.
 """
 import dataclasses
 import functools
@@ -68,14 +71,22 @@ def position_limit(plan: DecodePlan, cache: kv_cache.KVCache, ps: PolicyState) -
     return None
 
 
+def controller_layer(plan) -> Optional[int]:
+    """The layer count after which the controller reads each token's hidden state (None: it reads the input
+    embeddings, so it can see a token before the token's forward pass; or there is no controller)."""
+    return None if plan.controller is None else plan.controller.input_layer
+
+
 def _run_block(plan, params, cache, ps, block, last_row):
-    """Forward a block and let the policy see its attention. Returns (hidden [B, Q, E], cache, ps)."""
+    """Forward a block and let the policy see its attention.
+
+    Returns (hidden [B, Q, E], cache, ps, the controller's input hidden states [B, Q, E] or None)."""
     policy = plan.policy
-    hidden, cache, mass, tapped = forward_block(params, plan.model, cache, block,
-                                                attention=policy.attention(plan.attention_impl),
-                                                collect_mass=policy.needs_mass, cache_update=policy.cache_update,
-                                                tap_layer=policy.tap_layer(plan.model))
-    return hidden, cache, policy.update_state(ps, block, mass, last_row, tapped)
+    hidden, cache, mass, tapped, layer_hidden = forward_block(
+        params, plan.model, cache, block, attention=policy.attention(plan.attention_impl),
+        collect_mass=policy.needs_mass, cache_update=policy.cache_update, tap_layer=policy.tap_layer(plan.model),
+        hidden_after=controller_layer(plan))
+    return hidden, cache, policy.update_state(ps, block, mass, last_row, tapped), layer_hidden
 
 
 def block_for(plan, cache, tokens, positions, valid):
@@ -108,11 +119,11 @@ def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, ch
         valid = positions < lengths[:, None]
         last_row = jnp.clip(lengths - 1 - start, 0, chunk - 1)  # [B] last valid row in this chunk
         current = jnp.minimum(start + chunk, lengths) - 1  # [B] position of that row
-        ps = policy.observe(ps, ctx, chunk_tokens, positions, valid)
-        # the release after the chunk ranks only the cached tokens and the chunk's
-        token_scores = policy.token_scores(ps, ctx, current, jnp.concatenate([cache.slot_positions, positions], 1))
         block = block_for(plan, cache, chunk_tokens, positions, valid)
-        hidden, cache, ps = _run_block(plan, params, cache, ps, block, last_row)
+        hidden, cache, ps, layer_hidden = _run_block(plan, params, cache, ps, block, last_row)
+        ps = policy.observe(ps, ctx, chunk_tokens, positions, valid, layer_hidden)
+        # the release after the chunk ranks only the cached tokens, the chunk's among them now
+        token_scores = policy.token_scores(ps, ctx, current, cache.slot_positions)
         if policy.bounded:
             cache = release(policy, cache, ps, token_scores, current, max_evictions=chunk)
         is_last = positions == lengths[:, None] - 1  # [B, C]
@@ -150,22 +161,29 @@ def _decode_block(plan, params, ctx, cache, ps, token, position):
     policy = plan.policy
     batch = token.shape[0]
     current = BlockInput(token[:, None], position[:, None], None, jnp.ones((batch, 1), bool))
-    ps = policy.observe(ps, ctx, current.tokens, current.positions, current.valid)
-    # without rebuild only the cached tokens and the current one are ranked; rebuild ranks every released token
-    needed = None if policy.rebuild else jnp.concatenate([cache.slot_positions, current.positions], axis=1)
-    token_scores = policy.token_scores(ps, ctx, position, needed)
+    early = controller_layer(plan) is None  # the policy can see the current token before its forward pass
+
+    def observe_current(ps, layer_hidden):
+        return policy.observe(ps, ctx, current.tokens, current.positions, current.valid, layer_hidden)
 
     def current_only(cache, ps):
         block = block_for(plan, cache, current.tokens, current.positions, current.valid)
-        hidden, cache, ps = _run_block(plan, params, cache, ps, block, jnp.zeros((batch,), jnp.int32))
-        return hidden[:, -1], cache, ps
+        hidden, cache, ps, layer_hidden = _run_block(plan, params, cache, ps, block, jnp.zeros((batch,), jnp.int32))
+        return hidden[:, -1], cache, ps, None if layer_hidden is None else layer_hidden[:, -1:]
 
     rebuild = policy.rebuild
-    if rebuild == 0:
-        hidden, cache, ps = current_only(cache, ps)
+    if rebuild == 0:  # only the cached tokens are ranked (the current one among them), after the block
+        hidden, cache, ps, layer_hidden = current_only(cache, ps)
+        ps = observe_current(ps, layer_hidden)
         if policy.bounded:
-            cache = release(policy, cache, ps, token_scores, position, max_evictions=1)
+            cache = release(policy, cache, ps, policy.token_scores(ps, ctx, position, cache.slot_positions), position,
+                            max_evictions=1)
         return hidden, cache, ps, jnp.zeros((batch, 0), jnp.int32)
+    # rebuild ranks every released token before the block: a controller reading hidden states has not seen the
+    # current token yet, so it ranks with its state after the previous one, and ranks again for the release
+    if early:
+        ps = observe_current(ps, None)
+    token_scores = policy.token_scores(ps, ctx, position)
     picked, wanted = policy.rebuild_choice(cache, ps, token_scores, position)  # [B, R] each
     admitted = policy.admitted(cache, token_scores, picked, wanted)  # [B, R]: may stay in the cache
 
@@ -173,20 +191,23 @@ def _decode_block(plan, params, ctx, cache, ps, token, position):
         tokens = jnp.concatenate([jnp.take_along_axis(ps.token_ids, picked, axis=1), current.tokens], axis=1)
         positions = jnp.concatenate([picked, current.positions], axis=1)
         block = block_for(plan, cache, tokens, positions, jnp.concatenate([wanted, current.valid], axis=1))
-        hidden, cache, ps = _run_block(plan, params, cache, ps, block, jnp.full((batch,), rebuild))
+        hidden, cache, ps, layer_hidden = _run_block(plan, params, cache, ps, block, jnp.full((batch,), rebuild))
         # rebuilt rows not admitted served this step only: free their slots
         cache = dataclasses.replace(
             cache, slot_valid=cache.slot_valid.at[rows(batch), block.slots[:, :rebuild]].min(admitted))
         ps = dataclasses.replace(ps, rebuild_steps=ps.rebuild_steps + 1,
                                  rebuilt_tokens=ps.rebuilt_tokens + jnp.sum(wanted, axis=1))
-        return hidden[:, -1], cache, ps
+        return hidden[:, -1], cache, ps, None if layer_hidden is None else layer_hidden[:, -1:]
 
     if policy.adaptive_rebuild:
         ran = jnp.any(wanted)
-        hidden, cache, ps = jax.lax.cond(ran, with_rebuild, current_only, cache, ps)
+        hidden, cache, ps, layer_hidden = jax.lax.cond(ran, with_rebuild, current_only, cache, ps)
         wanted &= ran
     else:
-        hidden, cache, ps = with_rebuild(cache, ps)
+        hidden, cache, ps, layer_hidden = with_rebuild(cache, ps)
+    if not early:  # the rebuilt rows keep the features of their first pass; only the current token is new
+        ps = observe_current(ps, layer_hidden)
+        token_scores = policy.token_scores(ps, ctx, position)
     cache = release(policy, cache, ps, token_scores, position, max_evictions=policy.block_rows)
     return hidden, cache, ps, jnp.where(wanted, picked, -1)
 

@@ -17,6 +17,7 @@ jit copies them every step (see PERF_NOTES.md).
 import dataclasses
 import functools
 import operator
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -94,14 +95,18 @@ def mlp_block(layer, config: ModelConfig, x):
     return x + (jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"]
 
 
-def run_layers(params, config: ModelConfig, tokens, positions, attend, remat: bool = False):
+def run_layers(params, config: ModelConfig, tokens, positions, attend, remat: bool = False,
+               hidden_after: Optional[int] = None):
     """The decoder: embedding, every layer, final norm, with the attention supplied by the caller.
 
     tokens, positions [B, T] int32 (RoPE uses the positions). `attend(layer_index, q [B,T,H,D],
     k [B,T,G,D], v [B,T,G,D]) -> (out [B,T,H,D], aux)`; aux is anything the caller wants per layer.
     remat: wrap each layer in `jax.checkpoint` (the backward pass recomputes its activations).
 
-    Returns (hidden [B, T, E] after the final norm, [aux of each layer]).
+    hidden_after: also return the hidden state after this many layers, through the final norm (a logit
+    lens's view; the controller's input_layer).
+
+    Returns (hidden [B, T, E] after the final norm, [aux of each layer], that hidden state [B, T, E] or None).
     """
     inv_freq = jnp.asarray(inverse_frequencies(config))
 
@@ -114,16 +119,18 @@ def run_layers(params, config: ModelConfig, tokens, positions, attend, remat: bo
     if remat:
         run_layer = jax.checkpoint(run_layer, static_argnums=(0,))
     x = params["embed"][tokens]  # [B, T, E]
-    layer_aux = []
+    layer_aux, tapped = [], None
     for index, layer in enumerate(params["layers"]):
+        if index == hidden_after:
+            tapped = rms_norm(x, params["final_norm"], config.rms_norm_eps)
         x, aux = run_layer(index, layer, x)
         layer_aux.append(aux)
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), layer_aux
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), layer_aux, tapped
 
 
 def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: BlockInput,
                   attention=slot_attention, collect_mass: bool = False, cache_update: str = "scatter",
-                  tap_layer=None):
+                  tap_layer=None, hidden_after=None):
     """Run a block through all layers, writing its K/V into the cache first, then attending.
 
     `attention(q [B,Q,H,D], k [B,S,G,D], v [B,S,G,D], q_positions [B,Q], slot_positions [B,S],
@@ -131,9 +138,10 @@ def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: B
     policies and kernels plug in. With collect_mass, the attention mass each query puts on each
     slot is summed over layers and heads. cache_update: "scatter" or "onehot" (see cache.py).
     tap_layer: a layer index whose RoPE'd queries and keys are returned (a policy's retrieval keys).
+    hidden_after: a layer count whose hidden state is returned too (`run_layers`; the controller's input).
 
     Returns (hidden [B, Q, E] after the final norm, updated cache, mass [B, Q, S] float32 or None,
-    (q [B, Q, H, D], k [B, Q, G, D]) of tap_layer or None).
+    (q [B, Q, H, D], k [B, Q, G, D]) of tap_layer or None, hidden [B, Q, E] after hidden_after layers or None).
     """
     cache = kv_cache.claim_slots(cache, block.slots, block.positions, block.valid)
     write = kv_cache.WRITERS[cache_update]
@@ -148,11 +156,12 @@ def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: B
         out, mass = attention(*args, return_mass=True)
         return out, (k_slots, v_slots, jnp.sum(mass, axis=2), tapped)  # mass [B, Q, S]
 
-    hidden, layer_aux = run_layers(params, config, block.tokens, block.positions, attend_slots)
+    hidden, layer_aux, tapped_hidden = run_layers(params, config, block.tokens, block.positions, attend_slots,
+                                                  hidden_after=hidden_after)
     new_k, new_v, masses, taps = zip(*layer_aux)
     cache = dataclasses.replace(cache, k=new_k, v=new_v)
     mass = functools.reduce(operator.add, masses) if collect_mass else None
-    return hidden, cache, mass, None if tap_layer is None else taps[tap_layer]
+    return hidden, cache, mass, None if tap_layer is None else taps[tap_layer], tapped_hidden
 
 
 def lm_logits(params, hidden):

@@ -119,11 +119,15 @@ def resolve_controller(model, controller):
             raise ValueError(f"policy 'adore' needs a controller: pass controller=PATH (a trained controller) "
                              f"or a (ControllerConfig, params) pair; model {model.source!r} has no default")
     if isinstance(controller, (str, bytes)) or hasattr(controller, "__fspath__"):
-        return ctrl.load_controller(str(controller), model.config.hidden_size)
-    config, params = controller
+        config, params = ctrl.load_controller(str(controller), model.config.hidden_size)
+    else:
+        config, params = controller
     if config.embed_dim != model.config.hidden_size:
         raise ValueError(f"controller was built for embedding width {config.embed_dim}, "
                          f"but the model's is {model.config.hidden_size}")
+    if config.input_layer is not None and config.input_layer >= model.config.num_layers:
+        raise ValueError(f"controller input_layer must be in [1, {model.config.num_layers}) for this model (it "
+                         f"reads the hidden state after that many layers); got {config.input_layer}")
     return config, params
 
 

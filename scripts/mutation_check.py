@@ -37,6 +37,8 @@ ADMISSION = "tests/test_policies.py::test_conservative_admission_matches_the_eve
 REBUILD_MARGIN = "tests/test_policies.py::test_adaptive_rebuild_margin_matches_the_event_reference"
 GROUPED = "tests/test_kernels_slot_attention.py::test_grouped_matches_twin"
 BY_ATTENTION = "tests/test_policies.py::test_rebuild_by_attention_matches_the_event_reference"
+HIDDEN_INPUT = "tests/test_policies.py::test_a_hidden_state_controller_reads_each_tokens_own_pass"
+HIDDEN_TRAINING = "tests/test_train_controller.py::test_a_hidden_state_controller_trains_on_what_decoding_taps"
 
 
 def eviction(*cases):
@@ -133,8 +135,17 @@ MUTANTS = (
            "kept = np.delete(kept, np.argmin(logits[t, kept]))", "kept = np.delete(kept, np.argmax(logits[t, kept]))",
            ("tests/test_train_controller.py::test_release_recall_follows_a_hand_assembled_history",)),
     Mutant("a decode step without rebuild leaves the current token unscored", "adore_jax/decode.py",
-           "jnp.concatenate([cache.slot_positions, current.positions], axis=1)", "cache.slot_positions",
+           "policy.token_scores(ps, ctx, position, cache.slot_positions)",
+           "policy.token_scores(ps, ctx, position, jnp.where(cache.slot_positions == position[:, None], 0, "
+           "cache.slot_positions))",
            eviction("adore-default", "adore-attention_weight0.0")),
+    Mutant("a rebuild step's controller reads a rebuilt row's hidden state, not the current token's",
+           "adore_jax/decode.py", "layer_hidden[:, -1:]\n\n    if policy.adaptive_rebuild:",
+           "layer_hidden[:, :1]\n\n    if policy.adaptive_rebuild:", (f"{HIDDEN_INPUT}[R=2]",)),
+    Mutant("the controller's training table holds the hidden state one layer deeper", "train/controller_inputs.py",
+           'params["layers"][:layer]', 'params["layers"][:layer + 1]', (HIDDEN_TRAINING,)),
+    Mutant("training records index the hidden-state table one token off", "train/controller_inputs.py",
+           "self.starts[index] + np.arange", "self.starts[index] + 1 + np.arange", (HIDDEN_TRAINING,)),
     Mutant("decoding may run one position past max_length", "adore_jax/decode.py",
            "if last >= limit:", "if last > limit:",
            ("tests/test_decode.py::test_decoding_past_max_length_is_refused_not_silently_dropped",)),

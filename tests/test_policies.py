@@ -494,3 +494,39 @@ def test_rebuild_max_distance_keeps_candidates_within_reach(tiny_model, sequence
     assert capped.size and capped.max() <= 7
     with pytest.raises(ValueError, match="rebuild_max_distance must be >= 1 and needs rebuild"):
         adore_jax.make_policy("adore", cache_size=4, rebuild=0, rebuild_max_distance=4).validate(64)
+
+
+@pytest.mark.parametrize("rebuild, adaptive", [(0, False), (2, False), (2, True)], ids=["R=0", "R=2", "R=2-adaptive"])
+def test_a_hidden_state_controller_reads_each_tokens_own_pass(tiny_model, sequences, rebuild, adaptive):
+    """input_layer = 1: the features buffered for every token, prefilled in chunks or decoded (the last row of
+    a rebuild block, whose other rows are empty picks here; or of the step without the block, when adaptive
+    rebuild skips it), equal the controller run over the hidden states
+    after one layer of a whole-sequence forward, while nothing is released (m >= length)."""
+    config = ctrl.ControllerConfig(embed_dim=tiny_model.config.hidden_size, width=16, hidden=8, content_dim=4,
+                                   input_layer=1)
+    controller = (config, ctrl.init_controller(config, jax.random.key(3)))
+    steps = sequences.shape[1] - PROMPT
+    policy = adore_jax.make_policy("adore", cache_size=64, rebuild=rebuild, adaptive_rebuild=adaptive, prefill_chunk=8)
+    session = adore_jax.DecodeSession(tiny_model, sequences[:, :PROMPT].tolist(), steps, policy, controller=controller)
+    session.prefill()
+    session.start(sequences[:, PROMPT])
+    session.decode(steps - 1, forced=sequences[:, PROMPT + 1:])
+    batch, length = sequences.shape
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    whole = BlockInput(jnp.asarray(sequences), positions, positions, jnp.ones((batch, length), bool))
+    cache = kv_cache.init_cache(tiny_model.config, batch, length)
+    *_, hidden = forward_block(tiny_model.params, tiny_model.config, cache, whole, hidden_after=1)
+    _, expected, _ = ctrl.encode_sequence(config, controller[1], hidden)
+    seen = length - 1  # the last forced token is fed to no step
+    np.testing.assert_allclose(np.asarray(session.ps.features)[:, :seen], expected[:, :seen], atol=1e-5)
+    embedded = ctrl.encode_sequence(config, controller[1], tiny_model.params["embed"][sequences])[1]
+    assert np.max(np.abs(expected - embedded)) > 1e-2, "hidden states and input embeddings give the same features"
+
+
+def test_a_hidden_state_controller_needs_a_layer_the_model_has(tiny_model):
+    with pytest.raises(ValueError, match=r"input_layer must be None \(input embeddings\) or a layer count >= 1"):
+        ctrl.ControllerConfig(embed_dim=32, input_layer=0)
+    config = ctrl.ControllerConfig(embed_dim=tiny_model.config.hidden_size, width=8, hidden=4, input_layer=2)
+    with pytest.raises(ValueError, match=r"input_layer must be in \[1, 2\) for this model"):
+        adore_jax.generate(tiny_model, [[5, 6, 7]], 2, policy="adore", cache_size=8,
+                           controller=(config, ctrl.init_controller(config, jax.random.key(0))))

@@ -7,7 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+from adore_jax import cache as kv_cache
 from adore_jax.controller import encode_sequence, init_controller, load_controller, pairwise_scores
+from adore_jax.model import BlockInput, forward_block
 from adore_jax.train import labels
 from adore_jax.train.config import ControllerTrainConfig, DataConfig, LabelsConfig, load_config
 from adore_jax.train.controller_training import train_controller
@@ -38,12 +40,12 @@ def _digests(run_dir):
 def test_kill_and_resume_is_bit_identical(tmp_path, tiny_labels):
     model = tiny_model()
     whole = _config(tmp_path / "whole", tiny_labels)
-    train_controller(whole, model_params=model.params)
+    train_controller(whole, model=model)
     killed = _config(tmp_path / "killed", tiny_labels)
-    assert train_controller(killed, stop_after=5, model_params=model.params) == {"stopped_at": 5}
+    assert train_controller(killed, stop_after=5, model=model) == {"stopped_at": 5}
     assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["4"]  # step 5 was never saved
     # the restarted run resumes from step 4; its step 5 overwrites nothing and replays the same batch
-    train_controller(killed, model_params=model.params)
+    train_controller(killed, model=model)
     resumed = _digests(tmp_path / "killed")
     whole_log = _digests(tmp_path / "whole")
     assert dict((s, d) for s, d, _ in resumed) == dict((s, d) for s, d, _ in whole_log)
@@ -57,37 +59,49 @@ def test_kill_and_resume_is_bit_identical(tmp_path, tiny_labels):
 
 def test_resume_with_another_width_is_refused_before_the_recorded_config_changes(tmp_path, tiny_labels):
     model = tiny_model()
-    train_controller(_config(tmp_path / "run", tiny_labels, "steps=4"), model_params=model.params)
+    train_controller(_config(tmp_path / "run", tiny_labels, "steps=4"), model=model)
     with pytest.raises(ValueError, match="different model shape"):
         train_controller(_config(tmp_path / "run", tiny_labels, "steps=8", "controller.width=32"),
-                         model_params=model.params)
+                         model=model)
     recorded = load_config(ControllerTrainConfig, str(tmp_path / "run" / "config.yaml"))
     assert recorded.controller.width == 16 and recorded.steps == 4
     with pytest.warns(UserWarning, match="resuming .* with changed settings: steps"):
-        train_controller(_config(tmp_path / "run", tiny_labels, "steps=6"), model_params=model.params)
+        train_controller(_config(tmp_path / "run", tiny_labels, "steps=6"), model=model)
 
 
 @pytest.fixture(scope="module")
 def static_run(tmp_path_factory, tiny_labels):  # query_aware: the resume test and the real-text test
     run_dir = tmp_path_factory.mktemp("static")
     config = _config(run_dir, tiny_labels, "steps=20", "controller.score_form=static", "checkpoint_every=0")
-    return str(run_dir), train_controller(config, model_params=tiny_model().params)
+    return str(run_dir), train_controller(config, model=tiny_model())
 
 
 def _held_out_recall(controller, labels_dir, m):
     return np.mean(_held_out_recalls(controller, labels_dir, m))
 
 
+def _controller_inputs(config, tokens):
+    """[1, n, E]: the input embeddings of tokens, or their hidden states after input_layer layers as the
+    decoding forward taps them (not the training's table)."""
+    model = tiny_model()
+    tokens = np.asarray(tokens, np.int32)[None]
+    if config.input_layer is None:
+        return model.params["embed"][tokens]
+    positions = np.arange(tokens.shape[1])[None]
+    cache = kv_cache.init_cache(model.config, 1, tokens.shape[1])
+    block = BlockInput(tokens, positions, positions, np.ones(tokens.shape, bool))
+    return forward_block(model.params, model.config, cache, block, hidden_after=config.input_layer)[-1]
+
+
 def _held_out_recalls(controller, labels_dir, m):
     """Brute force: per validation query t >= m with labels, |top-m scores of keys <= t ∩ labels| / |labels|."""
     config, params = controller
-    embed = tiny_model().params["embed"]
     source = labels.LabelSource(os.path.join(labels_dir, "validation.array_record"))
     recalls = []
     for record in (source[i] for i in range(len(source))):
         n = len(record["tokens"])
         truth = labels.csr_to_mask(record["offsets"], record["indices"], n)  # [n, n]
-        states, features, _ = encode_sequence(config, params, embed[np.asarray(record["tokens"])][None])
+        states, features, _ = encode_sequence(config, params, _controller_inputs(config, record["tokens"]))
         scores = np.asarray(pairwise_scores(config, params, states, features))[0]  # [n, n]
         for t in range(m, n):
             kept = np.argsort(-scores[t, :t + 1])[:m]
@@ -108,6 +122,19 @@ def test_held_out_recall_is_the_brute_force_recall(static_run, tiny_labels):
         assert summary[f"eval_recall_controller@m={tag}"] == pytest.approx(_held_out_recall(controller, tiny_labels, m))
 
 
+def test_a_hidden_state_controller_trains_on_what_decoding_taps(tmp_path, tiny_labels):
+    """input_layer = 1: the training table holds each token's hidden state after one layer (a truncated
+    forward), so held-out recall equals the brute force on the states the decoding forward taps."""
+    run = _config(tmp_path / "run", tiny_labels, "steps=4", "checkpoint_every=0", "controller.input_layer=1")
+    summary = train_controller(run, model=tiny_model())
+    controller = load_controller(str(tmp_path / "run" / "controller"), tiny_model().config.hidden_size)
+    assert controller[0].input_layer == 1
+    for m, tag in ((4, "1K"), (8, "2K")):
+        assert summary[f"eval_recall_controller@m={tag}"] == pytest.approx(_held_out_recall(controller, tiny_labels, m))
+    with pytest.raises(ValueError, match=r"input_layer must be in \[1, 2\) for model"):
+        train_controller(_config(tmp_path / "deep", tiny_labels, "controller.input_layer=2"), model=tiny_model())
+
+
 def test_trained_ranking_beats_untrained_and_inverted(static_run, tiny_labels):
     run_dir, summary = static_run
     config, params = load_controller(os.path.join(run_dir, "controller"), tiny_model().config.hidden_size)
@@ -121,10 +148,10 @@ def test_trained_ranking_beats_untrained_and_inverted(static_run, tiny_labels):
 
 def test_checkpoint_of_other_shape_refused(tmp_path, tiny_labels):
     model = tiny_model()
-    train_controller(_config(tmp_path / "run", tiny_labels, "steps=2", "checkpoint_every=2"), model_params=model.params)
+    train_controller(_config(tmp_path / "run", tiny_labels, "steps=2", "checkpoint_every=2"), model=model)
     wider = _config(tmp_path / "run", tiny_labels, "steps=4", "controller.width=24")
     with pytest.raises(ValueError, match="different model shape"):
-        train_controller(wider, model_params=model.params)
+        train_controller(wider, model=model)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +167,7 @@ def test_two_label_directories_train_together_and_are_all_held_out(tmp_path, tin
     model = tiny_model()
     config = _config(tmp_path / "both", tiny_labels, f"more_labels_dirs=[{longer_labels}]", "steps=2",
                      "controller.score_form=static")
-    summary = train_controller(config, model_params=model.params)
+    summary = train_controller(config, model=model)
     meta, train_source, eval_source = labels.combined_labels((tiny_labels, longer_labels))
     assert meta["seq_len"] == 64 and meta["dataset"] == ["news", "sharegpt"]
     assert (len(train_source), len(eval_source)) == (12 + 4, 4 + 2)
@@ -157,12 +184,12 @@ def test_label_directories_of_different_targets_are_refused(tmp_path, tiny_label
     labels.run_labels(other, tiny_model())
     with pytest.raises(ValueError, match=r"have top_k=8 but .* has 4: labels trained together must share"):
         train_controller(_config(tmp_path / "run", tiny_labels, f"more_labels_dirs=[{other.run_dir}]"),
-                         model_params=tiny_model().params)
+                         model=tiny_model())
 
 
 def test_missing_labels_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="labels_meta.json"):
-        train_controller(_config(tmp_path / "run", str(tmp_path / "nolabels")), model_params=tiny_model().params)
+        train_controller(_config(tmp_path / "run", str(tmp_path / "nolabels")), model=tiny_model())
 
 
 def test_listwise_loss_is_the_mean_negative_log_softmax_of_each_querys_labels():
@@ -197,7 +224,7 @@ def test_listwise_loss_is_the_mean_negative_log_softmax_of_each_querys_labels():
 def test_listwise_run_learns_and_bad_loss_is_refused(tmp_path, tiny_labels):
     run_dir = tmp_path / "listwise"
     run_config = _config(run_dir, tiny_labels, "loss=listwise", "steps=24", "controller.score_form=static")
-    summary = train_controller(run_config, model_params=tiny_model().params)
+    summary = train_controller(run_config, model=tiny_model())
     config, _ = load_controller(os.path.join(run_dir, "controller"), tiny_model().config.hidden_size)
     untrained = _held_out_recall((config, init_controller(config, jax.random.key(0))), tiny_labels, 16)
     print("listwise", summary["eval_recall_controller@m=4K"], "untrained", untrained)
@@ -263,12 +290,12 @@ def test_graded_run_is_held_out_on_its_top_k_set_and_refuses_listwise(tmp_path, 
     model = tiny_model()
     assert labels.read_meta(graded_labels)["levels"] == [8, 16]
     summary = train_controller(_config(tmp_path / "graded", graded_labels, "controller.score_form=static"),
-                               model_params=model.params)
+                               model=model)
     controller = load_controller(str(tmp_path / "graded" / "controller"), model.config.hidden_size)
     # the same rows' ungraded labels are the top-4 set: the brute-force recall reads them
     assert summary["eval_recall_controller@m=2K"] == pytest.approx(_held_out_recall(controller, tiny_labels, 8))
     with pytest.raises(ValueError, match=r"are graded \(levels \[8, 16\]\): loss must be 'bce', not 'listwise'"):
-        train_controller(_config(tmp_path / "listwise", graded_labels, "loss=listwise"), model_params=model.params)
+        train_controller(_config(tmp_path / "listwise", graded_labels, "loss=listwise"), model=model)
     with pytest.raises(ValueError, match=r"have levels=\[8, 16\] but .* has \[\]: labels trained together must"):
         train_controller(_config(tmp_path / "mixed", tiny_labels, f"more_labels_dirs=[{graded_labels}]"),
-                         model_params=model.params)
+                         model=model)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -125,6 +126,11 @@ def controller_config(run_dir: str, labels_dir: str, *mesh):
         "controller.hidden=16", "optim.learning_rate=1e-2", "optim.warmup_steps=2", *mesh])
 
 
+def embeddings_only(path: str):
+    """A stand-in for the loaded model: a controller reading input embeddings needs only them."""
+    return types.SimpleNamespace(params={"embed": np.load(path)}, config=None)
+
+
 def controller_worker(process: int, port: str, run_dir: str, labels_dir: str, embed: str, stop_after: int) -> None:
     """Train (or resume) the controller with the batch and w_in split over fsdp = all 4 devices of both
     processes; train_controller starts the cluster itself (when no task before it has)."""
@@ -133,7 +139,7 @@ def controller_worker(process: int, port: str, run_dir: str, labels_dir: str, em
     mesh = dict(data=1, fsdp=4, distributed="true", coordinator_address=f"localhost:{port}", num_processes=2,
                 process_id=process)
     config = controller_config(run_dir, labels_dir, *[f"mesh.{k}={v}" for k, v in mesh.items()])
-    result = train_controller(config, stop_after=stop_after or None, model_params={"embed": np.load(embed)})
+    result = train_controller(config, stop_after=stop_after or None, model=embeddings_only(embed))
     assert jax.process_count() == 2 and jax.device_count() == 4
     assert not stop_after or result == {"stopped_at": stop_after}
 
@@ -195,7 +201,7 @@ def test_two_processes_train_the_controller_as_one_and_resume(tmp_path, tiny_lab
     assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["4"]
     launch_two_processes(first_launch["compile_cache"], [["controller", multi, *tiny_labels, 0]])  # resumes at 4
     labels_dir, embed = tiny_labels
-    summary = train_controller(controller_config(single, labels_dir), model_params={"embed": np.load(embed)})
+    summary = train_controller(controller_config(single, labels_dir), model=embeddings_only(embed))
 
     # within 1e-6: the losses are f32 means over ~3000 pairs summed in another order (measured <= 4.2e-7)
     assert list(logged_losses(multi)) == list(range(1, STEPS + 1))

@@ -19,7 +19,7 @@ def test_controller_beats_recency_on_real_text(tmp_path, smollm2):
         f"run_dir={tmp_path / 'run'}", f"labels_dir={tmp_path / 'labels'}", "steps=150", "batch_size=8",
         "eval_every=0", "log_every=5", "checkpoint_every=0", "queries_per_sequence=64",
         "controller.width=64", "controller.hidden=64", "optim.learning_rate=3e-3", "optim.warmup_steps=10"])
-    summary = train_controller(config, model_params=smollm2.params)
+    summary = train_controller(config, model=smollm2)
     with open(os.path.join(tmp_path, "run", "metrics.jsonl")) as f:
         losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:2]) / 2

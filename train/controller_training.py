@@ -29,6 +29,7 @@ import optax
 from adore_jax.controller import ControllerConfig, encode_sequence, init_controller, pairwise_scores, score, \
     save_controller
 from adore_jax.train import labels as label_io
+from adore_jax.train.controller_inputs import hidden_state_inputs
 from adore_jax.train import sharding
 from adore_jax.train.config import ControllerTrainConfig
 from adore_jax.train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, record_config, run_steps
@@ -231,11 +232,12 @@ def eval_batches(source, length, count):
         yield {k: v[None] for k, v in record.items()}
 
 
-def train_controller(config: ControllerTrainConfig, stop_after=None, model_params=None) -> dict:
+def train_controller(config: ControllerTrainConfig, stop_after=None, model=None) -> dict:
     """Run (or resume) one controller training run; returns the final held-out metrics.
 
     stop_after: end right after this step (and its checkpoint), as if killed: for resume tests.
-    model_params: the LLM params (only `embed` is used); None loads config.model.
+    model: the loaded LLM (adore_jax.load_model; its input embeddings, or with the controller's input_layer
+    its first layers, give the controller's inputs); None loads config.model.
     """
     run_dir = os.path.abspath(config.run_dir)
     os.makedirs(run_dir, exist_ok=True)
@@ -248,14 +250,23 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model_param
         raise ValueError(f"labels in {config.labels_dir!r} are graded (levels {meta['levels']}): loss must be "
                          f"'bce', not {config.loss!r}")
     cache_sizes = tuple(meta["cache_sizes"])
-    if model_params is None:
+    if model is None:
         from adore_jax import load_model
-        model_params = load_model(config.model).params
-    embed = model_params["embed"]
+        model = load_model(config.model)
+    embed = model.params["embed"]
     if meta.get("embed_shape") and list(embed.shape) != list(meta["embed_shape"]):
         raise ValueError(f"labels in {config.labels_dir!r} were made with embeddings {meta['embed_shape']}, "
                          f"but model {config.model!r} has {list(embed.shape)}")
     ccfg = dataclasses.replace(config.controller, embed_dim=embed.shape[1])
+    if ccfg.input_layer is not None:  # the inputs: a table of hidden states, which records' tokens index
+        if ccfg.input_layer >= model.config.num_layers:
+            raise ValueError(f"controller input_layer must be in [1, {model.config.num_layers}) for model "
+                             f"{config.model!r}; got {ccfg.input_layer}")
+        from tqdm.auto import tqdm
+        with tqdm(total=len(train_source) + len(eval_source), desc=f"hidden states after {ccfg.input_layer} layers",
+                  dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
+            embed, (train_source, eval_source) = hidden_state_inputs(model.params, model.config, ccfg.input_layer,
+                                                                     (train_source, eval_source), bar.update)
     optimizer, schedule = make_optimizer(config.optim, config.steps)
     params = init_controller(ccfg, jax.random.key(config.seed))
     state = {"params": params, "opt_state": optimizer.init(params)}

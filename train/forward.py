@@ -58,7 +58,7 @@ def forward_hidden(params, config: ModelConfig, tokens, positions, attention, re
     remat: wrap each layer in `jax.checkpoint`, so the backward pass recomputes its activations
     instead of keeping them (memory O(one layer) instead of O(L layers) of [B,T,...] activations).
     """
-    return run_layers(params, config, tokens, positions, lambda _, q, k, v: attention(q, k, v), remat)
+    return run_layers(params, config, tokens, positions, lambda _, q, k, v: attention(q, k, v), remat)[:2]
 
 
 def forward_logits(params, config: ModelConfig, tokens, positions, attention, remat: bool = False):

@@ -3,10 +3,11 @@ the m best, and each decode step rebuilds the R best released tokens (with `adap
 that outscore the weakest cached token by more than `rebuild_margin`; the block runs only when one does).
 
 Per block: the controller advances over the block's tokens and writes their features into the
-release buffer (`observe`), then scores every buffered token for the current query
-(`token_scores`; without rebuild only the cached tokens and the block's, since nothing released comes
-back). A decode step picks the R released tokens with the best scores (`rebuild_choice`)
-and runs them with the current token as one block at their original positions. Afterwards the
+release buffer (`observe`, after the block's forward pass: with `input_layer` it reads the hidden
+states that pass computed), then scores every buffered token for the current query
+(`token_scores`; without rebuild only the cached tokens, the block's among them, since nothing released
+comes back). A decode step picks the R released tokens with the best scores (`rebuild_choice`, scored
+before the step's pass) and runs them with the current token as one block at their original positions. Afterwards the
 cache keeps the m best of cache ∪ current token ∪ the admitted rebuilt tokens (`admitted`): all of
 them by default (ADORE.md 4), none with `rebuild_into_cache=False` (the rebuilt rows serve their
 step only), or conservatively: those whose score beats the weakest cached token's by
@@ -169,10 +170,14 @@ class Adore(BoundedPolicy):
             table = ctrl.distance_table(controller, controller_params, ps.token_ids.shape[1])
         return ControllerContext(controller, controller_params, embed, table)
 
-    def observe(self, ps, ctx: ControllerContext, tokens, positions, valid):
-        """Feed a block of tokens [B, T] (at positions, where valid) to the controller and the buffer."""
-        embeddings = ctx.embed[tokens]  # [B, T, E]
-        _, features, state = ctrl.encode_sequence(ctx.config, ctx.params, embeddings, valid,
+    def observe(self, ps, ctx: ControllerContext, tokens, positions, valid, layer_hidden=None):
+        """Feed a block of tokens [B, T] (at positions, where valid) to the controller and the buffer: their input
+        embeddings, or their hidden states layer_hidden [B, T, E] when the controller has an input_layer."""
+        if (ctx.config.input_layer is None) != (layer_hidden is None):
+            raise ValueError(f"controller input_layer={ctx.config.input_layer} needs the block's hidden states "
+                             f"exactly when it is set; got layer_hidden={layer_hidden is not None}")
+        inputs = ctx.embed[tokens] if layer_hidden is None else layer_hidden  # [B, T, E]
+        _, features, state = ctrl.encode_sequence(ctx.config, ctx.params, inputs, valid,
                                                   ps.controller_state, positions)
         where = jnp.where(valid, positions, ps.token_ids.shape[1])  # padding goes out of range: dropped
         r = rows(tokens.shape[0])

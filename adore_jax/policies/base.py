@@ -4,13 +4,15 @@ A cache policy is one frozen dataclass: hashable, because it is part of the stat
 programs are compiled for. Its methods are the only place its rule lives. For every block (a
 prefill chunk, or a decode step of the current token plus R rebuilt ones), `adore_jax.decode` calls
 
-    ps = policy.observe(ps, ctx, tokens, positions, valid)        before the block (adore: the controller)
-    scores = policy.token_scores(ps, ctx, query_position, needed)  [B, N] scores of the tokens seen (those in
-                                                                   needed [B, K] when given), or None
-    picked, wanted = policy.rebuild_choice(cache, ps, scores, position)   decode steps with rebuild > 0 only
+    picked, wanted = policy.rebuild_choice(cache, ps, scores, position)   decode steps with rebuild > 0 only,
+                                                                   from scores taken before the block
     ... the block runs through the model with policy.attention(impl) ...
     ps = policy.update_state(ps, block, mass, last_row, tapped)    after the block (h2o, tova: attention mass;
                                                                    adore: layer tap_layer's queries and keys)
+    ps = policy.observe(ps, ctx, tokens, positions, valid, layer_hidden)   adore: the controller reads the
+                                                                   block's tokens (or their hidden states)
+    scores = policy.token_scores(ps, ctx, query_position, needed)  [B, N] scores of the tokens seen (those in
+                                                                   needed [B, K] when given), or None
     keep = policy.slot_scores(cache, ps, scores)                   [B, S], higher is kept; then sink and recent
                                                                    tokens are pinned and the lowest released
                                                                    until m remain (bounded policies)
@@ -133,7 +135,9 @@ class CachePolicy:
         """What the policy's methods need beyond the state, once per compiled program (adore: the controller)."""
         return None
 
-    def observe(self, ps: PolicyState, ctx, tokens, positions, valid) -> PolicyState:
+    def observe(self, ps: PolicyState, ctx, tokens, positions, valid, layer_hidden=None) -> PolicyState:
+        """See a block's tokens [B, T] (layer_hidden [B, T, E]: their hidden states, for a controller with
+        input_layer). A rebuild step scores (and observes, when it can) before its block: see decode.py."""
         return ps
 
     def token_scores(self, ps: PolicyState, ctx, query_position, positions=None):

@@ -55,7 +55,7 @@ class ScoreTable(Adore):
             raise ValueError(f"score_table scores cover {length} positions, the run only {n}")
         return jnp.pad(scores, ((0, 0), (0, n - length), (0, n - length)), constant_values=-jnp.inf)
 
-    def observe(self, ps, ctx, tokens, positions, valid):
+    def observe(self, ps, ctx, tokens, positions, valid, layer_hidden=None):
         """Buffer the block's token ids (rebuilding needs them); there is no controller to advance."""
         where = jnp.where(valid, positions, ps.token_ids.shape[1])  # padding goes out of range: dropped
         return dataclasses.replace(ps, token_ids=ps.token_ids.at[rows(tokens.shape[0]), where].set(tokens,
