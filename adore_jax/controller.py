@@ -60,6 +60,12 @@ class ControllerConfig:
             raise ValueError(f"controller content_dim must be >= 0, and 0 unless score_form='query_aware'; "
                              f"got {self.content_dim} with score_form={self.score_form!r}")
 
+    def check_layers(self, num_layers: int) -> None:
+        """Refuse an input_layer that a model of num_layers layers does not have."""
+        if self.input_layer is not None and self.input_layer >= num_layers:
+            raise ValueError(f"controller input_layer must be in [1, {num_layers}) for this model (it reads the "
+                             f"hidden state after that many layers); got {self.input_layer}")
+
     @property
     def feature_width(self) -> int:
         """Width of a token's buffered features: h, plus its key's d."""

@@ -125,9 +125,7 @@ def resolve_controller(model, controller):
     if config.embed_dim != model.config.hidden_size:
         raise ValueError(f"controller was built for embedding width {config.embed_dim}, "
                          f"but the model's is {model.config.hidden_size}")
-    if config.input_layer is not None and config.input_layer >= model.config.num_layers:
-        raise ValueError(f"controller input_layer must be in [1, {model.config.num_layers}) for this model (it "
-                         f"reads the hidden state after that many layers); got {config.input_layer}")
+    config.check_layers(model.config.num_layers)
     return config, params
 
 

@@ -131,7 +131,7 @@ def test_a_hidden_state_controller_trains_on_what_decoding_taps(tmp_path, tiny_l
     assert controller[0].input_layer == 1
     for m, tag in ((4, "1K"), (8, "2K")):
         assert summary[f"eval_recall_controller@m={tag}"] == pytest.approx(_held_out_recall(controller, tiny_labels, m))
-    with pytest.raises(ValueError, match=r"input_layer must be in \[1, 2\) for model"):
+    with pytest.raises(ValueError, match=r"input_layer must be in \[1, 2\) for this model"):
         train_controller(_config(tmp_path / "deep", tiny_labels, "controller.input_layer=2"), model=tiny_model())
 
 

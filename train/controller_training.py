@@ -259,9 +259,7 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model=None)
                          f"but model {config.model!r} has {list(embed.shape)}")
     ccfg = dataclasses.replace(config.controller, embed_dim=embed.shape[1])
     if ccfg.input_layer is not None:  # the inputs: a table of hidden states, which records' tokens index
-        if ccfg.input_layer >= model.config.num_layers:
-            raise ValueError(f"controller input_layer must be in [1, {model.config.num_layers}) for model "
-                             f"{config.model!r}; got {ccfg.input_layer}")
+        ccfg.check_layers(model.config.num_layers)
         from tqdm.auto import tqdm
         with tqdm(total=len(train_source) + len(eval_source), desc=f"hidden states after {ccfg.input_layer} layers",
                   dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
