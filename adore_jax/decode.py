@@ -205,9 +205,10 @@ def _decode_block(plan, params, ctx, cache, ps, token, position):
         wanted &= ran
     else:
         hidden, cache, ps, layer_hidden = with_rebuild(cache, ps)
-    if not early:  # the rebuilt rows keep the features of their first pass; only the current token is new
+    if not early:  # the rebuilt rows keep the features of their first pass; only the current token is new,
+        # and the release ranks only the cached tokens
         ps = observe_current(ps, layer_hidden)
-        token_scores = policy.token_scores(ps, ctx, position)
+        token_scores = policy.token_scores(ps, ctx, position, cache.slot_positions)
     cache = release(policy, cache, ps, token_scores, position, max_evictions=policy.block_rows)
     return hidden, cache, ps, jnp.where(wanted, picked, -1)
 

@@ -33,6 +33,7 @@ POLICY_ROWS = {  # row name -> cache policy spec (at --cache-size unless it sets
     "adore R=0": dict(policy="adore"),
     "adore R=8": dict(policy="adore", rebuild=8),
     "adore R=8 adaptive": dict(policy="adore", rebuild=8, adaptive_rebuild=True),
+    "adore R=8 attention": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention"),
 }
 # Extra rows that split an ADORE step into its parts (differences of these, same batch and context).
 BREAKDOWN_ROWS = {

@@ -135,10 +135,14 @@ MUTANTS = (
            "kept = np.delete(kept, np.argmin(logits[t, kept]))", "kept = np.delete(kept, np.argmax(logits[t, kept]))",
            ("tests/test_train_controller.py::test_release_recall_follows_a_hand_assembled_history",)),
     Mutant("a decode step without rebuild leaves the current token unscored", "adore_jax/decode.py",
-           "policy.token_scores(ps, ctx, position, cache.slot_positions)",
-           "policy.token_scores(ps, ctx, position, jnp.where(cache.slot_positions == position[:, None], 0, "
+           "ps, policy.token_scores(ps, ctx, position, cache.slot_positions)",
+           "ps, policy.token_scores(ps, ctx, position, jnp.where(cache.slot_positions == position[:, None], 0, "
            "cache.slot_positions))",
            eviction("adore-default", "adore-attention_weight0.0")),
+    Mutant("a rebuild step's release under a hidden-state controller leaves the current token unscored",
+           "adore_jax/decode.py", "token_scores = policy.token_scores(ps, ctx, position, cache.slot_positions)",
+           "token_scores = policy.token_scores(ps, ctx, position, jnp.where(cache.slot_positions == "
+           "position[:, None], 0, cache.slot_positions))", (f"{REBUILD}[rebuild-hidden]",)),
     Mutant("a rebuild step's controller reads a rebuilt row's hidden state, not the current token's",
            "adore_jax/decode.py", "layer_hidden[:, -1:]\n\n    if policy.adaptive_rebuild:",
            "layer_hidden[:, :1]\n\n    if policy.adaptive_rebuild:", (f"{HIDDEN_INPUT}[R=2]",)),

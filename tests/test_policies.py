@@ -230,17 +230,20 @@ def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False,
     return np.stack(logits), rebuilt
 
 
-@pytest.mark.parametrize("adaptive, into_cache", [(False, True), (True, True), (False, False)],
-                         ids=["rebuild", "adaptive", "transient"])
+@pytest.mark.parametrize("adaptive, into_cache, input_layer",
+                         [(False, True, None), (True, True, None), (False, False, None), (False, True, 1),
+                          (True, False, 1)],
+                         ids=["rebuild", "adaptive", "transient", "rebuild-hidden", "adaptive-transient-hidden"])
 def test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention(tiny_model, sequences, adaptive,
-                                                                                into_cache):
+                                                                                into_cache, input_layer):
     """Scores fall with distance except at distance 5, where a token jumps to the top: once released
     (m = 4), it must come back through the rebuild block and then stay in the cache for that step
-    (or, with rebuild_into_cache=False, leave again at once)."""
+    (or, with rebuild_into_cache=False, leave again at once). With input_layer the controller is observed
+    after the block and the release ranks again (decode.py): the same choices, by another path."""
     m, rebuild, boosted = 4, 1, 5
     scores = -np.arange(64, dtype=np.float32)
     scores[boosted] = 100.0
-    controller = distance_controller(tiny_model.config.hidden_size, scores)
+    controller = distance_controller(tiny_model.config.hidden_size, scores, input_layer)
     tokens = sequences[:1, :24]
     _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, policy="adore",
                                         attention_weight=0.0, sinks=0, cache_size=m, rebuild=rebuild,
@@ -349,6 +352,9 @@ def test_rebuild_by_attention_options_are_checked(tiny_model):
         check(rebuild=2, adaptive_rebuild=True, rebuild_by="attention")
     with pytest.raises(ValueError, match="retrieval_layer must be >= 0 and needs rebuild_by='attention'"):
         check(rebuild=2, retrieval_layer=1)
+    by_attention = adore_jax.make_policy("adore", cache_size=8, rebuild=2, rebuild_by="attention")
+    smollm2 = dataclasses.replace(tiny_model.config, num_layers=30)
+    assert by_attention.tap_layer(smollm2) == 20, "the default retrieval layer is not two thirds of the way up"
     layers = tiny_model.config.num_layers
     with pytest.raises(ValueError, match=rf"retrieval_layer must be in \[0, {layers}\)"):
         adore_jax.generate(tiny_model, [[5, 6, 7, 8]], max_new_tokens=2, policy="adore", cache_size=4, rebuild=1,

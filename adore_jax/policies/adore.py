@@ -14,7 +14,8 @@ step only), or conservatively: those whose score beats the weakest cached token'
 `admission_margin`, at most `max_admissions` per step. Rebuilt rows not admitted are freed.
 
 With `rebuild_by="attention"` the rebuild candidates are ranked instead by the model's own attention
-logits at one layer (`retrieval_layer`, default the middle one): every token's RoPE'd key of that layer
+logits at one layer (`retrieval_layer`, default two thirds of the way up, where SmolLM2's copying heads
+find a pass key's next digit: scripts/passkey_ranking.py): every token's RoPE'd key of that layer
 is kept when the token is first seen (G x D floats, against 2 L G D for its K/V), and the latest
 token's queries score every released token, max over heads of q . k / sqrt(D). The controller still
 decides release; the model's attention decides what comes back, so a token that nothing predicted
@@ -78,7 +79,7 @@ class Adore(BoundedPolicy):
     rebuild_max_distance: Optional[int] = None  # only released tokens at most this far back may be rebuilt
     rebuild_by: str = "controller"  # rank rebuild candidates by the controller, or by "attention": the model's
     # attention logits at retrieval_layer for the latest query
-    retrieval_layer: Optional[int] = None  # rebuild_by="attention": the layer (default: num_layers // 2)
+    retrieval_layer: Optional[int] = None  # rebuild_by="attention": the layer (default: 2 * num_layers // 3)
 
     @property
     def needs_mass(self) -> bool:
@@ -142,7 +143,7 @@ class Adore(BoundedPolicy):
     def tap_layer(self, model) -> Optional[int]:
         if self.rebuild_by != "attention":
             return None
-        layer = model.num_layers // 2 if self.retrieval_layer is None else self.retrieval_layer
+        layer = 2 * model.num_layers // 3 if self.retrieval_layer is None else self.retrieval_layer
         if layer >= model.num_layers:
             raise ValueError(f"retrieval_layer must be in [0, {model.num_layers}) for this model; got {layer}")
         return layer
