@@ -14,7 +14,7 @@ import jax
 from adore_jax import load_model
 from adore_jax.controller import load_controller
 from adore_jax.train import labels as label_io
-from adore_jax.train.controller_inputs import hidden_state_inputs
+from adore_jax.train.controller_inputs import controller_inputs
 from adore_jax.train.controller_training import eval_batches, eval_counts, evaluate
 
 
@@ -32,9 +32,7 @@ def main(argv=None):
     model = load_model(args.model)
     for path in args.controllers:
         config, params = load_controller(path, model.config.hidden_size)
-        inputs, rows = model.params["embed"], source
-        if config.input_layer is not None:
-            inputs, (rows,) = hidden_state_inputs(model.params, model.config, config.input_layer, (source,))
+        inputs, (rows,) = controller_inputs(model, config, (source,))
         counts = jax.jit(lambda p, e, b, config=config: eval_counts(config, p, e, b, cache_sizes, sets))
         metrics = evaluate(counts, params, inputs, eval_batches(rows, meta["seq_len"], 0), cache_sizes, meta["top_k"],
                            sets)

@@ -43,6 +43,16 @@ class TableRows:
         return record
 
 
+def controller_inputs(model, controller, sources, progress=None):
+    """What `controller` (a ControllerConfig) reads for the records of `sources`: (the model's input embeddings
+    [V, E], the sources) or, with an input_layer the model has, (`hidden_state_inputs`' table, the sources
+    re-indexed into it). progress(n): called as rows are computed."""
+    if controller.input_layer is None:
+        return model.params["embed"], tuple(sources)
+    controller.check_layers(model.config.num_layers)
+    return hidden_state_inputs(model.params, model.config, controller.input_layer, sources, progress)
+
+
 def hidden_state_inputs(params, config, layer: int, sources, progress=None):
     """The hidden-state table of every token in `sources` and the sources re-indexed into it.
 

@@ -29,7 +29,7 @@ import optax
 from adore_jax.controller import ControllerConfig, encode_sequence, init_controller, pairwise_scores, score, \
     save_controller
 from adore_jax.train import labels as label_io
-from adore_jax.train.controller_inputs import hidden_state_inputs
+from adore_jax.train.controller_inputs import controller_inputs
 from adore_jax.train import sharding
 from adore_jax.train.config import ControllerTrainConfig
 from adore_jax.train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, record_config, run_steps
@@ -258,13 +258,11 @@ def train_controller(config: ControllerTrainConfig, stop_after=None, model=None)
         raise ValueError(f"labels in {config.labels_dir!r} were made with embeddings {meta['embed_shape']}, "
                          f"but model {config.model!r} has {list(embed.shape)}")
     ccfg = dataclasses.replace(config.controller, embed_dim=embed.shape[1])
-    if ccfg.input_layer is not None:  # the inputs: a table of hidden states, which records' tokens index
-        ccfg.check_layers(model.config.num_layers)
-        from tqdm.auto import tqdm
-        with tqdm(total=len(train_source) + len(eval_source), desc=f"hidden states after {ccfg.input_layer} layers",
-                  dynamic_ncols=True, disable=jax.process_index() != 0) as bar:
-            embed, (train_source, eval_source) = hidden_state_inputs(model.params, model.config, ccfg.input_layer,
-                                                                     (train_source, eval_source), bar.update)
+    from tqdm.auto import tqdm
+    with tqdm(total=len(train_source) + len(eval_source), desc=f"hidden states after {ccfg.input_layer} layers",
+              dynamic_ncols=True, disable=jax.process_index() != 0 or ccfg.input_layer is None) as bar:
+        # the inputs: the embeddings, or a table of hidden states that the records' tokens index
+        embed, (train_source, eval_source) = controller_inputs(model, ccfg, (train_source, eval_source), bar.update)
     optimizer, schedule = make_optimizer(config.optim, config.steps)
     params = init_controller(ccfg, jax.random.key(config.seed))
     state = {"params": params, "opt_state": optimizer.init(params)}
