@@ -16,6 +16,9 @@ block at their original positions (RoPE at absolute positions: a rebuilt token's
 would have had if never released, up to the context it now sees); then the policy sees the block's
 attention, and the cache keeps its m best slots — rebuilt rows the policy does not admit
 (`rebuild_into_cache=False`: none) are freed first, so they serve one step only.
+With `rebuild_from="stored"` no rebuilt token runs again: the current token runs alone, and each layer from the
+policy's ranking layer on attends the R released tokens its own query ranks best, with the K/V the policy kept
+from their first pass (`model.Recall`), in R spare slots that stay invalid in the cache.
 A block's tokens are observed after its forward pass (a controller with `input_layer` reads their hidden
 states from it), except that a rebuild step's current token is observed before it when the controller
 reads input embeddings, so that its rebuild choice already sees the current token.
@@ -54,8 +57,10 @@ class DecodeState:
     key: jax.Array  # PRNG key
 
 
-def init_policy_state(plan: DecodePlan, batch: int, num_slots: int, max_length: int) -> PolicyState:
-    return plan.policy.init_state(batch, num_slots, max_length, plan.controller, plan.model)
+def init_policy_state(plan: DecodePlan, batch: int, num_slots: int, max_length: int,
+                      kv_dtype=jnp.float32) -> PolicyState:
+    """kv_dtype: the cache's (a policy that keeps K/V beside the cache keeps them in it)."""
+    return plan.policy.init_state(batch, num_slots, max_length, plan.controller, plan.model, kv_dtype)
 
 
 def position_limit(plan: DecodePlan, cache: kv_cache.KVCache, ps: PolicyState) -> Optional[int]:
@@ -77,16 +82,19 @@ def controller_layer(plan) -> Optional[int]:
     return None if plan.controller is None else plan.controller.input_layer
 
 
-def _run_block(plan, params, cache, ps, block, last_row):
-    """Forward a block and let the policy see its attention.
+def _run_block(plan, params, cache, ps, block, last_row, recall=None):
+    """Forward a block (with `recall`: stored K/V it may attend, see model.Recall) and let the policy see its
+    attention and keep its K/V.
 
-    Returns (hidden [B, Q, E], cache, ps, the controller's input hidden states [B, Q, E] or None)."""
+    Returns (hidden [B, Q, E], cache, ps, the positions [B, R] recalled (-1: none) or None, the controller's
+    input hidden states [B, Q, E] or None)."""
     policy = plan.policy
-    hidden, cache, mass, tapped, layer_hidden = forward_block(
+    hidden, cache, mass, tapped, recalled, layer_hidden = forward_block(
         params, plan.model, cache, block, attention=policy.attention(plan.attention_impl),
         collect_mass=policy.needs_mass, cache_update=policy.cache_update, tap_layer=policy.tap_layer(plan.model),
-        hidden_after=controller_layer(plan))
-    return hidden, cache, policy.update_state(ps, block, mass, last_row, tapped), layer_hidden
+        hidden_after=controller_layer(plan), recall=recall)
+    ps = policy.store_kv(policy.update_state(ps, block, mass, last_row, tapped), cache, block)
+    return hidden, cache, ps, recalled, layer_hidden
 
 
 def block_for(plan, cache, tokens, positions, valid):
@@ -120,7 +128,7 @@ def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, ch
         last_row = jnp.clip(lengths - 1 - start, 0, chunk - 1)  # [B] last valid row in this chunk
         current = jnp.minimum(start + chunk, lengths) - 1  # [B] position of that row
         block = block_for(plan, cache, chunk_tokens, positions, valid)
-        hidden, cache, ps, layer_hidden = _run_block(plan, params, cache, ps, block, last_row)
+        hidden, cache, ps, _, layer_hidden = _run_block(plan, params, cache, ps, block, last_row)
         ps = policy.observe(ps, ctx, chunk_tokens, positions, valid, layer_hidden)
         # the release after the chunk ranks only the cached tokens, the chunk's among them now
         token_scores = policy.token_scores(ps, ctx, current, cache.slot_positions)
@@ -166,19 +174,32 @@ def _decode_block(plan, params, ctx, cache, ps, token, position):
     def observe_current(ps, layer_hidden):
         return policy.observe(ps, ctx, current.tokens, current.positions, current.valid, layer_hidden)
 
-    def current_only(cache, ps):
-        block = block_for(plan, cache, current.tokens, current.positions, current.valid)
-        hidden, cache, ps, layer_hidden = _run_block(plan, params, cache, ps, block, jnp.zeros((batch,), jnp.int32))
-        return hidden[:, -1], cache, ps, None if layer_hidden is None else layer_hidden[:, -1:]
+    def current_only(cache, ps, recall_stored=False):
+        """The current token alone; recall_stored: each layer from the policy's ranking layer on also attends
+        the R released tokens its query ranks best, with their stored K/V, in R spare slots."""
+        if not recall_stored:
+            block, recall = block_for(plan, cache, current.tokens, current.positions, current.valid), None
+        else:
+            spare = free_slots(cache.slot_valid, policy.block_rows)  # [B, 1 + R]
+            block = BlockInput(current.tokens, current.positions, spare[:, :1], current.valid)
+            recall = policy.recall(plan.model, cache, ps, position, spare[:, 1:])
+        hidden, cache, ps, recalled, layer_hidden = _run_block(plan, params, cache, ps, block,
+                                                               jnp.zeros((batch,), jnp.int32), recall)
+        return hidden[:, -1], cache, ps, None if layer_hidden is None else layer_hidden[:, -1:], recalled
 
     rebuild = policy.rebuild
-    if rebuild == 0:  # only the cached tokens are ranked (the current one among them), after the block
-        hidden, cache, ps, layer_hidden = current_only(cache, ps)
+    if rebuild == 0 or policy.recalls_stored:  # only the cached tokens are ranked (the current one among them),
+        # after the block: nothing it recalls stays
+        hidden, cache, ps, layer_hidden, recalled = current_only(cache, ps, recall_stored=rebuild > 0)
         ps = observe_current(ps, layer_hidden)
         if policy.bounded:
             cache = release(policy, cache, ps, policy.token_scores(ps, ctx, position, cache.slot_positions), position,
                             max_evictions=1)
-        return hidden, cache, ps, jnp.zeros((batch, 0), jnp.int32)
+        if not rebuild:
+            return hidden, cache, ps, jnp.zeros((batch, 0), jnp.int32)
+        ps = dataclasses.replace(ps, rebuild_steps=ps.rebuild_steps + 1,
+                                 rebuilt_tokens=ps.rebuilt_tokens + jnp.sum(recalled >= 0, axis=1))
+        return hidden, cache, ps, recalled
     # rebuild ranks every released token before the block: a controller reading hidden states has not seen the
     # current token yet, so it ranks with its state after the previous one, and ranks again for the release
     if early:
@@ -191,7 +212,7 @@ def _decode_block(plan, params, ctx, cache, ps, token, position):
         tokens = jnp.concatenate([jnp.take_along_axis(ps.token_ids, picked, axis=1), current.tokens], axis=1)
         positions = jnp.concatenate([picked, current.positions], axis=1)
         block = block_for(plan, cache, tokens, positions, jnp.concatenate([wanted, current.valid], axis=1))
-        hidden, cache, ps, layer_hidden = _run_block(plan, params, cache, ps, block, jnp.full((batch,), rebuild))
+        hidden, cache, ps, _, layer_hidden = _run_block(plan, params, cache, ps, block, jnp.full((batch,), rebuild))
         # rebuilt rows not admitted served this step only: free their slots
         cache = dataclasses.replace(
             cache, slot_valid=cache.slot_valid.at[rows(batch), block.slots[:, :rebuild]].min(admitted))
@@ -201,7 +222,8 @@ def _decode_block(plan, params, ctx, cache, ps, token, position):
 
     if policy.adaptive_rebuild:
         ran = jnp.any(wanted)
-        hidden, cache, ps, layer_hidden = jax.lax.cond(ran, with_rebuild, current_only, cache, ps)
+        hidden, cache, ps, layer_hidden = jax.lax.cond(ran, with_rebuild, lambda *state: current_only(*state)[:4],
+                                                       cache, ps)
         wanted &= ran
     else:
         hidden, cache, ps, layer_hidden = with_rebuild(cache, ps)

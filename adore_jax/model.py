@@ -27,6 +27,7 @@ from adore_jax import cache as kv_cache
 from adore_jax.config import ModelConfig
 from adore_jax.rope import apply_rope, inverse_frequencies
 from pallas_kernels import slot_attention
+from pallas_kernels._common import block_diagonal_queries
 
 
 def init_params(config: ModelConfig, key, dtype=jnp.float32, scale: float = 0.02):
@@ -128,9 +129,46 @@ def run_layers(params, config: ModelConfig, tokens, positions, attend, remat: bo
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), layer_aux, tapped
 
 
+def max_head_logits(query, keys):
+    """query [B, H, D] against keys [B, N, G, D] -> [B, N]: the largest attention logit q . k / sqrt(D) over the
+    query heads (head h reads KV head h // (H // G)).
+
+    One matmul of the keys in their stored layout against the block-diagonal queries (a grouped einsum
+    transposes the [B, N, G, D] keys first: 4.9x slower on XLA:CPU at 8k tokens, batch 4)."""
+    batch, n, groups, dim = keys.shape
+    q_bd = block_diagonal_queries(query[:, None].astype(jnp.float32), groups)  # [B, H, G*D]
+    logits = jnp.matmul(keys.reshape(batch, n, groups * dim).astype(jnp.float32), q_bd.swapaxes(1, 2))  # [B, N, H]
+    return jnp.max(logits, axis=-1) * dim ** -0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Recall:
+    """Stored K/V a one-token block may attend beside the cache: from `first_layer` on, each layer ranks the
+    recallable tokens by its own query (`max_head_logits` against their stored keys), writes the R best
+    tokens' stored K/V into R spare slots and attends them with the cache for that layer only."""
+    keys: tuple  # L x [B, N, G, D] every token seen, at its position (RoPE'd)
+    values: tuple  # L x [B, N, G, D]
+    recallable: jax.Array  # [B, N] bool: the tokens that may come back (released, before the query)
+    slots: jax.Array  # [B, R] int32 spare cache slots the recalled rows use (left invalid in the cache)
+    first_layer: int
+
+    def rows(self, index, query):
+        """Layer `index`'s recalled rows for query [B, H, D]: (positions [B, R] int32, found [B, R] bool,
+        k, v [B, R, G, D]), or None below first_layer."""
+        if index < self.first_layer:
+            return None
+        logits = jnp.where(self.recallable, max_head_logits(query, self.keys[index]), -jnp.inf)
+        best, positions = jax.lax.top_k(logits, self.slots.shape[1])  # [B, R]
+
+        def take(x):
+            return jnp.take_along_axis(x, positions[:, :, None, None], axis=1)
+
+        return positions.astype(jnp.int32), best > -jnp.inf, take(self.keys[index]), take(self.values[index])
+
+
 def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: BlockInput,
                   attention=slot_attention, collect_mass: bool = False, cache_update: str = "scatter",
-                  tap_layer=None, hidden_after=None):
+                  tap_layer=None, hidden_after=None, recall: Optional[Recall] = None):
     """Run a block through all layers, writing its K/V into the cache first, then attending.
 
     `attention(q [B,Q,H,D], k [B,S,G,D], v [B,S,G,D], q_positions [B,Q], slot_positions [B,S],
@@ -139,29 +177,44 @@ def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: B
     slot is summed over layers and heads. cache_update: "scatter" or "onehot" (see cache.py).
     tap_layer: a layer index whose RoPE'd queries and keys are returned (a policy's retrieval keys).
     hidden_after: a layer count whose hidden state is returned too (`run_layers`; the controller's input).
+    recall: stored K/V of released tokens that each layer from recall.first_layer ranks and attends (a
+    one-token block; see `Recall`).
 
     Returns (hidden [B, Q, E] after the final norm, updated cache, mass [B, Q, S] float32 or None,
-    (q [B, Q, H, D], k [B, Q, G, D]) of tap_layer or None, hidden [B, Q, E] after hidden_after layers or None).
+    (q [B, Q, H, D], k [B, Q, G, D]) of tap_layer or None, the positions [B, R] recall.first_layer recalled
+    (-1: none) or None, hidden [B, Q, E] after hidden_after layers or None).
     """
     cache = kv_cache.claim_slots(cache, block.slots, block.positions, block.valid)
     write = kv_cache.WRITERS[cache_update]
+    if recall is not None and block.tokens.shape[1] != 1:
+        raise ValueError(f"recall serves a one-token block; got {block.tokens.shape[1]} rows")
 
     def attend_slots(index, q, k, v):
         k_slots = write(cache.k[index], block.slots, k)  # [B, S, G, D]
         v_slots = write(cache.v[index], block.slots, v)
-        args = (q, k_slots, v_slots, block.positions, cache.slot_positions, cache.slot_valid)
+        slot_positions, slot_valid, recalled = cache.slot_positions, cache.slot_valid, None
+        found = None if recall is None else recall.rows(index, q[:, 0])
+        if found is not None:  # this layer alone attends the recalled rows, in the spare slots
+            positions, recalled_valid, k_rows, v_rows = found
+            r = jnp.arange(q.shape[0])[:, None]
+            k_slots, v_slots = write(k_slots, recall.slots, k_rows), write(v_slots, recall.slots, v_rows)
+            slot_positions = slot_positions.at[r, recall.slots].set(positions)
+            slot_valid = slot_valid.at[r, recall.slots].set(recalled_valid)
+            recalled = jnp.where(recalled_valid, positions, -1)
+        args = (q, k_slots, v_slots, block.positions, slot_positions, slot_valid)
         tapped = (q, k) if index == tap_layer else None
         if not collect_mass:
-            return attention(*args), (k_slots, v_slots, None, tapped)
+            return attention(*args), (k_slots, v_slots, None, tapped, recalled)
         out, mass = attention(*args, return_mass=True)
-        return out, (k_slots, v_slots, jnp.sum(mass, axis=2), tapped)  # mass [B, Q, S]
+        return out, (k_slots, v_slots, jnp.sum(mass, axis=2), tapped, recalled)  # mass [B, Q, S]
 
     hidden, layer_aux, tapped_hidden = run_layers(params, config, block.tokens, block.positions, attend_slots,
                                                   hidden_after=hidden_after)
-    new_k, new_v, masses, taps = zip(*layer_aux)
+    new_k, new_v, masses, taps, recalled = zip(*layer_aux)
     cache = dataclasses.replace(cache, k=new_k, v=new_v)
     mass = functools.reduce(operator.add, masses) if collect_mass else None
-    return hidden, cache, mass, None if tap_layer is None else taps[tap_layer], tapped_hidden
+    return (hidden, cache, mass, None if tap_layer is None else taps[tap_layer],
+            None if recall is None else recalled[recall.first_layer], tapped_hidden)
 
 
 def lm_logits(params, hidden):

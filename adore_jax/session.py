@@ -164,7 +164,8 @@ class DecodeSession:
         for i, ids in enumerate(prompt_ids):
             self.tokens[i, :len(ids)] = ids
         self.cache = kv_cache.init_cache(model.config, batch, self.shape.prefill_slots, model.dtype)
-        self.ps = decode.init_policy_state(self.plan, batch, self.shape.prefill_slots, self.shape.max_length)
+        self.ps = decode.init_policy_state(self.plan, batch, self.shape.prefill_slots, self.shape.max_length,
+                                           model.dtype)
         self.state: Optional[decode.DecodeState] = None
 
     @property

@@ -34,6 +34,10 @@ POLICY_ROWS = {  # row name -> cache policy spec (at --cache-size unless it sets
     "adore R=8": dict(policy="adore", rebuild=8),
     "adore R=8 adaptive": dict(policy="adore", rebuild=8, adaptive_rebuild=True),
     "adore R=8 attention": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention"),
+    "adore R=8 stored": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
+                             rebuild_from="stored", retrieval_layer=0),
+    "adore R=8 stored from 10": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
+                                     rebuild_from="stored", retrieval_layer=10),
 }
 # Extra rows that split an ADORE step into its parts (differences of these, same batch and context).
 BREAKDOWN_ROWS = {
@@ -58,7 +62,7 @@ def synthetic_state(model, plan, batch, context, max_length, rng):
     valid = np.zeros((batch, slots), bool)
     valid[:, :kept] = True
     cache = kv_cache.KVCache(k, v, jnp.asarray(positions), jnp.asarray(valid))
-    ps = decode.init_policy_state(plan, batch, slots, max_length)
+    ps = decode.init_policy_state(plan, batch, slots, max_length, model.dtype)
     if policy.needs_controller:
         ps = dataclasses.replace(
             ps, token_ids=jnp.asarray(rng.integers(0, model.config.vocab_size, ps.token_ids.shape, dtype=np.int32)),

@@ -36,7 +36,7 @@ def state_bytes(model, plan, batch: int, max_length: int) -> int:
 
     def build():
         return (kv_cache.init_cache(model.config, batch, slots, model.dtype),
-                decode.init_policy_state(plan, batch, slots, max_length))
+                decode.init_policy_state(plan, batch, slots, max_length, model.dtype))
 
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(jax.eval_shape(build)))
 

@@ -239,7 +239,7 @@ def state_bytes(model, plan, batch: int, context: int, steps: int) -> int:
     policy = plan.policy
     slots = policy.cache_size + policy.block_rows if policy.bounded else max_length
     shapes = jax.eval_shape(lambda: (kv_cache.init_cache(model.config, batch, slots, model.dtype),
-                                     decode.init_policy_state(plan, batch, slots, max_length)))
+                                     decode.init_policy_state(plan, batch, slots, max_length, model.dtype)))
     return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
 
 

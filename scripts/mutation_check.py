@@ -2,6 +2,7 @@
 
     python scripts/mutation_check.py            # every mutant (a few minutes on 2 cores)
     python scripts/mutation_check.py --list     # what each mutant changes
+    python scripts/mutation_check.py --only "stored recall"   # the mutants whose name contains the text
 
 Each mutant edits one rule in a scratch copy of the working tree (never the tree itself), then runs
 the tests that guard the rule there. A mutant that leaves those tests green is a rule no test can
@@ -37,6 +38,7 @@ ADMISSION = "tests/test_policies.py::test_conservative_admission_matches_the_eve
 REBUILD_MARGIN = "tests/test_policies.py::test_adaptive_rebuild_margin_matches_the_event_reference"
 GROUPED = "tests/test_kernels_slot_attention.py::test_grouped_matches_twin"
 BY_ATTENTION = "tests/test_policies.py::test_rebuild_by_attention_matches_the_event_reference"
+STORED = "tests/test_policies.py::test_stored_recall_matches_the_event_reference"
 HIDDEN_INPUT = "tests/test_policies.py::test_a_hidden_state_controller_reads_each_tokens_own_pass"
 HIDDEN_TRAINING = "tests/test_train_controller.py::test_a_hidden_state_controller_trains_on_what_decoding_taps"
 
@@ -109,12 +111,24 @@ MUTANTS = (
     Mutant("decayed attention forgets the previous blocks (gamma ignored)", "adore_jax/policies/adore.py",
            "latest = jnp.maximum(latest, self.attention_decay *", "latest = jnp.maximum(latest, 0.0 *",
            eviction("adore-attention_weight50.0-attention_decay0.8")),
-    Mutant("rebuild by attention takes the mean over heads, not the max", "adore_jax/policies/adore.py",
-           "return jnp.max(logits, axis=(1, 2))", "return jnp.mean(logits, axis=(1, 2))",
-           (f"{BY_ATTENTION}[transient]", f"{BY_ATTENTION}[transient-long-prompt]")),
+    Mutant("rebuild by attention takes the mean over heads, not the max", "adore_jax/model.py",
+           "return jnp.max(logits, axis=-1) * dim ** -0.5", "return jnp.mean(logits, axis=-1) * dim ** -0.5",
+           (f"{BY_ATTENTION}[transient]", f"{BY_ATTENTION}[transient-long-prompt]", f"{STORED}[from-layer-0]")),
     Mutant("a rebuilt token's retrieval key is overwritten by its rebuilt key", "adore_jax/policies/adore.py",
            "first_seen = block.valid & (block.positions >= ps.retrieval_next)", "first_seen = block.valid",
            (f"{BY_ATTENTION}[into-cache]", f"{BY_ATTENTION}[transient]")),
+    Mutant("stored recall: every layer ranks with the first recalling layer's keys", "adore_jax/model.py",
+           "max_head_logits(query, self.keys[index])", "max_head_logits(query, self.keys[self.first_layer])",
+           (f"{STORED}[from-layer-0]",)),
+    Mutant("stored recall: the layers below first_layer recall too", "adore_jax/model.py",
+           "        if index < self.first_layer:\n            return None\n", "",
+           (f"{STORED}[from-layer-1]",)),
+    Mutant("stored recall: a cached token can be recalled a second time", "adore_jax/policies/adore.py",
+           "released = (jnp.arange(n)[None, :] < position[:, None]) & ~in_cache",
+           "released = jnp.arange(n)[None, :] < position[:, None]", (f"{STORED}[from-layer-0]", f"{STORED}[long-prompt]")),
+    Mutant("stored recall restores zeros (the store keeps nothing)", "adore_jax/policies/adore.py",
+           "stored.at[r, where].set(cached[r, block.slots]", "stored.at[r, where].set(0 * cached[r, block.slots]",
+           (f"{STORED}[from-layer-0]", f"{STORED}[long-prompt]")),
     Mutant("rebuild reaches one token beyond rebuild_max_distance", "adore_jax/policies/adore.py",
            "position[:, None] - self.rebuild_max_distance\n", "position[:, None] - self.rebuild_max_distance - 1\n",
            ("tests/test_policies.py::test_rebuild_max_distance_keeps_candidates_within_reach",)),
@@ -208,25 +222,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--only", default="", help="only the mutants whose name contains this text")
     args = parser.parse_args()
+    mutants = tuple(m for m in MUTANTS if args.only in m.name)
+    if not mutants:
+        parser.error(f"--only {args.only!r} matches no mutant's name (see --list)")
     if args.list:
-        for mutant in MUTANTS:
+        for mutant in mutants:
             print(f"{mutant.name}\n    {mutant.path}: {mutant.old!r} -> {mutant.new!r}\n    tests: {' '.join(mutant.tests)}")
         return 0
     with tempfile.TemporaryDirectory(prefix="mutation_check_") as scratch:
         pristine = os.path.join(scratch, "pristine")
         copy_tree(pristine)
-        for mutant in MUTANTS:
+        for mutant in mutants:
             mutated_text(pristine, mutant)  # every mutant's text exists, before any test runs
-        passed, seconds, tail = run_tests(pristine, tuple(dict.fromkeys(t for m in MUTANTS for t in m.tests)))
+        passed, seconds, tail = run_tests(pristine, tuple(dict.fromkeys(t for m in mutants for t in m.tests)))
         if not passed:
             print(f"mutation_check: the unmutated tree fails the guarding tests:\n{tail}", file=sys.stderr)
             return 1
         print(f"unmutated tree: the guarding tests pass ({seconds:.0f} s)", flush=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            runs = [pool.submit(try_mutant, pristine, scratch, i, m) for i, m in enumerate(MUTANTS)]
+            runs = [pool.submit(try_mutant, pristine, scratch, i, m) for i, m in enumerate(mutants)]
             survivors = []
-            for mutant, run in zip(MUTANTS, runs):
+            for mutant, run in zip(mutants, runs):
                 survived, seconds = run.result()
                 print(f"{'SURVIVED' if survived else 'killed  '} {seconds:5.0f} s  {mutant.name}", flush=True)
                 if survived:
@@ -234,7 +252,7 @@ def main() -> int:
     if survivors:
         print(f"mutation_check: {len(survivors)} mutant(s) survived: no test catches {survivors}", file=sys.stderr)
         return 1
-    print(f"mutation_check: all {len(MUTANTS)} mutants killed")
+    print(f"mutation_check: all {len(mutants)} mutants killed")
     return 0
 
 

@@ -147,20 +147,30 @@ class EventReference:
         self.inv_freq = jnp.asarray(inverse_frequencies(model.config))
         self.events = []  # dicts: position, q (per layer [H, D]), k, v (per layer [G, D])
 
-    def run_block(self, tokens, positions, context):
-        """Compute events for `tokens` at `positions`, attending `context` event ids and each other causally."""
+    def run_block(self, tokens, positions, context, recall=None):
+        """Compute events for `tokens` at `positions`, attending `context` event ids and each other causally.
+
+        recall (first_layer, R, candidate positions), for one token: each layer from first_layer on also attends
+        the first events of the R candidates its own query ranks best (`attention_ranking`); self.recalled gets
+        each layer's picks."""
         params, config = self.model.params, self.config
         x = params["embed"][jnp.asarray(tokens)][None]  # [1, Q, E]
         pos = jnp.asarray(positions)[None]
         qs, ks, vs = [], [], []
+        self.recalled = []
         for l, layer in enumerate(params["layers"]):
             q, k, v = attention_inputs(layer, config, rms_norm(x, layer["attn_norm"], config.rms_norm_eps), pos,
                                        self.inv_freq)
-            keys = jnp.concatenate([jnp.stack([self.events[e]["k"][l] for e in context])[None], k], axis=1) \
-                if context else k
-            values = jnp.concatenate([jnp.stack([self.events[e]["v"][l] for e in context])[None], v], axis=1) \
-                if context else v
-            key_pos = np.array([self.events[e]["position"] for e in context] + list(positions))
+            seen = context  # this layer's context
+            if recall is not None and l >= recall[0]:
+                picks = attention_ranking(self, recall[2], l, np.asarray(q[0, -1]))[:recall[1]]
+                self.recalled.append(picks)
+                seen = context + [self.first_event(i) for i in picks]
+            keys = jnp.concatenate([jnp.stack([self.events[e]["k"][l] for e in seen])[None], k], axis=1) \
+                if seen else k
+            values = jnp.concatenate([jnp.stack([self.events[e]["v"][l] for e in seen])[None], v], axis=1) \
+                if seen else v
+            key_pos = np.array([self.events[e]["position"] for e in seen] + list(positions))
             group = config.num_heads // config.num_kv_heads
             logits = jnp.einsum("qhd,shd->hqs", q[0], jnp.repeat(keys[0], group, axis=1)) / np.sqrt(config.head_dim)
             mask = key_pos[None, :] <= np.array(positions)[:, None]
@@ -177,15 +187,17 @@ class EventReference:
         hidden = rms_norm(x, params["final_norm"], config.rms_norm_eps)
         return ids, np.asarray(lm_logits(params, hidden[0, -1]))
 
+    def first_event(self, position):
+        """The id of the event that first computed `position`."""
+        return next(e for e, event in enumerate(self.events) if event["position"] == position)
 
-def attention_ranking(ref, released, layer):
-    """Released positions by the latest event's attention logit at `layer` (max over heads) against the key
-    each position got when it was first computed."""
+
+def attention_ranking(ref, released, layer, query=None):
+    """Released positions by the attention logit of `query` [H, D] (default: the latest event's) at `layer`, max
+    over heads, against the key each position got when it was first computed."""
     config = ref.config
-    query = np.asarray(ref.events[-1]["q"][layer])  # [H, D]
-    first = {}
-    for event in ref.events:
-        first.setdefault(event["position"], np.asarray(event["k"][layer]))  # [G, D]
+    query = np.asarray(ref.events[-1]["q"][layer]) if query is None else query  # [H, D]
+    first = {i: np.asarray(ref.events[ref.first_event(i)]["k"][layer]) for i in released}  # [G, D] each
     group = config.num_heads // config.num_kv_heads
     logit = {i: max(query[h] @ first[i][h // group] for h in range(config.num_heads)) for i in released}
     return sorted(released, key=lambda i: -logit[i])
@@ -228,6 +240,49 @@ def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False,
         candidates = cache + [e for e, i in zip(block_ids, block) if i in admitted] + block_ids[-1:]
         cache = sorted(candidates, key=lambda e: -score[ref.events[e]["position"]])[:m]
     return np.stack(logits), rebuilt
+
+
+def simulate_stored_recall(model, tokens, m, rebuild, score_of_distance, first_layer, prompt=PROMPT):
+    """Logits of every step and each layer's recalled positions, from the event reference: every token runs
+    once; each step's layers from first_layer on attend the cache and the R released tokens they rank best,
+    with the K/V of their only pass; the cache keeps the m best scored of itself and the current token."""
+    ref = EventReference(model)
+    cache, _ = ref.run_block(tokens[:prompt - 1], list(range(prompt - 1)), [])
+    cache = sorted(cache, key=lambda e: -score_of_distance[prompt - 2 - ref.events[e]["position"]])[:m]
+    logits, recalled = [], []
+    for t in range(prompt - 1, len(tokens) - 1):
+        cached_positions = {ref.events[e]["position"] for e in cache}
+        released = [i for i in range(t) if i not in cached_positions]
+        ids, step_logits = ref.run_block([tokens[t]], [t], cache, recall=(first_layer, rebuild, released))
+        logits.append(step_logits)
+        recalled.append(ref.recalled)
+        cache = sorted(cache + ids, key=lambda e: -score_of_distance[t - ref.events[e]["position"]])[:m]
+    return np.stack(logits), recalled
+
+
+@pytest.mark.parametrize("first_layer, prompt", [(0, PROMPT), (1, PROMPT), (0, 12)],
+                         ids=["from-layer-0", "from-layer-1", "long-prompt"])
+def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_layer, prompt):
+    """rebuild_from="stored", R = 2: each layer from first_layer on ranks the released tokens by its own query
+    and attends the two best with the K/V of their first pass, for this step only; below it, the cache alone.
+    With a prompt longer than m the prefill releases, and the stored K/V come from its chunk."""
+    m, rebuild = 5, 2
+    scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
+    controller = distance_controller(tiny_model.config.hidden_size, scores)
+    tokens = sequences[:1, :32]
+    options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, controller=controller)
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, rebuild=rebuild,
+                                        rebuild_into_cache=False, rebuild_by="attention", rebuild_from="stored",
+                                        retrieval_layer=first_layer, **options)
+    expected, recalled = simulate_stored_recall(tiny_model, tokens[0].tolist(), m, rebuild, scores, first_layer,
+                                                prompt)
+    np.testing.assert_allclose(logits[0], expected, atol=1e-4)
+    assert recalled[0][0] or prompt <= m, "the prompt's last token recalled nothing: the long prompt proves nothing"
+    if first_layer == 0:
+        assert any(layers[0] != layers[1] for layers in recalled), \
+            "every layer recalled the same tokens: the per-layer ranking is untested"
+    _, alone = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, **options)
+    assert np.max(np.abs(alone[0] - expected)) > 1e-3, "recall changed nothing: the test proves nothing"
 
 
 @pytest.mark.parametrize("adaptive, into_cache, input_layer",
@@ -352,6 +407,12 @@ def test_rebuild_by_attention_options_are_checked(tiny_model):
         check(rebuild=2, adaptive_rebuild=True, rebuild_by="attention")
     with pytest.raises(ValueError, match="retrieval_layer must be >= 0 and needs rebuild_by='attention'"):
         check(rebuild=2, retrieval_layer=1)
+    with pytest.raises(ValueError, match="rebuild_from must be one of"):
+        check(rebuild=2, rebuild_from="host")
+    with pytest.raises(ValueError, match="rebuild_from='stored' needs rebuild_by='attention' and rebuild_into_cache"):
+        check(rebuild=2, rebuild_into_cache=False, rebuild_from="stored")
+    with pytest.raises(ValueError, match="rebuild_from='stored' needs rebuild_by='attention' and rebuild_into_cache"):
+        check(rebuild=2, rebuild_by="attention", rebuild_from="stored")
     by_attention = adore_jax.make_policy("adore", cache_size=8, rebuild=2, rebuild_by="attention")
     smollm2 = dataclasses.replace(tiny_model.config, num_layers=30)
     assert by_attention.tap_layer(smollm2) == 20, "the default retrieval layer is not two thirds of the way up"

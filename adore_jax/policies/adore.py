@@ -22,6 +22,14 @@ decides release; the model's attention decides what comes back, so a token that 
 (a pass key) can return when a query asks for it. The query is the previous token's (a decode step
 picks its rebuild block before its own forward).
 
+With `rebuild_from="stored"` (and rebuild_by="attention", transient) nothing is recomputed: every token's K/V of
+every layer is kept when it is first computed (2 L G D floats per token beside the cache: the memory a full
+cache needs, for host memory on an accelerator), and the current token runs alone. Each layer from
+`retrieval_layer` on ranks the released tokens by its own query (max over heads of q . k / sqrt(D) against their
+stored keys) and attends the R best with their first-pass K/V beside the cache, for that layer and step only
+(model.Recall). It answers what the probes of the recomputing rebuild found (README, Retrieval): for copying a
+pass key, recomputed K/V and the previous token's query both fall short.
+
 With `attention_weight` beta > 0 (default 0.5) a cached token's score adds beta * log(attention mass the block's
 last query gave it) (TOVA's statistic, summed over layers and heads; beyond the paper): the
 controller predicts what the text will need, the attention says what the model uses now. Rebuild
@@ -37,10 +45,12 @@ import jax
 import jax.numpy as jnp
 
 from adore_jax import controller as ctrl
+from adore_jax.model import Recall, max_head_logits
 from adore_jax.policies.base import BoundedPolicy, PolicyState, rows, written_slots
 
 MASS_FLOOR = 1e-6  # log(mass + floor): a slot the query ignored gets a finite score
 REBUILD_SCORERS = ("controller", "attention")
+REBUILD_SOURCES = ("recompute", "stored")
 
 
 def cached_scores(cache, token_scores):
@@ -79,7 +89,10 @@ class Adore(BoundedPolicy):
     rebuild_max_distance: Optional[int] = None  # only released tokens at most this far back may be rebuilt
     rebuild_by: str = "controller"  # rank rebuild candidates by the controller, or by "attention": the model's
     # attention logits at retrieval_layer for the latest query
-    retrieval_layer: Optional[int] = None  # rebuild_by="attention": the layer (default: 2 * num_layers // 3)
+    retrieval_layer: Optional[int] = None  # rebuild_by="attention": the layer (default: 2 * num_layers // 3); with
+    # rebuild_from="stored", the first layer that recalls
+    rebuild_from: str = "recompute"  # the rebuilt tokens run through the model again with the current one
+    # (ADORE.md 4), or "stored": their first-pass K/V of every layer are kept and restored as they were (see above)
 
     @property
     def needs_mass(self) -> bool:
@@ -134,13 +147,24 @@ class Adore(BoundedPolicy):
                              f"{self.retrieval_layer} with rebuild_by={self.rebuild_by!r}")
         if self.admission_margin is not None and not self.admission_margin >= 0:
             raise ValueError(f"admission_margin must be >= 0; got {self.admission_margin}")
+        if self.rebuild_from not in REBUILD_SOURCES:
+            raise ValueError(f"rebuild_from must be one of {REBUILD_SOURCES}; got {self.rebuild_from!r}")
+        if self.rebuild_from == "stored" and (self.rebuild_by != "attention" or self.rebuild_into_cache):
+            raise ValueError(f"rebuild_from='stored' needs rebuild_by='attention' and rebuild_into_cache=False (each "
+                             f"layer recalls its own tokens, which the shared slot table cannot keep); got "
+                             f"rebuild_by={self.rebuild_by!r}, rebuild_into_cache={self.rebuild_into_cache}")
 
     def resolve_controller(self, model, controller):
         """(ControllerConfig, params) from a saved controller's path, a (config, params) pair, or the model's default."""
         from adore_jax.session import resolve_controller
         return resolve_controller(model, controller)
 
-    def tap_layer(self, model) -> Optional[int]:
+    @property
+    def recalls_stored(self) -> bool:
+        return self.rebuild_from == "stored"
+
+    def ranking_layer(self, model) -> Optional[int]:
+        """rebuild_by="attention": the layer that ranks (with rebuild_from="stored": the first that recalls)."""
         if self.rebuild_by != "attention":
             return None
         layer = 2 * model.num_layers // 3 if self.retrieval_layer is None else self.retrieval_layer
@@ -148,7 +172,11 @@ class Adore(BoundedPolicy):
             raise ValueError(f"retrieval_layer must be in [0, {model.num_layers}) for this model; got {layer}")
         return layer
 
-    def init_state(self, batch, num_slots, max_length, controller=None, model=None) -> PolicyState:
+    def tap_layer(self, model) -> Optional[int]:
+        return None if self.recalls_stored else self.ranking_layer(model)
+
+    def init_state(self, batch, num_slots, max_length, controller=None, model=None,
+                   kv_dtype=jnp.float32) -> PolicyState:
         if controller is None:
             raise ValueError("policy 'adore' needs a controller config")
         state = dataclasses.replace(
@@ -160,6 +188,11 @@ class Adore(BoundedPolicy):
             return state
         if model is None:
             raise ValueError("rebuild_by='attention' needs the model config (its heads and head width)")
+        if self.recalls_stored:
+            shape = (batch, max_length, model.num_kv_heads, model.head_dim)
+            layers = range(model.num_layers)
+            return dataclasses.replace(state, stored_k=tuple(jnp.zeros(shape, kv_dtype) for _ in layers),
+                                       stored_v=tuple(jnp.zeros(shape, kv_dtype) for _ in layers))
         return dataclasses.replace(
             state, retrieval_keys=jnp.zeros((batch, max_length, model.num_kv_heads, model.head_dim), jnp.float32),
             retrieval_query=jnp.zeros((batch, model.num_heads, model.head_dim), jnp.float32),
@@ -229,10 +262,35 @@ class Adore(BoundedPolicy):
 
     def retrieval_scores(self, ps):
         """[B, N]: the latest query's attention logit for every stored key, max over heads."""
-        batch, n, groups, dim = ps.retrieval_keys.shape
-        query = ps.retrieval_query.reshape(batch, groups, -1, dim)  # [B, G, H/G, D]: heads grouped by KV head
-        logits = jnp.einsum("bgrd,bngd->bgrn", query, ps.retrieval_keys) * dim ** -0.5
-        return jnp.max(logits, axis=(1, 2))
+        return max_head_logits(ps.retrieval_query, ps.retrieval_keys)
+
+    def store_kv(self, ps, cache, block):
+        """rebuild_from="stored": copy the block's K/V of every layer from its cache slots to its positions."""
+        if not self.recalls_stored:
+            return ps
+        where = jnp.where(block.valid, block.positions, ps.token_ids.shape[1])  # padding out of range: dropped
+        r = rows(block.slots.shape[0])
+
+        def store(stored, cached):
+            return stored.at[r, where].set(cached[r, block.slots].astype(stored.dtype), mode="drop")
+
+        return dataclasses.replace(ps, stored_k=tuple(map(store, ps.stored_k, cache.k)),
+                                   stored_v=tuple(map(store, ps.stored_v, cache.v)))
+
+    def recall(self, model, cache, ps, position, spare_slots) -> Recall:
+        """rebuild_from="stored": what the current token at position [B] may recall, into spare_slots [B, R]:
+        every released token before it (with rebuild_max_distance, only those that near)."""
+        return Recall(ps.stored_k, ps.stored_v, self.released(cache, position, ps.token_ids.shape[1]), spare_slots,
+                      self.ranking_layer(model))
+
+    def released(self, cache, position, n):
+        """[B, N] bool: the tokens before position [B] not in the cache (within rebuild_max_distance)."""
+        batch = cache.batch_size
+        in_cache = jnp.zeros((batch, n), bool).at[rows(batch), cache.slot_positions].max(cache.slot_valid)
+        released = (jnp.arange(n)[None, :] < position[:, None]) & ~in_cache
+        if self.rebuild_max_distance is not None:  # the range the controller was trained on
+            released &= jnp.arange(n)[None, :] >= position[:, None] - self.rebuild_max_distance
+        return released
 
     def slot_scores(self, cache, ps, token_scores):
         scores = cached_scores(cache, token_scores)
@@ -248,11 +306,7 @@ class Adore(BoundedPolicy):
         (fewer than R tokens may be released, or within rebuild_max_distance) and, with adaptive_rebuild,
         when it outscores the weakest cached token by more than rebuild_margin.
         """
-        batch, n = token_scores.shape
-        in_cache = jnp.zeros((batch, n), bool).at[rows(batch), cache.slot_positions].max(cache.slot_valid)
-        released = (jnp.arange(n)[None, :] < position[:, None]) & ~in_cache
-        if self.rebuild_max_distance is not None:  # the range the controller was trained on
-            released &= jnp.arange(n)[None, :] >= position[:, None] - self.rebuild_max_distance
+        released = self.released(cache, position, token_scores.shape[1])
         ranking = self.retrieval_scores(ps) if self.rebuild_by == "attention" else token_scores
         picked_scores, picked = jax.lax.top_k(jnp.where(released, ranking, -jnp.inf), self.rebuild)
         wanted = picked_scores > -jnp.inf

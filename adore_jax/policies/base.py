@@ -9,6 +9,7 @@ prefill chunk, or a decode step of the current token plus R rebuilt ones), `ador
     ... the block runs through the model with policy.attention(impl) ...
     ps = policy.update_state(ps, block, mass, last_row, tapped)    after the block (h2o, tova: attention mass;
                                                                    adore: layer tap_layer's queries and keys)
+    ps = policy.store_kv(ps, cache, block)                         adore, rebuild_from "stored": every layer's K/V
     ps = policy.observe(ps, ctx, tokens, positions, valid, layer_hidden)   adore: the controller reads the
                                                                    block's tokens (or their hidden states)
     scores = policy.token_scores(ps, ctx, query_position, needed)  [B, N] scores of the tokens seen (those in
@@ -48,6 +49,9 @@ class PolicyState:
     # attention)
     retrieval_query: jax.Array  # [B, H, D] float32 ... and its query of the latest token
     retrieval_next: jax.Array  # [B, 1] int32 the first position whose key is not yet stored
+    stored_k: tuple  # L x [B, N, G, D] every layer's K of every token seen, at its position (adore, rebuild_from
+    # "stored"); empty otherwise
+    stored_v: tuple  # L x [B, N, G, D] ... and its V
     rebuild_steps: jax.Array  # [] int32 steps at which the rebuild block ran
     rebuilt_tokens: jax.Array  # [B] int32 tokens rebuilt so far
 
@@ -70,6 +74,7 @@ class CachePolicy:
     needs_mass: ClassVar[bool] = False  # slot attention must return each query's attention mass per slot
     needs_controller: ClassVar[bool] = False  # reads a trained controller (adore)
     rebuild: ClassVar[int] = 0  # R, released tokens rebuilt per decode step (a field where a policy has it)
+    recalls_stored: ClassVar[bool] = False  # rebuilds from K/V kept beside the cache (adore, rebuild_from "stored")
 
     cache_size: Optional[int] = None  # unbounded policies: cache slots (default: as many as the run needs)
     prefill_chunk: Optional[int] = None  # prompt tokens per prefill block (default 256; bounded 128)
@@ -122,13 +127,15 @@ class CachePolicy:
         from pallas_kernels import slot_attention
         return partial(slot_attention, impl=impl)
 
-    def init_state(self, batch: int, num_slots: int, max_length: int, controller=None, model=None) -> PolicyState:
+    def init_state(self, batch: int, num_slots: int, max_length: int, controller=None, model=None,
+                   kv_dtype=jnp.float32) -> PolicyState:
         return PolicyState(
             token_ids=jnp.zeros((batch, 0), jnp.int32), features=jnp.zeros((batch, 0, 0), jnp.float32),
             controller_state=jnp.zeros((batch, 0), jnp.float32),
             mass=jnp.zeros((batch, num_slots if self.needs_mass else 0), jnp.float32),
             retrieval_keys=jnp.zeros((batch, 0, 0, 0), jnp.float32),
             retrieval_query=jnp.zeros((batch, 0, 0), jnp.float32), retrieval_next=jnp.zeros((batch, 0), jnp.int32),
+            stored_k=(), stored_v=(),
             rebuild_steps=jnp.zeros((), jnp.int32), rebuilt_tokens=jnp.zeros((batch,), jnp.int32))
 
     def context(self, controller, controller_params, embed, ps: PolicyState):
@@ -150,6 +157,11 @@ class CachePolicy:
         return None
 
     def update_state(self, ps: PolicyState, block, mass, last_row, tapped=None) -> PolicyState:
+        return ps
+
+    def store_kv(self, ps: PolicyState, cache, block) -> PolicyState:
+        """Keep what a policy needs of a block's K/V once the block is in the cache (adore with rebuild_from
+        "stored": all of it)."""
         return ps
 
     def slot_scores(self, cache, ps: PolicyState, token_scores):

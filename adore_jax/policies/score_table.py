@@ -43,7 +43,8 @@ class ScoreTable(Adore):
             raise ValueError(f"score_table ranks rebuild candidates by its scores: rebuild_by must be "
                              f"'controller'; got {self.rebuild_by!r}")
 
-    def init_state(self, batch, num_slots, max_length, controller=None, model=None) -> PolicyState:
+    def init_state(self, batch, num_slots, max_length, controller=None, model=None,
+                   kv_dtype=jnp.float32) -> PolicyState:
         state = BoundedPolicy.init_state(self, batch, num_slots, max_length)
         return dataclasses.replace(state, token_ids=jnp.zeros((batch, max_length), jnp.int32))
 
