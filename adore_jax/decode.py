@@ -91,7 +91,8 @@ def _run_block(plan, params, cache, ps, block, last_row, recall=None):
     policy = plan.policy
     hidden, cache, mass, tapped, recalled, layer_hidden = forward_block(
         params, plan.model, cache, block, attention=policy.attention(plan.attention_impl),
-        collect_mass=policy.needs_mass, cache_update=policy.cache_update, tap_layer=policy.tap_layer(plan.model),
+        mass_weights=policy.mass_weights(block, last_row) if policy.needs_mass else None,
+        cache_update=policy.cache_update, tap_layer=policy.tap_layer(plan.model),
         hidden_after=controller_layer(plan), recall=recall)
     ps = policy.store_kv(policy.update_state(ps, block, mass, last_row, tapped), cache, block)
     return hidden, cache, ps, recalled, layer_hidden

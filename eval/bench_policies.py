@@ -38,6 +38,8 @@ POLICY_ROWS = {  # row name -> cache policy spec (at --cache-size unless it sets
                              rebuild_from="stored", retrieval_layer=0),
     "adore R=8 stored from 10": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
                                      rebuild_from="stored", retrieval_layer=10),
+    "adore R=8 stored paged": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
+                                   rebuild_from="stored", retrieval_layer=0, recall_page_size=16, recall_pages=16),
 }
 # Extra rows that split an ADORE step into its parts (differences of these, same batch and context).
 BREAKDOWN_ROWS = {
@@ -67,10 +69,30 @@ def synthetic_state(model, plan, batch, context, max_length, rng):
         ps = dataclasses.replace(
             ps, token_ids=jnp.asarray(rng.integers(0, model.config.vocab_size, ps.token_ids.shape, dtype=np.int32)),
             features=jnp.asarray(rng.normal(size=ps.features.shape).astype(np.float32)))
+    if ps.stored_k:
+        ps = synthetic_store(ps, rng)
     state = decode.DecodeState(jnp.asarray(rng.integers(0, model.config.vocab_size, batch, dtype=np.int32)),
                                jnp.full((batch,), context, jnp.int32), jnp.zeros((batch,), bool),
                                jax.random.key(0))
     return cache, ps, state
+
+
+def synthetic_store(ps, rng):
+    """Random stored K/V (rebuild_from="stored") and, with pages, their key bounds."""
+    def random_like(x):
+        return jnp.asarray(rng.normal(size=x.shape).astype(np.float32) * 0.5, x.dtype)
+
+    k, v = tuple(map(random_like, ps.stored_k)), tuple(map(random_like, ps.stored_v))
+    bounds = ()
+    if ps.stored_key_bounds:
+        n_pages = ps.stored_key_bounds[0].shape[2]
+
+        def page_bounds(keys):  # [B, G, N, D] -> [B, G, N / P, 2, D]
+            paged = keys.reshape(*keys.shape[:2], n_pages, -1, keys.shape[3])
+            return jnp.stack([paged.max(axis=3), paged.min(axis=3)], axis=3)
+
+        bounds = tuple(map(page_bounds, k))
+    return dataclasses.replace(ps, stored_k=k, stored_v=v, stored_key_bounds=bounds)
 
 
 def timed_max_length(context: int, steps: int, repeats: int) -> int:

@@ -13,7 +13,8 @@ from adore_jax import cache as kv_cache
 from adore_jax import controller as ctrl
 from adore_jax import timing
 from adore_jax.model import (BlockInput, attention_inputs, attention_output, forward, forward_block, init_params,
-                             lm_logits, mlp_block, rms_norm)
+                             lm_logits, max_head_logits, max_head_logits_by_group, mlp_block, page_bounds,
+                             rms_norm)
 from adore_jax.configfile import read_yaml
 from adore_jax.policies import TopKSlotAttention, load_policy
 from adore_jax.rope import inverse_frequencies
@@ -150,8 +151,9 @@ class EventReference:
     def run_block(self, tokens, positions, context, recall=None):
         """Compute events for `tokens` at `positions`, attending `context` event ids and each other causally.
 
-        recall (first_layer, R, candidate positions), for one token: each layer from first_layer on also attends
-        the first events of the R candidates its own query ranks best (`attention_ranking`); self.recalled gets
+        recall (first_layer, R, candidate positions[, (P, K) pages]), for one token: each layer from first_layer on
+        also attends the first events of the R candidates its own query ranks best (`attention_ranking`; with
+        pages, among the candidates in the K pages of P positions `paged_candidates` picks); self.recalled gets
         each layer's picks."""
         params, config = self.model.params, self.config
         x = params["embed"][jnp.asarray(tokens)][None]  # [1, Q, E]
@@ -163,7 +165,10 @@ class EventReference:
                                        self.inv_freq)
             seen = context  # this layer's context
             if recall is not None and l >= recall[0]:
-                picks = attention_ranking(self, recall[2], l, np.asarray(q[0, -1]))[:recall[1]]
+                query, candidates = np.asarray(q[0, -1]), recall[2]
+                if len(recall) > 3:
+                    candidates = paged_candidates(self, candidates, l, query, *recall[3], before=positions[-1])
+                picks = attention_ranking(self, candidates, l, query)[:recall[1]]
                 self.recalled.append(picks)
                 seen = context + [self.first_event(i) for i in picks]
             keys = jnp.concatenate([jnp.stack([self.events[e]["k"][l] for e in seen])[None], k], axis=1) \
@@ -201,6 +206,23 @@ def attention_ranking(ref, released, layer, query=None):
     group = config.num_heads // config.num_kv_heads
     logit = {i: max(query[h] @ first[i][h // group] for h in range(config.num_heads)) for i in released}
     return sorted(released, key=lambda i: -logit[i])
+
+
+def paged_candidates(ref, released, layer, query, size, n_pages, before):
+    """The released positions in the n_pages pages of `size` positions with the highest bound on a stored key's
+    logit, max over heads: per head, the sum over dims of max(q_d * min_d, q_d * max_d) over the first keys of
+    every position before `before` in the page (cached or released), recomputed from the events."""
+    config = ref.config
+    group = config.num_heads // config.num_kv_heads
+    first = {i: np.asarray(ref.events[ref.first_event(i)]["k"][layer]) for i in range(before)}  # [G, D] each
+    bound = {}
+    for page in {i // size for i in released}:
+        keys = np.stack([first[i] for i in range(page * size, min((page + 1) * size, before))])  # [n, G, D]
+        high, low = keys.max(axis=0), keys.min(axis=0)
+        bound[page] = max(np.maximum(query[h] * high[h // group], query[h] * low[h // group]).sum()
+                          for h in range(config.num_heads))
+    chosen = sorted(bound, key=lambda page: -bound[page])[:n_pages]
+    return [i for i in released if i // size in chosen]
 
 
 def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False, into_cache=True, margin=None,
@@ -242,10 +264,11 @@ def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False,
     return np.stack(logits), rebuilt
 
 
-def simulate_stored_recall(model, tokens, m, rebuild, score_of_distance, first_layer, prompt=PROMPT):
+def simulate_stored_recall(model, tokens, m, rebuild, score_of_distance, first_layer, prompt=PROMPT, pages=None):
     """Logits of every step and each layer's recalled positions, from the event reference: every token runs
     once; each step's layers from first_layer on attend the cache and the R released tokens they rank best,
-    with the K/V of their only pass; the cache keeps the m best scored of itself and the current token."""
+    with the K/V of their only pass; the cache keeps the m best scored of itself and the current token.
+    pages (P, K): the ranking reads only the released tokens of K pages of P positions (`paged_candidates`)."""
     ref = EventReference(model)
     cache, _ = ref.run_block(tokens[:prompt - 1], list(range(prompt - 1)), [])
     cache = sorted(cache, key=lambda e: -score_of_distance[prompt - 2 - ref.events[e]["position"]])[:m]
@@ -253,36 +276,66 @@ def simulate_stored_recall(model, tokens, m, rebuild, score_of_distance, first_l
     for t in range(prompt - 1, len(tokens) - 1):
         cached_positions = {ref.events[e]["position"] for e in cache}
         released = [i for i in range(t) if i not in cached_positions]
-        ids, step_logits = ref.run_block([tokens[t]], [t], cache, recall=(first_layer, rebuild, released))
+        recall = (first_layer, rebuild, released) + ((pages,) if pages else ())
+        ids, step_logits = ref.run_block([tokens[t]], [t], cache, recall=recall)
         logits.append(step_logits)
         recalled.append(ref.recalled)
         cache = sorted(cache + ids, key=lambda e: -score_of_distance[t - ref.events[e]["position"]])[:m]
     return np.stack(logits), recalled
 
 
-@pytest.mark.parametrize("first_layer, prompt", [(0, PROMPT), (1, PROMPT), (0, 12)],
-                         ids=["from-layer-0", "from-layer-1", "long-prompt"])
-def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_layer, prompt):
+@pytest.mark.parametrize("first_layer, prompt, pages", [(0, PROMPT, None), (1, PROMPT, None), (0, 12, None),
+                                                         (0, PROMPT, (5, 2)), (1, 12, (5, 2))],
+                         ids=["from-layer-0", "from-layer-1", "long-prompt", "paged", "paged-long-prompt"])
+def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_layer, prompt, pages):
     """rebuild_from="stored", R = 2: each layer from first_layer on ranks the released tokens by its own query
     and attends the two best with the K/V of their first pass, for this step only; below it, the cache alone.
-    With a prompt longer than m the prefill releases, and the stored K/V come from its chunk."""
+    With a prompt longer than m the prefill releases, and the stored K/V come from its chunk. With pages (P, K) =
+    (5, 2) only the released tokens of the 2 pages with the highest key bounds are ranked (32 positions: the
+    last of 7 pages is partly past the end)."""
     m, rebuild = 5, 2
     scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
     controller = distance_controller(tiny_model.config.hidden_size, scores)
     tokens = sequences[:1, :32]
     options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, controller=controller)
+    paging = dict(recall_page_size=pages[0], recall_pages=pages[1]) if pages else {}
     _, logits = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, rebuild=rebuild,
                                         rebuild_into_cache=False, rebuild_by="attention", rebuild_from="stored",
-                                        retrieval_layer=first_layer, **options)
+                                        retrieval_layer=first_layer, **paging, **options)
     expected, recalled = simulate_stored_recall(tiny_model, tokens[0].tolist(), m, rebuild, scores, first_layer,
-                                                prompt)
+                                                prompt, pages)
     np.testing.assert_allclose(logits[0], expected, atol=1e-4)
     assert recalled[0][0] or prompt <= m, "the prompt's last token recalled nothing: the long prompt proves nothing"
     if first_layer == 0:
         assert any(layers[0] != layers[1] for layers in recalled), \
             "every layer recalled the same tokens: the per-layer ranking is untested"
+    if pages:
+        _, unpaged = simulate_stored_recall(tiny_model, tokens[0].tolist(), m, rebuild, scores, first_layer, prompt)
+        assert recalled != unpaged, "the pages held every best key: the page ranking is untested"
     _, alone = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, **options)
     assert np.max(np.abs(alone[0] - expected)) > 1e-3, "recall changed nothing: the test proves nothing"
+
+
+def test_page_bounds_bound_every_key_and_are_tight_for_one_key():
+    """page_bounds against brute force: for random keys in pages of 4, the bound is at least every key's
+    max_head_logits, and a page holding one key (min = max) is bounded by exactly that key's logit; the
+    KV-head-major ranking equals max_head_logits."""
+    rng = np.random.default_rng(7)
+    batch, pages, size, heads, groups, dim = 2, 6, 4, 6, 2, 8
+    query = rng.normal(size=(batch, heads, dim)).astype(np.float32)
+    keys = rng.normal(size=(batch, pages * size, groups, dim)).astype(np.float32)
+    paged = keys.reshape(batch, pages, size, groups, dim).transpose(0, 3, 1, 2, 4)  # [B, G, P, size, D]
+    bounds = np.stack([paged.max(axis=3), paged.min(axis=3)], axis=3)  # [B, G, P, 2, D]
+    logits = np.asarray(max_head_logits(jnp.asarray(query), jnp.asarray(keys))).reshape(batch, pages, size)
+    bound = np.asarray(page_bounds(jnp.asarray(query), jnp.asarray(bounds)))
+    assert np.all(bound >= logits.max(axis=2) - 1e-5)
+    assert np.any(bound > logits.max(axis=2) + 1e-2), "every bound is tight: nothing tested the bound's slack"
+    by_group = keys.transpose(0, 2, 1, 3)  # [B, G, N, D]
+    np.testing.assert_allclose(np.asarray(max_head_logits_by_group(jnp.asarray(query), jnp.asarray(by_group))),
+                               np.asarray(max_head_logits(jnp.asarray(query), jnp.asarray(keys))), atol=1e-5)
+    single = np.stack([by_group, by_group], axis=3)  # pages of one key
+    np.testing.assert_allclose(np.asarray(page_bounds(jnp.asarray(query), jnp.asarray(single))),
+                               np.asarray(max_head_logits(jnp.asarray(query), jnp.asarray(keys))), atol=1e-5)
 
 
 @pytest.mark.parametrize("adaptive, into_cache, input_layer",
@@ -413,6 +466,18 @@ def test_rebuild_by_attention_options_are_checked(tiny_model):
         check(rebuild=2, rebuild_into_cache=False, rebuild_from="stored")
     with pytest.raises(ValueError, match="rebuild_from='stored' needs rebuild_by='attention' and rebuild_into_cache"):
         check(rebuild=2, rebuild_by="attention", rebuild_from="stored")
+    stored = dict(rebuild=2, rebuild_into_cache=False, rebuild_by="attention", rebuild_from="stored")
+    with pytest.raises(ValueError, match="recall_page_size must be >= 0 .* needs rebuild_from='stored'"):
+        check(rebuild=2, rebuild_into_cache=False, rebuild_by="attention", recall_page_size=16)
+    with pytest.raises(ValueError, match="recall_page_size must be >= 0"):
+        check(**stored, recall_page_size=-1)
+    with pytest.raises(ValueError, match="recall_pages applies with recall_page_size > 0"):
+        check(**stored, recall_pages=4)
+    with pytest.raises(ValueError, match=r"recall_pages must be in \[1, 4\] .* got 5"):
+        check(**stored, recall_page_size=16, recall_pages=5)  # 64 positions: 4 pages
+    with pytest.raises(ValueError, match=r"recall_pages must be in \[2, 64\] .* got 1"):
+        check(**stored, recall_page_size=1, recall_pages=1)  # one key per page cannot hold R = 2
+    check(**stored, recall_page_size=16, recall_pages=4)
     by_attention = adore_jax.make_policy("adore", cache_size=8, rebuild=2, rebuild_by="attention")
     smollm2 = dataclasses.replace(tiny_model.config, num_layers=30)
     assert by_attention.tap_layer(smollm2) == 20, "the default retrieval layer is not two thirds of the way up"
@@ -479,6 +544,27 @@ def test_chunked_prefill_memory_is_bounded_by_m_plus_chunk(tiny_model):
                                  plan=session.plan, chunk=session.shape.chunk).compile()
         sizes[length] = compiled.memory_analysis().temp_size_in_bytes
     assert sizes[200] <= 1.1 * sizes[64], sizes
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o"])
+def test_attention_mass_keeps_no_temporaries_per_layer(policy):
+    """A prefill chunk's attention mass is reduced inside each layer: the compiled program's temporaries do not
+    grow with the layers. Summed over layers at the end, each layer's [B, Q, S] mass stayed alive (7 GB in
+    SmolLM2's 1024-token chunks at batch 5); with 12 layers instead of 2 that took 3.2x the temporaries here
+    (2 layers: 0.73 MB)."""
+    from adore_jax.decode import prefill
+
+    sizes = {}
+    for layers in (2, 12):
+        config = adore_jax.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=layers,
+                                       num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=512)
+        model = adore_jax.Model(config, init_params(config, jax.random.key(0)), None, f"tiny-{layers}")
+        session = adore_jax.DecodeSession(model, [[7] * 256] * 4, 8,
+                                          dict(policy=policy, cache_size=16, prefill_chunk=64))
+        compiled = prefill.lower(model.params, {}, session.cache, session.ps, session.tokens, session.lengths,
+                                 plan=session.plan, chunk=session.shape.chunk).compile()
+        sizes[layers] = compiled.memory_analysis().temp_size_in_bytes
+    assert sizes[12] <= 1.5 * sizes[2], sizes
 
 
 @pytest.mark.parametrize("options, message", [

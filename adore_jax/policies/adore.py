@@ -28,7 +28,10 @@ cache needs, for host memory on an accelerator), and the current token runs alon
 `retrieval_layer` on ranks the released tokens by its own query (max over heads of q . k / sqrt(D) against their
 stored keys) and attends the R best with their first-pass K/V beside the cache, for that layer and step only
 (model.Recall). It answers what the probes of the recomputing rebuild found (README, Retrieval): for copying a
-pass key, recomputed K/V and the previous token's query both fall short.
+pass key, recomputed K/V and the previous token's query both fall short. With `recall_page_size` P > 0 the store
+also keeps, per page of P positions and layer, each key dim's max and min; a layer then ranks the pages by the
+bound they give on a key's logit (Quest, Tang et al. 2024) and only the keys of its `recall_pages` best pages, so a
+step reads about N / P * 2 + recall_pages * P keys per layer instead of N.
 
 With `attention_weight` beta > 0 (default 0.5) a cached token's score adds beta * log(attention mass the block's
 last query gave it) (TOVA's statistic, summed over layers and heads; beyond the paper): the
@@ -93,6 +96,9 @@ class Adore(BoundedPolicy):
     # rebuild_from="stored", the first layer that recalls
     rebuild_from: str = "recompute"  # the rebuilt tokens run through the model again with the current one
     # (ADORE.md 4), or "stored": their first-pass K/V of every layer are kept and restored as they were (see above)
+    recall_page_size: int = 0  # rebuild_from="stored": P > 0 ranks pages of P stored keys by a bound first and then
+    # only the keys of the best recall_pages pages (model.Recall); 0 ranks every stored key
+    recall_pages: int = 16  # with recall_page_size: the pages whose keys are ranked
 
     @property
     def needs_mass(self) -> bool:
@@ -153,6 +159,23 @@ class Adore(BoundedPolicy):
             raise ValueError(f"rebuild_from='stored' needs rebuild_by='attention' and rebuild_into_cache=False (each "
                              f"layer recalls its own tokens, which the shared slot table cannot keep); got "
                              f"rebuild_by={self.rebuild_by!r}, rebuild_into_cache={self.rebuild_into_cache}")
+        self.check_recall_pages(max_length)
+
+    def check_recall_pages(self, max_length: int) -> None:
+        size, pages = self.recall_page_size, self.recall_pages
+        if isinstance(size, bool) or size < 0 or (size and not self.recalls_stored):
+            raise ValueError(f"recall_page_size must be >= 0 (0: rank every stored key) and needs "
+                             f"rebuild_from='stored'; got {size} with rebuild_from={self.rebuild_from!r}")
+        if not size:
+            if "recall_pages" in self.changed_options():
+                raise ValueError(f"recall_pages applies with recall_page_size > 0; got recall_pages={pages} with "
+                                 f"recall_page_size=0")
+            return
+        n_pages = -(-max_length // size)
+        if not max(1, -(-self.rebuild // size)) <= pages <= n_pages:
+            raise ValueError(f"recall_pages must be in [{max(1, -(-self.rebuild // size))}, {n_pages}] (enough "
+                             f"pages of {size} keys for R={self.rebuild}, at most the {n_pages} pages of "
+                             f"{max_length} positions); got {pages}")
 
     def resolve_controller(self, model, controller):
         """(ControllerConfig, params) from a saved controller's path, a (config, params) pair, or the model's default."""
@@ -189,14 +212,26 @@ class Adore(BoundedPolicy):
         if model is None:
             raise ValueError("rebuild_by='attention' needs the model config (its heads and head width)")
         if self.recalls_stored:
-            shape = (batch, max_length, model.num_kv_heads, model.head_dim)
-            layers = range(model.num_layers)
-            return dataclasses.replace(state, stored_k=tuple(jnp.zeros(shape, kv_dtype) for _ in layers),
-                                       stored_v=tuple(jnp.zeros(shape, kv_dtype) for _ in layers))
+            return self.init_store(state, batch, max_length, model, kv_dtype)
         return dataclasses.replace(
             state, retrieval_keys=jnp.zeros((batch, max_length, model.num_kv_heads, model.head_dim), jnp.float32),
             retrieval_query=jnp.zeros((batch, model.num_heads, model.head_dim), jnp.float32),
             retrieval_next=jnp.zeros((batch, 1), jnp.int32))
+
+    def init_store(self, state, batch, max_length, model, kv_dtype):
+        """rebuild_from="stored": empty K/V of every layer for max_length positions (with recall_page_size P, rounded
+        up to whole pages, each page's key bounds empty: max -inf, min +inf)."""
+        size = self.recall_page_size or 1
+        n_pages = -(-max_length // size)
+        shape = (batch, model.num_kv_heads, n_pages * size, model.head_dim)  # KV-head-major (model.Recall)
+        layers = range(model.num_layers)
+        state = dataclasses.replace(state, stored_k=tuple(jnp.zeros(shape, kv_dtype) for _ in layers),
+                                    stored_v=tuple(jnp.zeros(shape, kv_dtype) for _ in layers))
+        if not self.recall_page_size:
+            return state
+        empty = jnp.broadcast_to(jnp.array([-jnp.inf, jnp.inf], kv_dtype)[:, None],
+                                 (batch, model.num_kv_heads, n_pages, 2, model.head_dim))
+        return dataclasses.replace(state, stored_key_bounds=tuple(jnp.array(empty) for _ in layers))
 
     def context(self, controller, controller_params, embed, ps: PolicyState) -> ControllerContext:
         table = None
@@ -236,12 +271,13 @@ class Adore(BoundedPolicy):
         return jnp.full((positions.shape[0], n), -jnp.inf).at[rows(positions.shape[0]), positions].set(scores)
 
     def update_state(self, ps, block, mass, last_row, tapped=None):
-        """With attention_weight: keep the attention mass [B, S] the block's last valid query gave each slot
-        (with attention_decay gamma, the max of it and gamma times the slot's previous statistic, reset for
-        slots this block wrote). With rebuild_by="attention": store the keys of the block's tokens seen for the
-        first time (a rebuilt token keeps the key of its first pass) and the last valid row's queries."""
+        """With attention_weight: keep the attention mass [B, S] the block's last valid query gave each slot (the
+        default `mass_weights`; with attention_decay gamma, the max of it and gamma times the slot's previous
+        statistic, reset for slots this block wrote). With rebuild_by="attention": store the keys of the block's
+        tokens seen for the first time (a rebuilt token keeps the key of its first pass) and the last valid row's
+        queries."""
         if self.needs_mass:
-            latest = jnp.take_along_axis(mass, last_row[:, None, None], axis=1)[:, 0]  # [B, S]
+            latest = mass  # [B, S]
             if self.attention_decay:
                 written = written_slots(block, ps.mass.shape[1])
                 latest = jnp.maximum(latest, self.attention_decay * jnp.where(written, 0.0, ps.mass))
@@ -265,23 +301,35 @@ class Adore(BoundedPolicy):
         return max_head_logits(ps.retrieval_query, ps.retrieval_keys)
 
     def store_kv(self, ps, cache, block):
-        """rebuild_from="stored": copy the block's K/V of every layer from its cache slots to its positions."""
+        """rebuild_from="stored": copy the block's K/V of every layer from its cache slots to its positions (with
+        recall_page_size, widen the bounds of the pages they fall in)."""
         if not self.recalls_stored:
             return ps
-        where = jnp.where(block.valid, block.positions, ps.token_ids.shape[1])  # padding out of range: dropped
+        where = jnp.where(block.valid, block.positions, ps.stored_k[0].shape[2])  # padding out of range: dropped
         r = rows(block.slots.shape[0])
 
-        def store(stored, cached):
-            return stored.at[r, where].set(cached[r, block.slots].astype(stored.dtype), mode="drop")
+        def block_rows(cached):  # [B, Q, G, D]: what stored[r, :, where] indexes (the advanced indices lead)
+            return cached[r, block.slots].astype(ps.stored_k[0].dtype)
 
-        return dataclasses.replace(ps, stored_k=tuple(map(store, ps.stored_k, cache.k)),
-                                   stored_v=tuple(map(store, ps.stored_v, cache.v)))
+        def store(stored, cached):
+            return stored.at[r, :, where].set(block_rows(cached), mode="drop")
+
+        def widen(bounds, cached):
+            page = where // self.recall_page_size
+            return bounds.at[r, :, page, 0].max(block_rows(cached), mode="drop").at[r, :, page, 1].min(
+                block_rows(cached), mode="drop")
+
+        ps = dataclasses.replace(ps, stored_k=tuple(map(store, ps.stored_k, cache.k)),
+                                 stored_v=tuple(map(store, ps.stored_v, cache.v)))
+        if not self.recall_page_size:
+            return ps
+        return dataclasses.replace(ps, stored_key_bounds=tuple(map(widen, ps.stored_key_bounds, cache.k)))
 
     def recall(self, model, cache, ps, position, spare_slots) -> Recall:
         """rebuild_from="stored": what the current token at position [B] may recall, into spare_slots [B, R]:
         every released token before it (with rebuild_max_distance, only those that near)."""
-        return Recall(ps.stored_k, ps.stored_v, self.released(cache, position, ps.token_ids.shape[1]), spare_slots,
-                      self.ranking_layer(model))
+        return Recall(ps.stored_k, ps.stored_v, self.released(cache, position, ps.stored_k[0].shape[2]), spare_slots,
+                      self.ranking_layer(model), ps.stored_key_bounds, self.recall_pages)
 
     def released(self, cache, position, n):
         """[B, N] bool: the tokens before position [B] not in the cache (within rebuild_max_distance)."""

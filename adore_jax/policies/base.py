@@ -7,7 +7,9 @@ prefill chunk, or a decode step of the current token plus R rebuilt ones), `ador
     picked, wanted = policy.rebuild_choice(cache, ps, scores, position)   decode steps with rebuild > 0 only,
                                                                    from scores taken before the block
     ... the block runs through the model with policy.attention(impl) ...
-    ps = policy.update_state(ps, block, mass, last_row, tapped)    after the block (h2o, tova: attention mass;
+    ps = policy.update_state(ps, block, mass, last_row, tapped)    after the block (h2o, tova: attention mass
+                                                                   [B, S], each layer's weighted over the block's
+                                                                   queries by policy.mass_weights(block, last_row);
                                                                    adore: layer tap_layer's queries and keys)
     ps = policy.store_kv(ps, cache, block)                         adore, rebuild_from "stored": every layer's K/V
     ps = policy.observe(ps, ctx, tokens, positions, valid, layer_hidden)   adore: the controller reads the
@@ -49,9 +51,11 @@ class PolicyState:
     # attention)
     retrieval_query: jax.Array  # [B, H, D] float32 ... and its query of the latest token
     retrieval_next: jax.Array  # [B, 1] int32 the first position whose key is not yet stored
-    stored_k: tuple  # L x [B, N, G, D] every layer's K of every token seen, at its position (adore, rebuild_from
-    # "stored"); empty otherwise
-    stored_v: tuple  # L x [B, N, G, D] ... and its V
+    stored_k: tuple  # L x [B, G, N, D] every layer's K of every token seen, at its position, KV-head-major (adore,
+    # rebuild_from "stored"); empty otherwise
+    stored_v: tuple  # L x [B, G, N, D] ... and its V
+    stored_key_bounds: tuple  # L x [B, G, N / P, 2, D] ... with recall_page_size P: each page's max, min of every
+    # key dim (the store's N is then a multiple of P)
     rebuild_steps: jax.Array  # [] int32 steps at which the rebuild block ran
     rebuilt_tokens: jax.Array  # [B] int32 tokens rebuilt so far
 
@@ -135,7 +139,7 @@ class CachePolicy:
             mass=jnp.zeros((batch, num_slots if self.needs_mass else 0), jnp.float32),
             retrieval_keys=jnp.zeros((batch, 0, 0, 0), jnp.float32),
             retrieval_query=jnp.zeros((batch, 0, 0), jnp.float32), retrieval_next=jnp.zeros((batch, 0), jnp.int32),
-            stored_k=(), stored_v=(),
+            stored_k=(), stored_v=(), stored_key_bounds=(),
             rebuild_steps=jnp.zeros((), jnp.int32), rebuilt_tokens=jnp.zeros((batch,), jnp.int32))
 
     def context(self, controller, controller_params, embed, ps: PolicyState):
@@ -155,6 +159,11 @@ class CachePolicy:
     def tap_layer(self, model) -> Optional[int]:
         """The layer whose queries and keys update_state sees (`tapped`), or None."""
         return None
+
+    def mass_weights(self, block, last_row):
+        """[B, Q] float32: how much each of the block's queries counts in the mass update_state sees (needs_mass):
+        the last valid row's alone (TOVA's statistic)."""
+        return jax.nn.one_hot(last_row, block.tokens.shape[1], dtype=jnp.float32)
 
     def update_state(self, ps: PolicyState, block, mass, last_row, tapped=None) -> PolicyState:
         return ps

@@ -19,12 +19,15 @@ class H2O(BoundedPolicy):
     def with_defaults(self):
         return self if self.recent else dataclasses.replace(self, recent=self.cache_size // 2)
 
+    def mass_weights(self, block, last_row):
+        """Every valid query of the block counts (padding rows do not)."""
+        return block.valid.astype(jnp.float32)
+
     def update_state(self, ps, block, mass, last_row, tapped=None):
-        """mass [B, Q, S]: each block query's attention per slot. A slot written by this block starts
-        from zero (it holds a new token); every slot then adds what the block's queries gave it."""
-        mass = mass * block.valid[:, :, None]
+        """mass [B, S]: what the block's valid queries gave each slot. A slot written by this block starts
+        from zero (it holds a new token); every slot then adds it."""
         written = written_slots(block, ps.mass.shape[1])
-        return dataclasses.replace(ps, mass=jnp.where(written, 0.0, ps.mass) + jnp.sum(mass, axis=1))
+        return dataclasses.replace(ps, mass=jnp.where(written, 0.0, ps.mass) + mass)
 
     def slot_scores(self, cache, ps, token_scores):
         return ps.mass

@@ -4,8 +4,6 @@ The latest query's attention mass, summed over layers and heads (one decision pe
 """
 import dataclasses
 
-import jax.numpy as jnp
-
 from adore_jax.policies.base import BoundedPolicy
 
 
@@ -15,9 +13,8 @@ class TOVA(BoundedPolicy):
     needs_mass = True
 
     def update_state(self, ps, block, mass, last_row, tapped=None):
-        """mass [B, Q, S]; last_row [B]: the block's last valid query, whose attention is kept."""
-        latest = jnp.take_along_axis(mass, last_row[:, None, None], axis=1)[:, 0]  # [B, S]
-        return dataclasses.replace(ps, mass=latest)
+        """mass [B, S]: the attention of the block's last valid query (`mass_weights`), which is kept."""
+        return dataclasses.replace(ps, mass=mass)
 
     def slot_scores(self, cache, ps, token_scores):
         return ps.mass
