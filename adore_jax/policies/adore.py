@@ -171,9 +171,9 @@ class Adore(BoundedPolicy):
                 raise ValueError(f"recall_pages applies with recall_page_size > 0; got recall_pages={pages} with "
                                  f"recall_page_size=0")
             return
-        n_pages = -(-max_length // size)
-        if not max(1, -(-self.rebuild // size)) <= pages <= n_pages:
-            raise ValueError(f"recall_pages must be in [{max(1, -(-self.rebuild // size))}, {n_pages}] (enough "
+        n_pages, fewest = -(-max_length // size), max(1, -(-self.rebuild // size))
+        if not fewest <= pages <= n_pages:
+            raise ValueError(f"recall_pages must be in [{fewest}, {n_pages}] (enough "
                              f"pages of {size} keys for R={self.rebuild}, at most the {n_pages} pages of "
                              f"{max_length} positions); got {pages}")
 
