@@ -129,7 +129,10 @@ def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, ch
         last_row = jnp.clip(lengths - 1 - start, 0, chunk - 1)  # [B] last valid row in this chunk
         current = jnp.minimum(start + chunk, lengths) - 1  # [B] position of that row
         block = block_for(plan, cache, chunk_tokens, positions, valid)
-        hidden, cache, ps, _, layer_hidden = _run_block(plan, params, cache, ps, block, last_row)
+        recall = None
+        if policy.prefill_recall:  # each query may recall the tokens released before this chunk
+            recall = policy.recall(plan.model, cache, ps, jnp.full((batch,), start))
+        hidden, cache, ps, _, layer_hidden = _run_block(plan, params, cache, ps, block, last_row, recall)
         ps = policy.observe(ps, ctx, chunk_tokens, positions, valid, layer_hidden)
         # the release after the chunk ranks only the cached tokens, the chunk's among them now
         token_scores = policy.token_scores(ps, ctx, current, cache.slot_positions)

@@ -28,6 +28,8 @@ from adore_jax.config import ModelConfig
 from adore_jax.rope import apply_rope, inverse_frequencies
 from pallas_kernels import slot_attention
 from pallas_kernels._common import block_diagonal_queries
+from pallas_kernels.reference import attend, attention_logits, masked_softmax
+from pallas_kernels.slot_attention import slot_visibility
 
 
 def init_params(config: ModelConfig, key, dtype=jnp.float32, scale: float = 0.02):
@@ -145,8 +147,15 @@ def max_head_logits_by_group(query, keys):
     """`max_head_logits` for keys laid out KV-head-major, [B, G, N, D] -> [B, N]: one batched matmul per (batch, KV
     head) against that head's r = H / G queries, without the block-diagonal's G-fold work (1.9x faster on
     XLA:CPU at 8k tokens, batch 1)."""
-    dim = keys.shape[-1]
-    return _max_over_grouped_heads(keys, query.reshape(query.shape[0], keys.shape[1], -1, dim), dim)
+    return max_head_logits_per_query(query[:, None], keys)[:, 0]
+
+
+def max_head_logits_per_query(queries, keys):
+    """`max_head_logits_by_group` for a block of queries [B, Q, H, D] -> [B, Q, N]: each query's largest logit over
+    its heads, all Q queries of a KV head in one batched matmul."""
+    batch, n_queries, _, dim = queries.shape
+    grouped = queries.reshape(batch, n_queries, keys.shape[1], -1, dim).transpose(0, 2, 1, 3, 4)  # [B, G, Q, r, D]
+    return _max_over_grouped_heads(keys, grouped, dim)
 
 
 def page_bounds(query, bounds):
@@ -154,31 +163,39 @@ def page_bounds(query, bounds):
     of KV head g) -> [B, P]: an upper bound of `max_head_logits` over the page's keys (Quest, Tang et al. 2024):
     per head, the sum over dims of max(q_d max_d, q_d min_d), i.e. q+ . max + q- . min."""
     batch, groups, pages, _, dim = bounds.shape
-    grouped = query.reshape(batch, groups, -1, dim)  # [B, G, r, D]
+    grouped = query.reshape(batch, groups, 1, -1, dim)  # [B, G, 1, r, D]
     signed = jnp.concatenate([jnp.maximum(grouped, 0), jnp.minimum(grouped, 0)], axis=-1)  # against the max, the min
-    return _max_over_grouped_heads(bounds.reshape(batch, groups, pages, 2 * dim), signed, dim)
+    return _max_over_grouped_heads(bounds.reshape(batch, groups, pages, 2 * dim), signed, dim)[:, 0]
 
 
 def _max_over_grouped_heads(rows, queries, dim):
-    """rows [B, G, N, W] against each KV head's queries [B, G, r, W] -> [B, N]: max over heads of logit / sqrt(D)."""
-    logits = jnp.matmul(rows.astype(jnp.float32), queries.astype(jnp.float32).swapaxes(-1, -2))  # [B, G, N, r]
-    return jnp.max(logits, axis=(1, 3)) * dim ** -0.5
+    """rows [B, G, N, W] against each KV head's queries [B, G, Q, r, W] -> [B, Q, N]: each query's max over its
+    heads of logit / sqrt(D)."""
+    batch, groups, n_queries, _, width = queries.shape
+    logits = jnp.matmul(rows.astype(jnp.float32), queries.reshape(batch, groups, -1, width).astype(jnp.float32)
+                        .swapaxes(-1, -2))  # [B, G, N, Q * r]
+    logits = logits.reshape(batch, groups, rows.shape[2], n_queries, -1)
+    return jnp.max(logits, axis=(1, 4)).swapaxes(1, 2) * dim ** -0.5
 
 
 @dataclasses.dataclass(frozen=True)
 class Recall:
-    """Stored K/V a one-token block may attend beside the cache: from `first_layer` on, each layer ranks the
-    recallable tokens by its own query (`max_head_logits_by_group` against their stored keys), writes the R best
-    tokens' stored K/V into R spare slots and attends them with the cache for that layer only.
+    """Stored K/V a block may attend beside the cache: from `first_layer` on, each layer ranks the recallable tokens
+    by its own query (`max_head_logits_by_group` against their stored keys), writes the R best tokens' stored K/V
+    into R spare slots and attends them with the cache for that layer only. Without slots (a prefill chunk) each
+    query of the block ranks for itself and attends its own R rows beside the slots (`rows_per_query`,
+    `attend_recalled`).
 
     With key_bounds (pages of P stored keys) a layer first ranks the pages by `page_bounds` and then only the
     keys of the best `pages` pages: O(N / P + pages * P) keys read instead of N. The R best of those are the R
     best overall unless a page outside them holds a better key than its bound's rank suggests."""
     keys: tuple  # L x [B, G, N, D] every token seen, at its position (RoPE'd), KV-head-major
     values: tuple  # L x [B, G, N, D]
-    recallable: jax.Array  # [B, N] bool: the tokens that may come back (released, before the query)
-    slots: jax.Array  # [B, R] int32 spare cache slots the recalled rows use (left invalid in the cache)
+    recallable: jax.Array  # [B, N] bool: the tokens that may come back (released, before every query of the block)
+    slots: Optional[jax.Array]  # [B, R] int32 spare cache slots a one-token block's recalled rows use (left invalid
+    # in the cache); None for a block of several queries, each of which attends its own R rows (`attend_recalled`)
     first_layer: int
+    count: int  # R, the tokens each query recalls per layer
     key_bounds: tuple = ()  # L x [B, G, N / P, 2, D] per page of P positions: each key dim's max, min; () ranks all
     pages: int = 0  # with key_bounds: the pages whose keys are ranked
 
@@ -192,11 +209,25 @@ class Recall:
         if self.key_bounds:
             keys, values, recallable, positions = self.best_pages(index, query)
         logits = jnp.where(recallable, max_head_logits_by_group(query, keys), -jnp.inf)
-        best, picked = jax.lax.top_k(logits, self.slots.shape[1])  # [B, R]
+        best, picked = jax.lax.top_k(logits, self.count)  # [B, R]
         k_rows, v_rows = (jnp.take_along_axis(x, picked[:, None, :, None], axis=2).swapaxes(1, 2)
                           for x in (keys, values))  # [B, R, G, D]
         if positions is not None:
             picked = jnp.take_along_axis(positions, picked, axis=1)
+        return picked.astype(jnp.int32), best > -jnp.inf, k_rows, v_rows
+
+    def rows_per_query(self, index, queries):
+        """Layer `index`'s recalled rows for each query of a block, queries [B, Q, H, D], ranking every stored key:
+        (positions [B, Q, R] int32, found [B, Q, R] bool, k, v [B, Q, R, G, D]), or None below first_layer."""
+        if index < self.first_layer:
+            return None  # the layer attends the cache alone
+        keys, values = self.keys[index], self.values[index]  # [B, G, N, D]
+        batch, n_queries = queries.shape[:2]
+        logits = jnp.where(self.recallable[:, None], max_head_logits_per_query(queries, keys), -jnp.inf)
+        best, picked = jax.lax.top_k(logits, self.count)  # [B, Q, R]
+        flat = picked.reshape(batch, 1, -1, 1)
+        k_rows, v_rows = (jnp.take_along_axis(x, flat, axis=2).reshape(batch, x.shape[1], n_queries, self.count, -1)
+                          .transpose(0, 2, 3, 1, 4) for x in (keys, values))  # [B, Q, R, G, D]
         return picked.astype(jnp.int32), best > -jnp.inf, k_rows, v_rows
 
     def best_pages(self, index, query):
@@ -217,6 +248,26 @@ class Recall:
         return (gather(self.keys[index]), gather(self.values[index]), chosen.reshape(batch, -1), positions)
 
 
+def attend_recalled(q, k, v, q_positions, slot_positions, slot_valid, k_rows, v_rows, rows_found, return_mass=False):
+    """Slot attention (`slot_attention_ref`'s semantics) in which each query also attends its own recalled rows,
+    k_rows, v_rows [B, Q, R, G, D] where rows_found [B, Q, R], in one softmax with the slots (the jnp path of a
+    recalling prefill chunk; a one-token block puts its rows in spare slots instead). Returns out [B, Q, H, D] and,
+    with return_mass, the slots' mass [B, Q, G, S] (what the recalled rows take is not a slot's)."""
+    batch, n_queries, n_heads, dim = q.shape
+    groups, n_slots = k.shape[2], k.shape[1]
+    qg = q.reshape(batch, n_queries, groups, n_heads // groups, dim)  # [B, Q, G, r, D]
+    row_logits = jnp.einsum("bqgjd,bqkgd->bgjqk", qg, k_rows, preferred_element_type=jnp.float32) * dim ** -0.5
+    logits = jnp.concatenate([attention_logits(q, k), row_logits.reshape(batch, n_heads, n_queries, -1)], axis=-1)
+    keep = jnp.concatenate([slot_visibility(q_positions, slot_positions, slot_valid), rows_found], axis=-1)
+    probs, _ = masked_softmax(logits, keep[:, None])  # [B, H, Q, S + R]
+    row_probs = probs[..., n_slots:].reshape(batch, groups, n_heads // groups, n_queries, -1)
+    out = attend(probs[..., :n_slots], v) + jnp.einsum("bgjqk,bqkgd->bqgjd", row_probs, v_rows).reshape(q.shape)
+    if not return_mass:
+        return out.astype(q.dtype)
+    mass = probs[..., :n_slots].reshape(batch, groups, n_heads // groups, n_queries, n_slots).sum(axis=2)
+    return out.astype(q.dtype), mass.transpose(0, 2, 1, 3)
+
+
 def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: BlockInput,
                   attention=slot_attention, mass_weights=None, cache_update: str = "scatter",
                   tap_layer=None, hidden_after=None, recall: Optional[Recall] = None):
@@ -230,23 +281,36 @@ def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: B
     GB without any mass; README, "Memory of a prefill chunk"). cache_update: "scatter" or "onehot" (see cache.py).
     tap_layer: a layer index whose RoPE'd queries and keys are returned (a policy's retrieval keys).
     hidden_after: a layer count whose hidden state is returned too (`run_layers`; the controller's input).
-    recall: stored K/V of released tokens that each layer from recall.first_layer ranks and attends (a
-    one-token block; see `Recall`).
+    recall: stored K/V of released tokens that each layer from recall.first_layer ranks and attends (see `Recall`:
+    a one-token block in spare slots, or each query of a longer block its own rows, `attend_recalled`).
 
     Returns (hidden [B, Q, E] after the final norm, updated cache, mass [B, S] float32 or None,
-    (q [B, Q, H, D], k [B, Q, G, D]) of tap_layer or None, the positions [B, R] recall.first_layer recalled
-    (-1: none) or None, hidden [B, Q, E] after hidden_after layers or None).
+    (q [B, Q, H, D], k [B, Q, G, D]) of tap_layer or None, the positions recall.first_layer recalled ([B, R], or
+    [B, Q, R] for a longer block; -1: none) or None, hidden [B, Q, E] after hidden_after layers or None).
     """
     cache = kv_cache.claim_slots(cache, block.slots, block.positions, block.valid)
     write = kv_cache.WRITERS[cache_update]
-    if recall is not None and block.tokens.shape[1] != 1:
-        raise ValueError(f"recall serves a one-token block; got {block.tokens.shape[1]} rows")
+    if recall is not None and (recall.slots is None) != (block.tokens.shape[1] > 1):
+        raise ValueError(f"recall into spare slots serves a one-token block, recall per query a longer one; got "
+                         f"{block.tokens.shape[1]} rows with slots={recall.slots is not None}")
 
     def attend_slots(index, q, k, v):
         k_slots = write(cache.k[index], block.slots, k)  # [B, S, G, D]
         v_slots = write(cache.v[index], block.slots, v)
         slot_positions, slot_valid, recalled = cache.slot_positions, cache.slot_valid, None
-        found = None if recall is None else recall.rows(index, q[:, 0])
+        tapped = (q, k) if index == tap_layer else None
+        if recall is not None and recall.slots is None:
+            found = recall.rows_per_query(index, q)
+            if found is not None:  # each query attends its own recalled rows beside the slots
+                positions, recalled_valid, k_rows, v_rows = found
+                args = (q, k_slots, v_slots, block.positions, slot_positions, slot_valid, k_rows, v_rows,
+                        recalled_valid)
+                recalled = jnp.where(recalled_valid, positions, -1)
+                if mass_weights is None:
+                    return attend_recalled(*args), (k_slots, v_slots, None, tapped, recalled)
+                out, mass = attend_recalled(*args, return_mass=True)
+                return out, (k_slots, v_slots, jnp.einsum("bq,bqgs->bs", mass_weights, mass), tapped, recalled)
+        found = None if recall is None or recall.slots is None else recall.rows(index, q[:, 0])
         if found is not None:  # this layer alone attends the recalled rows, in the spare slots
             positions, recalled_valid, k_rows, v_rows = found
             r = jnp.arange(q.shape[0])[:, None]
@@ -255,7 +319,6 @@ def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: B
             slot_valid = slot_valid.at[r, recall.slots].set(recalled_valid)
             recalled = jnp.where(recalled_valid, positions, -1)
         args = (q, k_slots, v_slots, block.positions, slot_positions, slot_valid)
-        tapped = (q, k) if index == tap_layer else None
         if mass_weights is None:
             return attention(*args), (k_slots, v_slots, None, tapped, recalled)
         out, mass = attention(*args, return_mass=True)  # mass [B, Q, G, S]

@@ -61,13 +61,16 @@ def test_overrides_parse_yaml_values_and_types_are_checked(tmp_path):
 def test_committed_configs_load():
     configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     loaded = {name: load_eval_config(os.path.join(configs, f"{name}.yaml"))
-              for name in ("eval_smollm2", "eval_cpu", "eval_demo", "eval_smollm2_cpu", "eval_retrieval_cpu")}
+              for name in ("eval_smollm2", "eval_cpu", "eval_demo", "eval_smollm2_cpu", "eval_retrieval_cpu",
+                           "eval_retrieval_contexts_cpu")}
     assert os.path.isfile(cli.DEMO_CONFIG)
     assert loaded["eval_retrieval_cpu"].parts == ("retrieval",)  # the pass-key run of issue 11 on its own
     assert "retrieval" in loaded["eval_smollm2"].parts and "retrieval" in loaded["eval_smollm2_cpu"].parts
     assert "retrieval" not in loaded["eval_cpu"].parts + loaded["eval_demo"].parts
     assert loaded["eval_smollm2"].retrieval.contexts == (1024, 2048, 4096)
     assert loaded["eval_smollm2"].retrieval.cache_sizes == (128, 256)
+    grid = loaded["eval_retrieval_contexts_cpu"].retrieval  # the quality issue's grid on this CPU
+    assert (grid.contexts, grid.cache_sizes) == ((1024, 2048, 4096), (128, 256))
 
 
 def test_cli_subcommands_parse():

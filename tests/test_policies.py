@@ -12,11 +12,12 @@ import adore_jax
 from adore_jax import cache as kv_cache
 from adore_jax import controller as ctrl
 from adore_jax import timing
-from adore_jax.model import (BlockInput, attention_inputs, attention_output, forward, forward_block, init_params,
-                             lm_logits, max_head_logits, max_head_logits_by_group, mlp_block, page_bounds,
-                             rms_norm)
+from adore_jax.model import (BlockInput, attend_recalled, attention_inputs, attention_output, forward, forward_block,
+                             init_params, lm_logits, max_head_logits, max_head_logits_by_group, mlp_block,
+                             page_bounds, rms_norm)
 from adore_jax.configfile import read_yaml
 from adore_jax.policies import TopKSlotAttention, load_policy
+from pallas_kernels import slot_attention_ref
 from adore_jax.rope import inverse_frequencies
 from references import distance_controller
 
@@ -151,37 +152,37 @@ class EventReference:
     def run_block(self, tokens, positions, context, recall=None):
         """Compute events for `tokens` at `positions`, attending `context` event ids and each other causally.
 
-        recall (first_layer, R, candidate positions[, (P, K) pages]), for one token: each layer from first_layer on
-        also attends the first events of the R candidates its own query ranks best (`attention_ranking`; with
-        pages, among the candidates in the K pages of P positions `paged_candidates` picks); self.recalled gets
-        each layer's picks."""
+        recall (first_layer, R, candidate positions[, (P, K) pages]): at each layer from first_layer on, every
+        token also attends the first events of the R candidates its own query ranks best (`attention_ranking`;
+        with pages, among the candidates in the K pages of P positions `paged_candidates` picks); self.recalled
+        gets each layer's picks (per token for a block of several)."""
         params, config = self.model.params, self.config
         x = params["embed"][jnp.asarray(tokens)][None]  # [1, Q, E]
         pos = jnp.asarray(positions)[None]
+        group = config.num_heads // config.num_kv_heads
         qs, ks, vs = [], [], []
         self.recalled = []
         for l, layer in enumerate(params["layers"]):
             q, k, v = attention_inputs(layer, config, rms_norm(x, layer["attn_norm"], config.rms_norm_eps), pos,
                                        self.inv_freq)
-            seen = context  # this layer's context
+            picks = [[] for _ in tokens]  # each token's recalled positions at this layer
             if recall is not None and l >= recall[0]:
-                query, candidates = np.asarray(q[0, -1]), recall[2]
-                if len(recall) > 3:
-                    candidates = paged_candidates(self, candidates, l, query, *recall[3], before=positions[-1])
-                picks = attention_ranking(self, candidates, l, query)[:recall[1]]
-                self.recalled.append(picks)
-                seen = context + [self.first_event(i) for i in picks]
-            keys = jnp.concatenate([jnp.stack([self.events[e]["k"][l] for e in seen])[None], k], axis=1) \
-                if seen else k
-            values = jnp.concatenate([jnp.stack([self.events[e]["v"][l] for e in seen])[None], v], axis=1) \
-                if seen else v
-            key_pos = np.array([self.events[e]["position"] for e in seen] + list(positions))
-            group = config.num_heads // config.num_kv_heads
-            logits = jnp.einsum("qhd,shd->hqs", q[0], jnp.repeat(keys[0], group, axis=1)) / np.sqrt(config.head_dim)
-            mask = key_pos[None, :] <= np.array(positions)[:, None]
-            probs = jax.nn.softmax(jnp.where(mask[None], logits, -jnp.inf), axis=-1)
-            attn = jnp.einsum("hqs,shd->qhd", probs, jnp.repeat(values[0], group, axis=1))[None]
-            x = mlp_block(layer, config, attention_output(layer, x, attn))
+                for i, p in enumerate(positions):
+                    query, candidates = np.asarray(q[0, i]), recall[2]
+                    if len(recall) > 3:
+                        candidates = paged_candidates(self, candidates, l, query, *recall[3], before=p)
+                    picks[i] = attention_ranking(self, candidates, l, query)[:recall[1]]
+                self.recalled.append(picks[0] if len(tokens) == 1 else picks)
+            rows = []
+            for i, p in enumerate(positions):  # each token: the context, its recalled tokens, the block, up to p
+                seen = context + [self.first_event(j) for j in picks[i]]
+                keys = jnp.concatenate([jnp.stack([self.events[e]["k"][l] for e in seen]), k[0]]) if seen else k[0]
+                values = jnp.concatenate([jnp.stack([self.events[e]["v"][l] for e in seen]), v[0]]) if seen else v[0]
+                key_pos = np.array([self.events[e]["position"] for e in seen] + list(positions))
+                logits = jnp.einsum("hd,shd->hs", q[0, i], jnp.repeat(keys, group, axis=1)) / np.sqrt(config.head_dim)
+                probs = jax.nn.softmax(jnp.where(key_pos[None] <= p, logits, -jnp.inf), axis=-1)
+                rows.append(jnp.einsum("hs,shd->hd", probs, jnp.repeat(values, group, axis=1)))
+            x = mlp_block(layer, config, attention_output(layer, x, jnp.stack(rows)[None]))
             qs.append(q[0])
             ks.append(k[0])
             vs.append(v[0])
@@ -264,14 +265,23 @@ def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False,
     return np.stack(logits), rebuilt
 
 
-def simulate_stored_recall(model, tokens, m, rebuild, score_of_distance, first_layer, prompt=PROMPT, pages=None):
+def simulate_stored_recall(model, tokens, m, rebuild, score_of_distance, first_layer, prompt=PROMPT, pages=None,
+                           chunk=None, prefill_recall=False):
     """Logits of every step and each layer's recalled positions, from the event reference: every token runs
     once; each step's layers from first_layer on attend the cache and the R released tokens they rank best,
     with the K/V of their only pass; the cache keeps the m best scored of itself and the current token.
-    pages (P, K): the ranking reads only the released tokens of K pages of P positions (`paged_candidates`)."""
+    pages (P, K): the ranking reads only the released tokens of K pages of P positions (`paged_candidates`).
+    chunk: the prompt runs in chunks of that many tokens, the cache keeping the m best after each (default: one);
+    prefill_recall: each token of a chunk also attends the R tokens released before the chunk it ranks best."""
     ref = EventReference(model)
-    cache, _ = ref.run_block(tokens[:prompt - 1], list(range(prompt - 1)), [])
-    cache = sorted(cache, key=lambda e: -score_of_distance[prompt - 2 - ref.events[e]["position"]])[:m]
+    cache, chunk = [], chunk or prompt - 1
+    for start in range(0, prompt - 1, chunk):
+        stop = min(start + chunk, prompt - 1)
+        cached_positions = {ref.events[e]["position"] for e in cache}
+        released = [i for i in range(start) if i not in cached_positions]
+        recall = (first_layer, rebuild, released) if prefill_recall else None
+        ids, _ = ref.run_block(tokens[start:stop], list(range(start, stop)), cache, recall=recall)
+        cache = sorted(cache + ids, key=lambda e: -score_of_distance[stop - 1 - ref.events[e]["position"]])[:m]
     logits, recalled = [], []
     for t in range(prompt - 1, len(tokens) - 1):
         cached_positions = {ref.events[e]["position"] for e in cache}
@@ -284,27 +294,36 @@ def simulate_stored_recall(model, tokens, m, rebuild, score_of_distance, first_l
     return np.stack(logits), recalled
 
 
-@pytest.mark.parametrize("first_layer, prompt, pages", [(0, PROMPT, None), (1, PROMPT, None), (0, 12, None),
-                                                         (0, PROMPT, (5, 2)), (1, 12, (5, 2))],
-                         ids=["from-layer-0", "from-layer-1", "long-prompt", "paged", "paged-long-prompt"])
-def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_layer, prompt, pages):
+@pytest.mark.parametrize("first_layer, prompt, pages, chunk, prefill_recall",
+                         [(0, PROMPT, None, None, False), (1, PROMPT, None, None, False), (0, 12, None, None, False),
+                          (0, PROMPT, (5, 2), None, False), (1, 12, (5, 2), None, False), (0, 16, None, 4, False),
+                          (0, 16, None, 4, True), (0, 18, (5, 2), 4, True)],
+                         ids=["from-layer-0", "from-layer-1", "long-prompt", "paged", "paged-long-prompt", "chunked",
+                              "prefill-recall", "prefill-recall-paged"])
+def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_layer, prompt, pages, chunk,
+                                                   prefill_recall):
     """rebuild_from="stored", R = 2: each layer from first_layer on ranks the released tokens by its own query
     and attends the two best with the K/V of their first pass, for this step only; below it, the cache alone.
     With a prompt longer than m the prefill releases, and the stored K/V come from its chunk. With pages (P, K) =
     (5, 2) only the released tokens of the 2 pages with the highest key bounds are ranked (32 positions: the
-    last of 7 pages is partly past the end)."""
+    last of 7 pages is partly past the end). With prefill chunks of 4 the prompt releases after each; with
+    prefill_recall each token of a chunk also attends the 2 tokens released before the chunk that its own query
+    ranks best (every released token ranked, pages or not; from layer 0: in the tiny model's 2 layers, a prompt
+    token's recall in the last layer would change no K/V and so no logit)."""
     m, rebuild = 5, 2
     scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
     controller = distance_controller(tiny_model.config.hidden_size, scores)
     tokens = sequences[:1, :32]
-    options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, controller=controller)
+    options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, controller=controller,
+                   prefill_chunk=chunk)
     paging = dict(recall_page_size=pages[0], recall_pages=pages[1]) if pages else {}
-    _, logits = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, rebuild=rebuild,
-                                        rebuild_into_cache=False, rebuild_by="attention", rebuild_from="stored",
-                                        retrieval_layer=first_layer, **paging, **options)
+    stored = dict(rebuild=rebuild, rebuild_into_cache=False, rebuild_by="attention", rebuild_from="stored",
+                  retrieval_layer=first_layer)
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, prefill_recall=prefill_recall,
+                                        **stored, **paging, **options)
     expected, recalled = simulate_stored_recall(tiny_model, tokens[0].tolist(), m, rebuild, scores, first_layer,
-                                                prompt, pages)
-    np.testing.assert_allclose(logits[0], expected, atol=1e-4)
+                                                prompt, pages, chunk, prefill_recall)
+    np.testing.assert_allclose(logits[0], expected, atol=1e-5)  # 2.4e-7 at most measured
     assert recalled[0][0] or prompt <= m, "the prompt's last token recalled nothing: the long prompt proves nothing"
     if first_layer == 0:
         assert any(layers[0] != layers[1] for layers in recalled), \
@@ -314,6 +333,51 @@ def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_
         assert recalled != unpaged, "the pages held every best key: the page ranking is untested"
     _, alone = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, **options)
     assert np.max(np.abs(alone[0] - expected)) > 1e-3, "recall changed nothing: the test proves nothing"
+    if prefill_recall:
+        _, decode_only = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, **stored, **paging,
+                                                 **options)
+        assert np.max(np.abs(decode_only[0] - expected)) > 1e-3, "the prefill's recall changed nothing: untested"
+
+
+def test_recalling_every_released_token_in_prefill_and_decode_is_full_attention(tiny_model, sequences):
+    """With R at least the number of released tokens, every query recalls all of them: prefill_recall's logits equal
+    full attention's, while recalling in decode steps only does not (the prompt's chunks saw m slots)."""
+    m, chunk, prompt = 12, 4, 20  # the prefill releases from its 4th chunk on; at most 23 - 12 = 11 released, R = 11
+    tokens = sequences[:1, :23]
+    _, full = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, policy="full")
+    controller = distance_controller(tiny_model.config.hidden_size, -np.arange(64, dtype=np.float32))  # recency
+    stored = dict(policy="adore", cache_size=m, rebuild=m - 1, rebuild_into_cache=False, rebuild_by="attention",
+                  rebuild_from="stored", retrieval_layer=0, prefill_chunk=chunk, sinks=0, controller=controller)
+    _, everything = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, prefill_recall=True,
+                                            **stored)
+    np.testing.assert_allclose(everything, full, atol=1e-5)
+    _, decode_only = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, **stored)
+    assert np.max(np.abs(decode_only - full)) > 1e-3, "no prompt chunk missed a released token: nothing tested"
+
+
+def test_attend_recalled_equals_slot_attention_with_each_querys_rows_as_slots():
+    """attend_recalled against the slot attention twin run once per query, with that query's recalled rows appended
+    as extra slots (invalid where not found): the same output, and the same mass on the shared slots."""
+    rng = np.random.default_rng(3)
+    batch, n_queries, n_slots, count, heads, groups, dim = 2, 3, 7, 2, 6, 2, 8
+    q = rng.normal(size=(batch, n_queries, heads, dim)).astype(np.float32)
+    k, v = (rng.normal(size=(batch, n_slots, groups, dim)).astype(np.float32) for _ in range(2))
+    k_rows, v_rows = (rng.normal(size=(batch, n_queries, count, groups, dim)).astype(np.float32) for _ in range(2))
+    q_positions = np.array([[20, 21, 22], [20, 21, 22]], np.int32)
+    slot_positions = rng.integers(10, 23, size=(batch, n_slots)).astype(np.int32)
+    slot_valid = rng.random((batch, n_slots)) < 0.8
+    found = np.array([[[True, True], [True, False], [False, False]], [[True, True], [False, True], [True, True]]])
+    out, mass = attend_recalled(*map(jnp.asarray, (q, k, v, q_positions, slot_positions, slot_valid, k_rows, v_rows,
+                                                   found)), return_mass=True)
+    for i in range(n_queries):
+        twin_out, twin_mass = slot_attention_ref(
+            jnp.asarray(q[:, i:i + 1]), jnp.asarray(np.concatenate([k, k_rows[:, i]], axis=1)),
+            jnp.asarray(np.concatenate([v, v_rows[:, i]], axis=1)), jnp.asarray(q_positions[:, i:i + 1]),
+            jnp.asarray(np.concatenate([slot_positions, np.full((batch, count), 5, np.int32)], axis=1)),
+            jnp.asarray(np.concatenate([slot_valid, found[:, i]], axis=1)), return_mass=True)
+        np.testing.assert_allclose(np.asarray(out[:, i]), np.asarray(twin_out[:, 0]), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(mass[:, i]), np.asarray(twin_mass[:, 0, :, :n_slots]), atol=1e-6)
+        assert np.asarray(twin_mass[:, 0, :, n_slots:]).max() > 0.05, "the rows took no mass: nothing tested"
 
 
 def test_page_bounds_bound_every_key_and_are_tight_for_one_key():
@@ -478,6 +542,9 @@ def test_rebuild_by_attention_options_are_checked(tiny_model):
     with pytest.raises(ValueError, match=r"recall_pages must be in \[2, 64\] .* got 1"):
         check(**stored, recall_page_size=1, recall_pages=1)  # one key per page cannot hold R = 2
     check(**stored, recall_page_size=16, recall_pages=4)
+    with pytest.raises(ValueError, match="prefill_recall needs rebuild_from='stored'; got rebuild_from='recompute'"):
+        check(rebuild=2, rebuild_into_cache=False, rebuild_by="attention", prefill_recall=True)
+    check(**stored, prefill_recall=True)
     by_attention = adore_jax.make_policy("adore", cache_size=8, rebuild=2, rebuild_by="attention")
     smollm2 = dataclasses.replace(tiny_model.config, num_layers=30)
     assert by_attention.tap_layer(smollm2) == 20, "the default retrieval layer is not two thirds of the way up"

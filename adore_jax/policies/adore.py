@@ -31,7 +31,9 @@ stored keys) and attends the R best with their first-pass K/V beside the cache, 
 pass key, recomputed K/V and the previous token's query both fall short. With `recall_page_size` P > 0 the store
 also keeps, per page of P positions and layer, each key dim's max and min; a layer then ranks the pages by the
 bound they give on a key's logit (Quest, Tang et al. 2024) and only the keys of its `recall_pages` best pages, so a
-step reads about N / P * 2 + recall_pages * P keys per layer instead of N.
+step reads about N / P * 2 + recall_pages * P keys per layer instead of N. With `prefill_recall` each query of a
+prefill chunk recalls too: its own R best of the tokens released before the chunk, every layer from
+`retrieval_layer` on (model.attend_recalled), so a prompt's later tokens see what its earlier chunks released.
 
 With `attention_weight` beta > 0 (default 0.5) a cached token's score adds beta * log(attention mass the block's
 last query gave it) (TOVA's statistic, summed over layers and heads; beyond the paper): the
@@ -99,6 +101,9 @@ class Adore(BoundedPolicy):
     recall_page_size: int = 0  # rebuild_from="stored": P > 0 ranks pages of P stored keys by a bound first and then
     # only the keys of the best recall_pages pages (model.Recall); 0 ranks every stored key
     recall_pages: int = 16  # with recall_page_size: the pages whose keys are ranked
+    prefill_recall: bool = False  # rebuild_from="stored": each query of a prefill chunk also attends the R tokens
+    # released before the chunk that its own query ranks best, every layer from retrieval_layer on (ranking every
+    # stored key, pages or not); False: a chunk attends the cache alone and only decode steps recall
 
     @property
     def needs_mass(self) -> bool:
@@ -159,6 +164,8 @@ class Adore(BoundedPolicy):
             raise ValueError(f"rebuild_from='stored' needs rebuild_by='attention' and rebuild_into_cache=False (each "
                              f"layer recalls its own tokens, which the shared slot table cannot keep); got "
                              f"rebuild_by={self.rebuild_by!r}, rebuild_into_cache={self.rebuild_into_cache}")
+        if self.prefill_recall and not self.recalls_stored:
+            raise ValueError(f"prefill_recall needs rebuild_from='stored'; got rebuild_from={self.rebuild_from!r}")
         self.check_recall_pages(max_length)
 
     def check_recall_pages(self, max_length: int) -> None:
@@ -325,11 +332,15 @@ class Adore(BoundedPolicy):
             return ps
         return dataclasses.replace(ps, stored_key_bounds=tuple(map(widen, ps.stored_key_bounds, cache.k)))
 
-    def recall(self, model, cache, ps, position, spare_slots) -> Recall:
+    def recall(self, model, cache, ps, position, spare_slots=None) -> Recall:
         """rebuild_from="stored": what the current token at position [B] may recall, into spare_slots [B, R]:
-        every released token before it (with rebuild_max_distance, only those that near)."""
-        return Recall(ps.stored_k, ps.stored_v, self.released(cache, position, ps.stored_k[0].shape[2]), spare_slots,
-                      self.ranking_layer(model), ps.stored_key_bounds, self.recall_pages)
+        every released token before it (with rebuild_max_distance, only those that near). Without spare_slots,
+        what each query of a prefill chunk starting at position may recall, ranking every stored key."""
+        recallable = self.released(cache, position, ps.stored_k[0].shape[2])
+        if spare_slots is None:
+            return Recall(ps.stored_k, ps.stored_v, recallable, None, self.ranking_layer(model), self.rebuild)
+        return Recall(ps.stored_k, ps.stored_v, recallable, spare_slots, self.ranking_layer(model), self.rebuild,
+                      ps.stored_key_bounds, self.recall_pages)
 
     def released(self, cache, position, n):
         """[B, N] bool: the tokens before position [B] not in the cache (within rebuild_max_distance)."""

@@ -79,6 +79,7 @@ class CachePolicy:
     needs_controller: ClassVar[bool] = False  # reads a trained controller (adore)
     rebuild: ClassVar[int] = 0  # R, released tokens rebuilt per decode step (a field where a policy has it)
     recalls_stored: ClassVar[bool] = False  # rebuilds from K/V kept beside the cache (adore, rebuild_from "stored")
+    prefill_recall: ClassVar[bool] = False  # ... and prefill chunks recall from them too (a field where a policy has it)
 
     cache_size: Optional[int] = None  # unbounded policies: cache slots (default: as many as the run needs)
     prefill_chunk: Optional[int] = None  # prompt tokens per prefill block (default 256; bounded 128)
