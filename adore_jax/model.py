@@ -299,17 +299,13 @@ def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: B
         v_slots = write(cache.v[index], block.slots, v)
         slot_positions, slot_valid, recalled = cache.slot_positions, cache.slot_valid, None
         tapped = (q, k) if index == tap_layer else None
+        attend = attention
         if recall is not None and recall.slots is None:
             found = recall.rows_per_query(index, q)
             if found is not None:  # each query attends its own recalled rows beside the slots
                 positions, recalled_valid, k_rows, v_rows = found
-                args = (q, k_slots, v_slots, block.positions, slot_positions, slot_valid, k_rows, v_rows,
-                        recalled_valid)
+                attend = functools.partial(attend_recalled, k_rows=k_rows, v_rows=v_rows, rows_found=recalled_valid)
                 recalled = jnp.where(recalled_valid, positions, -1)
-                if mass_weights is None:
-                    return attend_recalled(*args), (k_slots, v_slots, None, tapped, recalled)
-                out, mass = attend_recalled(*args, return_mass=True)
-                return out, (k_slots, v_slots, jnp.einsum("bq,bqgs->bs", mass_weights, mass), tapped, recalled)
         found = None if recall is None or recall.slots is None else recall.rows(index, q[:, 0])
         if found is not None:  # this layer alone attends the recalled rows, in the spare slots
             positions, recalled_valid, k_rows, v_rows = found
@@ -320,8 +316,8 @@ def forward_block(params, config: ModelConfig, cache: kv_cache.KVCache, block: B
             recalled = jnp.where(recalled_valid, positions, -1)
         args = (q, k_slots, v_slots, block.positions, slot_positions, slot_valid)
         if mass_weights is None:
-            return attention(*args), (k_slots, v_slots, None, tapped, recalled)
-        out, mass = attention(*args, return_mass=True)  # mass [B, Q, G, S]
+            return attend(*args), (k_slots, v_slots, None, tapped, recalled)
+        out, mass = attend(*args, return_mass=True)  # mass [B, Q, G, S]
         return out, (k_slots, v_slots, jnp.einsum("bq,bqgs->bs", mass_weights, mass), tapped, recalled)
 
     hidden, layer_aux, tapped_hidden = run_layers(params, config, block.tokens, block.positions, attend_slots,
