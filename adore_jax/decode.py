@@ -132,6 +132,10 @@ def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, ch
         recall = None
         if policy.prefill_recall:  # each query may recall the tokens released before this chunk
             recall = policy.recall(plan.model, cache, ps, jnp.full((batch,), start))
+            if policy.prefill_recall_last is not None:  # ... in the prompt's last N tokens (lengths: all but its
+                # last, which a recalling policy runs as a decode step)
+                querying = positions >= lengths[:, None] + 1 - policy.prefill_recall_last  # [B, C]
+                recall = dataclasses.replace(recall, querying=querying)
         hidden, cache, ps, _, layer_hidden = _run_block(plan, params, cache, ps, block, last_row, recall)
         ps = policy.observe(ps, ctx, chunk_tokens, positions, valid, layer_hidden)
         # the release after the chunk ranks only the cached tokens, the chunk's among them now

@@ -198,6 +198,7 @@ class Recall:
     count: int  # R, the tokens each query recalls per layer
     key_bounds: tuple = ()  # L x [B, G, N / P, 2, D] per page of P positions: each key dim's max, min; () ranks all
     pages: int = 0  # with key_bounds: the pages whose keys are ranked
+    querying: Optional[jax.Array] = None  # [B, Q] bool: the queries of a longer block that recall (None: all)
 
     def rows(self, index, query):
         """Layer `index`'s recalled rows for query [B, H, D]: (positions [B, R] int32, found [B, R] bool,
@@ -218,17 +219,32 @@ class Recall:
 
     def rows_per_query(self, index, queries):
         """Layer `index`'s recalled rows for each query of a block, queries [B, Q, H, D], ranking every stored key:
-        (positions [B, Q, R] int32, found [B, Q, R] bool, k, v [B, Q, R, G, D]), or None below first_layer."""
+        (positions [B, Q, R] int32, found [B, Q, R] bool, k, v [B, Q, R, G, D]), or None below first_layer. With
+        `querying`, only those queries find rows, and a block in which none does ranks nothing."""
         if index < self.first_layer:
             return None  # the layer attends the cache alone
         keys, values = self.keys[index], self.values[index]  # [B, G, N, D]
         batch, n_queries = queries.shape[:2]
-        logits = jnp.where(self.recallable[:, None], max_head_logits_per_query(queries, keys), -jnp.inf)
-        best, picked = jax.lax.top_k(logits, self.count)  # [B, Q, R]
-        flat = picked.reshape(batch, 1, -1, 1)
-        k_rows, v_rows = (jnp.take_along_axis(x, flat, axis=2).reshape(batch, x.shape[1], n_queries, self.count, -1)
-                          .transpose(0, 2, 3, 1, 4) for x in (keys, values))  # [B, Q, R, G, D]
-        return picked.astype(jnp.int32), best > -jnp.inf, k_rows, v_rows
+
+        def ranked():
+            logits = jnp.where(self.recallable[:, None], max_head_logits_per_query(queries, keys), -jnp.inf)
+            best, picked = jax.lax.top_k(logits, self.count)  # [B, Q, R]
+            flat = picked.reshape(batch, 1, -1, 1)
+            k_rows, v_rows = (jnp.take_along_axis(x, flat, axis=2)
+                              .reshape(batch, x.shape[1], n_queries, self.count, -1)
+                              .transpose(0, 2, 3, 1, 4) for x in (keys, values))  # [B, Q, R, G, D]
+            found = best > -jnp.inf
+            if self.querying is not None:
+                found &= self.querying[:, :, None]
+            return picked.astype(jnp.int32), found, k_rows, v_rows
+
+        if self.querying is None:
+            return ranked()
+
+        def nothing():  # what ranked() returns, with nothing found
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(ranked))
+
+        return jax.lax.cond(jnp.any(self.querying), ranked, nothing)  # no query of the block recalls: no ranking
 
     def best_pages(self, index, query):
         """The `pages` pages with the highest bounds among those holding a recallable token: their keys, values

@@ -178,15 +178,23 @@ class DecodeSession:
         A policy that rebuilds (R > 0) runs each prompt's last token as a decode step, so the first new token,
         like every later one, is predicted with the released tokens it needs rebuilt (a question at the end of
         a long prompt can bring back the passage it asks about)."""
-        rebuilds = self.policy.rebuild > 0
-        lengths = self.lengths - 1 if rebuilds else self.lengths
+        logits = self.consume_prompts()
+        return logits if self.policy.rebuild == 0 else self.run_last_prompt_token()
+
+    def consume_prompts(self):
+        """The chunked prefill alone: every prompt token but the last of a policy that rebuilds. Returns the logits
+        after the last token consumed, [B, V] float32."""
+        lengths = self.lengths - 1 if self.policy.rebuild > 0 else self.lengths
         logits, self.cache, self.ps = decode.prefill(
             self.model.params, self.controller_params, self.cache, self.ps, jnp.asarray(self.tokens),
             jnp.asarray(lengths), plan=self.plan, chunk=self.shape.chunk)
         if self.shape.decode_slots < self.cache.num_slots:
             self.cache, self.ps = decode.compact(self.cache, self.ps, num_slots=self.shape.decode_slots)
-        if not rebuilds:
-            return logits
+        return logits
+
+    def run_last_prompt_token(self):
+        """A rebuilding policy's last prompt token as a decode step; returns the logits after it, [B, V] float32."""
+        lengths = self.lengths - 1
         batch = len(lengths)
         state = decode.DecodeState(token=jnp.asarray(self.tokens[np.arange(batch), lengths]),
                                    position=jnp.asarray(lengths), done=jnp.zeros((batch,), bool), key=jax.random.key(0))

@@ -36,10 +36,17 @@ POLICY_ROWS = {  # row name -> cache policy spec (at --cache-size unless it sets
     "adore R=8 attention": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention"),
     "adore R=8 stored": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
                              rebuild_from="stored", retrieval_layer=0),
+    "adore R=32 stored": dict(policy="adore", rebuild=32, rebuild_into_cache=False, rebuild_by="attention",
+                              rebuild_from="stored", retrieval_layer=0),
     "adore R=8 stored from 10": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
                                      rebuild_from="stored", retrieval_layer=10),
     "adore R=8 stored paged": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
                                    rebuild_from="stored", retrieval_layer=0, recall_page_size=16, recall_pages=16),
+    "adore R=8 stored prefill recall": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
+                                            rebuild_from="stored", retrieval_layer=0, prefill_recall=True),
+    "adore R=8 stored prefill recall last 64": dict(policy="adore", rebuild=8, rebuild_into_cache=False,
+                                                    rebuild_by="attention", rebuild_from="stored", retrieval_layer=0,
+                                                    prefill_recall=True, prefill_recall_last=64),
 }
 # Extra rows that split an ADORE step into its parts (differences of these, same batch and context).
 BREAKDOWN_ROWS = {

@@ -1,4 +1,7 @@
 """Hand-built parts the tests compare against (imported by the test modules)."""
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,3 +25,12 @@ def distance_controller(embed_dim, scores_by_distance, input_layer=None):
                   w_1=jnp.array([[1.0], [0.0]]), b_1=jnp.array([offset]), w_2=jnp.array([1.0]),
                   b_2=jnp.array(-offset))
     return config, params
+
+
+def load_script(name):
+    """The module of scripts/<name>.py (the scripts are not a package)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,27 +1,17 @@
 """scripts/passkey_ranking.py ranks earlier tokens as `rebuild_by="attention"` does."""
 import dataclasses
-import importlib.util
-import os
 
 import jax.numpy as jnp
 import numpy as np
 
 import adore_jax
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "passkey_ranking.py")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("passkey_ranking", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from references import load_script
 
 
 def test_the_ranking_is_the_policys_retrieval_ranking():
     """Random query [H, D] and keys [T, G, D] (3 query heads per KV head): every position's rank by the script
     equals its rank by Adore.retrieval_scores, among the first `candidates` positions."""
-    copied_rank = load_script().copied_rank
+    copied_rank = load_script("passkey_ranking").copied_rank
     rng = np.random.default_rng(0)
     heads, groups, dim, length, candidates = 6, 2, 8, 40, 30
     query = rng.normal(size=(heads, dim)).astype(np.float32)

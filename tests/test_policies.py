@@ -266,21 +266,28 @@ def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False,
 
 
 def simulate_stored_recall(model, tokens, m, rebuild, score_of_distance, first_layer, prompt=PROMPT, pages=None,
-                           chunk=None, prefill_recall=False):
+                           chunk=None, prefill_recall=False, recall_last=None):
     """Logits of every step and each layer's recalled positions, from the event reference: every token runs
     once; each step's layers from first_layer on attend the cache and the R released tokens they rank best,
     with the K/V of their only pass; the cache keeps the m best scored of itself and the current token.
     pages (P, K): the ranking reads only the released tokens of K pages of P positions (`paged_candidates`).
     chunk: the prompt runs in chunks of that many tokens, the cache keeping the m best after each (default: one);
-    prefill_recall: each token of a chunk also attends the R tokens released before the chunk it ranks best."""
+    prefill_recall: each token of a chunk also attends the R tokens released before the chunk it ranks best (with
+    recall_last N, only the prompt's last N tokens: a chunk runs as the part before them, then the part they are
+    in, which attends the first as context)."""
     ref = EventReference(model)
     cache, chunk = [], chunk or prompt - 1
+    first_recalling = (0 if recall_last is None else prompt - recall_last) if prefill_recall else prompt
     for start in range(0, prompt - 1, chunk):
         stop = min(start + chunk, prompt - 1)
         cached_positions = {ref.events[e]["position"] for e in cache}
         released = [i for i in range(start) if i not in cached_positions]
-        recall = (first_layer, rebuild, released) if prefill_recall else None
-        ids, _ = ref.run_block(tokens[start:stop], list(range(start, stop)), cache, recall=recall)
+        split = min(max(start, first_recalling), stop)
+        ids, _ = ref.run_block(tokens[start:split], list(range(start, split)), cache) if split > start else ([], None)
+        if stop > split:
+            recalling, _ = ref.run_block(tokens[split:stop], list(range(split, stop)), cache + ids,
+                                         recall=(first_layer, rebuild, released))
+            ids = ids + recalling
         cache = sorted(cache + ids, key=lambda e: -score_of_distance[stop - 1 - ref.events[e]["position"]])[:m]
     logits, recalled = [], []
     for t in range(prompt - 1, len(tokens) - 1):
@@ -294,14 +301,15 @@ def simulate_stored_recall(model, tokens, m, rebuild, score_of_distance, first_l
     return np.stack(logits), recalled
 
 
-@pytest.mark.parametrize("first_layer, prompt, pages, chunk, prefill_recall",
-                         [(0, PROMPT, None, None, False), (1, PROMPT, None, None, False), (0, 12, None, None, False),
-                          (0, PROMPT, (5, 2), None, False), (1, 12, (5, 2), None, False), (0, 16, None, 4, False),
-                          (0, 16, None, 4, True), (0, 18, (5, 2), 4, True)],
+@pytest.mark.parametrize("first_layer, prompt, pages, chunk, prefill_recall, recall_last",
+                         [(0, PROMPT, None, None, False, None), (1, PROMPT, None, None, False, None),
+                          (0, 12, None, None, False, None), (0, PROMPT, (5, 2), None, False, None),
+                          (1, 12, (5, 2), None, False, None), (0, 16, None, 4, False, None),
+                          (0, 16, None, 4, True, None), (0, 18, (5, 2), 4, True, None), (0, 19, None, 4, True, 6)],
                          ids=["from-layer-0", "from-layer-1", "long-prompt", "paged", "paged-long-prompt", "chunked",
-                              "prefill-recall", "prefill-recall-paged"])
+                              "prefill-recall", "prefill-recall-paged", "prefill-recall-last"])
 def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_layer, prompt, pages, chunk,
-                                                   prefill_recall):
+                                                   prefill_recall, recall_last):
     """rebuild_from="stored", R = 2: each layer from first_layer on ranks the released tokens by its own query
     and attends the two best with the K/V of their first pass, for this step only; below it, the cache alone.
     With a prompt longer than m the prefill releases, and the stored K/V come from its chunk. With pages (P, K) =
@@ -309,7 +317,8 @@ def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_
     last of 7 pages is partly past the end). With prefill chunks of 4 the prompt releases after each; with
     prefill_recall each token of a chunk also attends the 2 tokens released before the chunk that its own query
     ranks best (every released token ranked, pages or not; from layer 0: in the tiny model's 2 layers, a prompt
-    token's recall in the last layer would change no K/V and so no logit)."""
+    token's recall in the last layer would change no K/V and so no logit); with prefill_recall_last = 6 only the
+    prompt's last 6 tokens do (positions 13-17 in the prefill, mid-chunk, and 18 as the decode step)."""
     m, rebuild = 5, 2
     scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
     controller = distance_controller(tiny_model.config.hidden_size, scores)
@@ -320,9 +329,9 @@ def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_
     stored = dict(rebuild=rebuild, rebuild_into_cache=False, rebuild_by="attention", rebuild_from="stored",
                   retrieval_layer=first_layer)
     _, logits = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, prefill_recall=prefill_recall,
-                                        **stored, **paging, **options)
+                                        prefill_recall_last=recall_last, **stored, **paging, **options)
     expected, recalled = simulate_stored_recall(tiny_model, tokens[0].tolist(), m, rebuild, scores, first_layer,
-                                                prompt, pages, chunk, prefill_recall)
+                                                prompt, pages, chunk, prefill_recall, recall_last)
     np.testing.assert_allclose(logits[0], expected, atol=1e-5)  # 2.4e-7 at most measured
     assert recalled[0][0] or prompt <= m, "the prompt's last token recalled nothing: the long prompt proves nothing"
     if first_layer == 0:
@@ -337,6 +346,10 @@ def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_
         _, decode_only = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, **stored, **paging,
                                                  **options)
         assert np.max(np.abs(decode_only[0] - expected)) > 1e-3, "the prefill's recall changed nothing: untested"
+    if recall_last:
+        _, every = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, prefill_recall=True,
+                                           **stored, **options)
+        assert np.max(np.abs(every[0] - expected)) > 1e-3, "the tokens before the last N recalled nothing: untested"
 
 
 def test_recalling_every_released_token_in_prefill_and_decode_is_full_attention(tiny_model, sequences):
@@ -545,6 +558,16 @@ def test_rebuild_by_attention_options_are_checked(tiny_model):
     with pytest.raises(ValueError, match="prefill_recall needs rebuild_from='stored'; got rebuild_from='recompute'"):
         check(rebuild=2, rebuild_into_cache=False, rebuild_by="attention", prefill_recall=True)
     check(**stored, prefill_recall=True)
+    for last in (0, -1):
+        with pytest.raises(ValueError, match=f"prefill_recall_last must be None .* got {last!r}"):
+            check(**stored, prefill_recall=True, prefill_recall_last=last)
+    for last in (2.5, True):
+        with pytest.raises(ValueError, match=f"'prefill_recall_last' must be int; got {last!r}"):
+            check(**stored, prefill_recall=True, prefill_recall_last=last)
+    with pytest.raises(ValueError, match="prefill_recall_last .* needs prefill_recall=True; got 4 with prefill_recall"
+                                         "=False"):
+        check(**stored, prefill_recall_last=4)
+    check(**stored, prefill_recall=True, prefill_recall_last=1)
     by_attention = adore_jax.make_policy("adore", cache_size=8, rebuild=2, rebuild_by="attention")
     smollm2 = dataclasses.replace(tiny_model.config, num_layers=30)
     assert by_attention.tap_layer(smollm2) == 20, "the default retrieval layer is not two thirds of the way up"

@@ -33,7 +33,10 @@ also keeps, per page of P positions and layer, each key dim's max and min; a lay
 bound they give on a key's logit (Quest, Tang et al. 2024) and only the keys of its `recall_pages` best pages, so a
 step reads about N / P * 2 + recall_pages * P keys per layer instead of N. With `prefill_recall` each query of a
 prefill chunk recalls too: its own R best of the tokens released before the chunk, every layer from
-`retrieval_layer` on (model.attend_recalled), so a prompt's later tokens see what its earlier chunks released.
+`retrieval_layer` on (model.attend_recalled), so a prompt's later tokens see what its earlier chunks released;
+with `prefill_recall_last` = N only each prompt's last N tokens do (the question), and the tokens before it keep
+the K/V a chunk computes from the cache alone (README, "Why recalling in prefill costs perplexity on the gap
+documents").
 
 With `attention_weight` beta > 0 (default 0.5) a cached token's score adds beta * log(attention mass the block's
 last query gave it) (TOVA's statistic, summed over layers and heads; beyond the paper): the
@@ -104,6 +107,8 @@ class Adore(BoundedPolicy):
     prefill_recall: bool = False  # rebuild_from="stored": each query of a prefill chunk also attends the R tokens
     # released before the chunk that its own query ranks best, every layer from retrieval_layer on (ranking every
     # stored key, pages or not); False: a chunk attends the cache alone and only decode steps recall
+    prefill_recall_last: Optional[int] = None  # with prefill_recall: only each prompt's last N tokens recall (the
+    # question; the prompt's last token, a decode step, among them); None: every token of every chunk
 
     @property
     def needs_mass(self) -> bool:
@@ -166,6 +171,11 @@ class Adore(BoundedPolicy):
                              f"rebuild_by={self.rebuild_by!r}, rebuild_into_cache={self.rebuild_into_cache}")
         if self.prefill_recall and not self.recalls_stored:
             raise ValueError(f"prefill_recall needs rebuild_from='stored'; got rebuild_from={self.rebuild_from!r}")
+        last = self.prefill_recall_last
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1
+                                 or not self.prefill_recall):
+            raise ValueError(f"prefill_recall_last must be None (every prompt token recalls) or an int >= 1 and needs "
+                             f"prefill_recall=True; got {last!r} with prefill_recall={self.prefill_recall}")
         self.check_recall_pages(max_length)
 
     def check_recall_pages(self, max_length: int) -> None:
