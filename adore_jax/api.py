@@ -404,8 +404,14 @@ def teacher_force(model: Model, sequences, prompt_length: int, *,
     continuation = sequences.shape[1] - prompt_length
     session = DecodeSession(model, [row[:prompt_length].tolist() for row in sequences], continuation, policy,
                             controller=controller, attention_impl=attention_impl)
-    logits = session.prefill()
-    batch = len(sequences)
+    return continuation_logprobs(session, sequences, prompt_length, session.prefill(), return_logits)
+
+
+def continuation_logprobs(session: DecodeSession, sequences, prompt_length: int, logits, return_logits: bool = False):
+    """`teacher_force`'s scoring from a prefilled session: logits [B, V] after each prompt, then tokens
+    prompt_length + 1.. of sequences [B, T] fed one decode step at a time. Returns log-probabilities
+    [B, T - prompt_length] float32 (and the logits [B, T - prompt_length, V] with return_logits)."""
+    batch, continuation = len(sequences), sequences.shape[1] - prompt_length
     first = jax.nn.log_softmax(logits, axis=-1)[np.arange(batch), sequences[:, prompt_length]]
     logprobs, all_logits = [np.asarray(first)[:, None]], [np.asarray(logits)[:, None]]
     if continuation > 1:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adore_jax.api import continuation_logprobs
 from adore_jax.eval import metrics, sources
 from adore_jax.eval.config import load_eval_config
 from adore_jax.eval.suite import resolve_controller
@@ -50,15 +51,6 @@ def with_values(cache, ps, slot_store, recall_store):
     k, v = slot_store
     cache = dataclasses.replace(cache, k=tuple(map(rows, k)), v=tuple(map(rows, v)))
     return cache, dataclasses.replace(ps, stored_k=recall_store[0], stored_v=recall_store[1])
-
-
-def score(session, docs, prompt_length):
-    """Teacher-forced log-probabilities [B, T - prompt_length] of the continuation, from the session's state."""
-    batch = len(docs)
-    first = jax.nn.log_softmax(session.run_last_prompt_token(), axis=-1)[np.arange(batch), docs[:, prompt_length]]
-    session.start(docs[:, prompt_length])
-    out = session.decode(docs.shape[1] - prompt_length - 1, forced=docs[:, prompt_length + 1:])
-    return np.concatenate([np.asarray(first)[:, None], np.asarray(out.forced_logprobs)], axis=1)
 
 
 def relative_error(stored, exact, prompt_length):
@@ -131,7 +123,8 @@ def main(argv=None):
         session = DecodeSession(model, [row[:gap.prompt_length].tolist() for row in docs],
                                 docs.shape[1] - gap.prompt_length, policies[selection], controller=controller)
         session.cache, session.ps = cache, ps  # the same plan; its state replaced
-        perplexity = metrics.perplexity(score(session, docs, gap.prompt_length))
+        perplexity = metrics.perplexity(continuation_logprobs(session, docs, gap.prompt_length,
+                                                              session.run_last_prompt_token()))
         change = metrics.relative_change(perplexity, full)
         result["rows"].append(dict(selection=selection, cached_kv=slot_values, recalled_kv=recall_values,
                                    perplexity=perplexity, perplexity_vs_full=change))

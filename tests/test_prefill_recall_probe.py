@@ -35,4 +35,5 @@ def test_own_values_score_as_teacher_force_and_the_other_prefills_change_the_slo
     plain.cache, plain.ps = jax.tree.map(jnp.copy, probe.with_values(plain.cache, plain.ps, stores["plain"],
                                                                      stores["plain"]))
     expected = adore_jax.teacher_force(tiny_model, docs, prompt, cache=decode_only, controller=controller)
-    np.testing.assert_allclose(probe.score(plain, docs, prompt), expected, atol=1e-5)
+    scored = probe.continuation_logprobs(plain, docs, prompt, plain.run_last_prompt_token())
+    np.testing.assert_allclose(scored, expected, atol=1e-5)
