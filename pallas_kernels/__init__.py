@@ -1,6 +1,7 @@
 """Pallas kernels for adore-jax, each beside the plain-jnp twin it is tested against.
 
-- `slot_attention`: a query block attending the slots of a KV cache (decode / rebuild step).
+- `slot_attention`: a query block attending the slots of a KV cache (decode / rebuild step; on TPU/GPU a
+  prefill chunk goes on to the kernels of `pallas_kernels.prefill_attention`).
 - `topk_attention`: top-K sparse causal attention for fine-tuning, differentiable.
 Each dispatcher takes impl="auto" | "ref" | "pallas" | "pallas_interpret".
 - `kth_largest`: each row's k-th largest entry, by bisection (the top-K threshold; also used by labels).

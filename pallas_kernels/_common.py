@@ -56,6 +56,32 @@ def round_up(x, multiple):
     return -(-x // multiple) * multiple
 
 
+def visible_slot_blocks(q_positions, col_keys, block_queries: int, block_slots: int):
+    """[B, Q_pad / block_queries] int32: for each query block, 1 + the index of the last block of
+    `block_slots` slots holding a slot that some query of the block can see (0: none).
+
+    q_positions: [B, Q_pad] int32, padding queries at BLIND_POSITION; col_keys: [B, S] int32 slot positions
+    with invalid slots at INVISIBLE_POSITION (`slot_keys`). A slot is visible to a query iff its key is
+    <= the query's position, so a slot block matters iff its smallest key is <= the block's largest position.
+    """
+    batch, n_q = q_positions.shape
+    n_slots = col_keys.shape[1]
+    last_query = jnp.max(q_positions.reshape(batch, n_q // block_queries, block_queries), axis=2)  # [B, QB]
+    keys = jnp.pad(col_keys, ((0, 0), (0, round_up(n_slots, block_slots) - n_slots)),
+                   constant_values=INVISIBLE_POSITION)
+    first_key = jnp.min(keys.reshape(batch, -1, block_slots), axis=2)  # [B, SB]
+    seen = first_key[:, None, :] <= last_query[:, :, None]  # [B, QB, SB]
+    return jnp.max(jnp.where(seen, jnp.arange(1, seen.shape[2] + 1, dtype=jnp.int32), 0), axis=2)
+
+
+def pad_queries(q, q_positions, block_queries: int):
+    """Pad the query axis to a multiple of block_queries: zero queries at BLIND_POSITION (they see nothing)."""
+    extra = round_up(q.shape[1], block_queries) - q.shape[1]
+    q = jnp.pad(q, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    q_positions = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, extra)), constant_values=BLIND_POSITION)
+    return q, q_positions
+
+
 def block_diagonal_queries(q, n_kv: int):
     """q [B, Q, H, D] -> [B, G*Q*r, G*D]: the queries of all heads as one block-diagonal matrix, rows ordered
     (g, i, j) for query head h = g*r + j, whose vector sits in columns g*D:(g+1)*D (zeros elsewhere). Against
@@ -89,6 +115,26 @@ def mass_from_logits(logits, row_max, row_sum, n_q):
     probs = jnp.exp(logits - row_max[..., None]) * inv[..., None]
     mass = probs.reshape(batch, n_kv, n_q, n_rows // n_q, n_slots).sum(axis=3)
     return mass.transpose(0, 2, 1, 3)
+
+
+def visited_mass(logits, row_max, row_sum, counts, block_slots: int, block_queries: int, n_q: int):
+    """`mass_from_logits` for a prefill kernel, which wrote the logits of the visited slot blocks only.
+
+    Args:
+      logits: [B, G, QB, QR, S] f32, QR = block_queries * r rows ordered (query, head within group); the
+        blocks from counts[b, i] on were never written (unspecified) and count as masked.
+      row_max, row_sum: [B, G, QB, QR] the final running max and softmax denominator.
+      counts: [B, QB] int32 visited slot blocks (`visible_slot_blocks`).
+    Returns:
+      [B, n_q, G, S] f32 (the padding queries dropped).
+    """
+    batch, n_kv, n_blocks, rows, n_slots = logits.shape
+    visited = jnp.arange(n_slots) // block_slots < counts[:, :, None]  # [B, QB, S]
+    logits = jnp.where(visited[:, None, :, None, :], logits, MASK_VALUE)
+    shape = (batch, n_kv, n_blocks * rows)
+    mass = mass_from_logits(logits.reshape(*shape, n_slots), row_max.reshape(shape), row_sum.reshape(shape),
+                            n_blocks * block_queries)
+    return mass[:, :n_q]
 
 
 def kth_largest(x, k: int, chunk_bytes: int = 1 << 21):

@@ -19,19 +19,27 @@ from pallas_kernels._common import (
     BLIND_POSITION, INVISIBLE_POSITION, MASK_VALUE, contract_last, mass_from_logits, matmul, slot_keys,
     triton_size)
 
-def _kernel(q_ref, row_pos_ref, col_pos_ref, k_ref, v_ref, out_ref, max_ref, sum_ref, *logits_ref,
-            scale, n_slots, block, blocks_per_split):
-    # q_ref [QR, D]; row_pos_ref [QR]; col_pos_ref [S]; k_ref, v_ref [S, D];
-    # out_ref [QR, D] f32 unnormalised; max_ref, sum_ref [QR]; logits_ref [QR, S].
+def require_triton_sizes(head_dim, block_slots):
+    if not (triton_size(head_dim) and triton_size(block_slots)):
+        raise ValueError(f"the Triton kernel needs head_dim ({head_dim}) and block_slots ({block_slots}) "
+                         "to be powers of two >= 16")
+
+
+def online_softmax(q_ref, row_pos_ref, col_pos_ref, k_ref, v_ref, logits_ref, first_block, n_blocks, *,
+                   scale, n_slots, block):
+    """The online softmax of one program's query rows over slot blocks first_block .. first_block + n_blocks - 1.
+
+    q_ref [QR, D]; row_pos_ref [QR]; col_pos_ref [S]; k_ref, v_ref [S, D]; logits_ref: () or ([QR, S],), where
+    each visited block's masked logits are stored. Loads past n_slots are masked. Returns the running max and
+    sum [QR] and the unnormalised output [QR, D] f32.
+    """
     n_rows, head_dim = q_ref.shape
-    first = pl.program_id(2) * blocks_per_split
-    n_blocks = jnp.clip(pl.cdiv(n_slots, block) - first, 0, blocks_per_split)
     q = q_ref[...]
     row_pos = row_pos_ref[...][:, None]  # [QR, 1]
 
     def body(t, carry):
         m_prev, l_prev, acc = carry
-        start = (first + t) * block
+        start = (first_block + t) * block
         in_range = start + jnp.arange(block) < n_slots  # [block]
         window = pl.ds(start, block)
         col_pos = pltriton.load(col_pos_ref.at[window], mask=in_range, other=INVISIBLE_POSITION)
@@ -49,7 +57,17 @@ def _kernel(q_ref, row_pos_ref, col_pos_ref, k_ref, v_ref, out_ref, max_ref, sum
 
     init = (jnp.full((n_rows,), MASK_VALUE, jnp.float32), jnp.zeros((n_rows,), jnp.float32),
             jnp.zeros((n_rows, head_dim), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    return jax.lax.fori_loop(0, n_blocks, body, init)
+
+
+def _kernel(q_ref, row_pos_ref, col_pos_ref, k_ref, v_ref, out_ref, max_ref, sum_ref, *logits_ref,
+            scale, n_slots, block, blocks_per_split):
+    # q_ref [QR, D]; row_pos_ref [QR]; col_pos_ref [S]; k_ref, v_ref [S, D];
+    # out_ref [QR, D] f32 unnormalised; max_ref, sum_ref [QR]; logits_ref [QR, S].
+    first = pl.program_id(2) * blocks_per_split
+    n_blocks = jnp.clip(pl.cdiv(n_slots, block) - first, 0, blocks_per_split)
+    m, l, acc = online_softmax(q_ref, row_pos_ref, col_pos_ref, k_ref, v_ref, logits_ref, first, n_blocks,
+                               scale=scale, n_slots=n_slots, block=block)
     out_ref[...] = acc
     max_ref[...] = m
     sum_ref[...] = l
@@ -67,9 +85,7 @@ def slot_attention_gpu(q, k, v, q_positions, slot_positions, slot_valid, *, retu
     """
     batch, n_q, n_heads, head_dim = q.shape
     n_slots, n_kv = k.shape[1], k.shape[2]
-    if not (triton_size(head_dim) and triton_size(block_slots)):
-        raise ValueError(f"the Triton kernel needs head_dim ({head_dim}) and block_slots ({block_slots}) "
-                         "to be powers of two >= 16")
+    require_triton_sizes(head_dim, block_slots)
     group = n_heads // n_kv
     n_rows = n_q * group
     rows_pad = max(16, pl.next_power_of_2(n_rows))  # tl.dot needs >= 16 rows

@@ -27,6 +27,32 @@ from pallas_kernels._common import (
 LANES = 128
 
 
+def reset_softmax(m_sc, l_sc, acc_sc):
+    m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+
+def accumulate_softmax(logits, visible, v, m_sc, l_sc, acc_sc):
+    """Fold one slot block into the online softmax: logits, visible [rows, block] (logits masked to MASK_VALUE),
+    v [block, width], scratch m_sc, l_sc [rows, 1] (running max, sum) and acc_sc [rows, width] (output)."""
+    m_prev = m_sc[...]
+    m_next = jnp.maximum(m_prev, jnp.max(logits, axis=-1, keepdims=True))  # [rows, 1]
+    alpha = jnp.exp(m_prev - m_next)
+    p = jnp.where(visible, jnp.exp(logits - m_next), 0.0)
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=-1, keepdims=True)
+    acc_sc[...] = alpha * acc_sc[...] + matmul(p.astype(v.dtype), v)
+    m_sc[...] = m_next
+
+
+def finish_softmax(out_ref, max_ref, sum_ref, m_sc, l_sc, acc_sc):
+    """The normalised output (zeros for a row that saw no slot) and the final max and sum."""
+    total = l_sc[...]
+    out_ref[...] = (acc_sc[...] / jnp.where(total > 0, total, 1.0)).astype(out_ref.dtype)
+    max_ref[...] = m_sc[...]
+    sum_ref[...] = total
+
+
 def _kernel(q_ref, row_pos_ref, col_pos_ref, k_ref, v_ref, *refs, scale, n_slots, block, return_logits):
     # q_ref [rows, G*D]; row_pos_ref [rows, 1]; col_pos_ref [1, block]; k_ref, v_ref [block, G*D].
     if return_logits:
@@ -37,34 +63,23 @@ def _kernel(q_ref, row_pos_ref, col_pos_ref, k_ref, v_ref, *refs, scale, n_slots
 
     @pl.when(step == 0)
     def _init():
-        m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        reset_softmax(m_sc, l_sc, acc_sc)
 
     visible = col_pos_ref[...] <= row_pos_ref[...]  # [rows, block]
     logits = jnp.where(visible, contract_last(q_ref[...], k_ref[...]) * scale, MASK_VALUE)
     if return_logits:
         logits_ref[...] = logits
-    m_prev = m_sc[...]
-    m_next = jnp.maximum(m_prev, jnp.max(logits, axis=-1, keepdims=True))  # [rows, 1]
-    alpha = jnp.exp(m_prev - m_next)
-    p = jnp.where(visible, jnp.exp(logits - m_next), 0.0)
-    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=-1, keepdims=True)
     v = v_ref[...]
     if n_slots % block:
         # The last block reads past the cache; those rows are unspecified (maybe NaN) and
         # 0 * NaN would poison the sum, so zero them.
         slot = step * block + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
         v = jnp.where(slot < n_slots, v, jnp.zeros_like(v))
-    acc_sc[...] = alpha * acc_sc[...] + matmul(p.astype(v.dtype), v)
-    m_sc[...] = m_next
+    accumulate_softmax(logits, visible, v, m_sc, l_sc, acc_sc)
 
     @pl.when(step == pl.num_programs(1) - 1)
     def _finish():
-        total = l_sc[...]
-        out_ref[...] = (acc_sc[...] / jnp.where(total > 0, total, 1.0)).astype(out_ref.dtype)
-        max_ref[...] = m_sc[...]
-        sum_ref[...] = total
+        finish_softmax(out_ref, max_ref, sum_ref, m_sc, l_sc, acc_sc)
 
 
 def slot_attention_tpu(q, k, v, q_positions, slot_positions, slot_valid, *, return_mass=False,

@@ -15,7 +15,9 @@ the reference in tests and the CPU path;
 CPU path for decode steps);
 `slot_attention_blocked` is the same in jnp, visiting only the slot blocks up to the last valid slot
 (the CPU path for large caches: a full-attention cache that is a quarter filled costs a quarter);
-`slot_attention_tpu` (Mosaic) and `slot_attention_gpu` (Triton, split-K) are the kernels.
+`slot_attention_tpu` (Mosaic) and `slot_attention_gpu` (Triton, split-K) are the kernels; a block of at least
+PREFILL_MIN_QUERIES queries (a prefill chunk) takes the prefill kernels instead (`prefill_attention`: query
+blocks in parallel, each visiting only the slot blocks it can see).
 """
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ from pallas_kernels._common import MASK_VALUE, block_diagonal_outputs, block_dia
 from pallas_kernels._dispatch import IMPLS, resolve_impl
 from pallas_kernels._slot_attention_gpu import slot_attention_gpu
 from pallas_kernels._slot_attention_tpu import slot_attention_tpu
+from pallas_kernels.prefill_attention import prefill_attention_gpu, prefill_attention_tpu
 from pallas_kernels.reference import masked_attention, masked_softmax
 
 
@@ -92,6 +95,8 @@ def slot_attention_grouped(q, k, v, q_positions, slot_positions, slot_valid, *, 
     return out, mass.transpose(0, 2, 1, 3)
 
 
+PREFILL_MIN_QUERIES = 64  # query rows per sequence from which the TPU/GPU path is the prefill kernel
+
 SLOT_BLOCK = 512  # slots per step of `slot_attention_blocked`
 
 
@@ -155,11 +160,13 @@ def slot_attention_blocked(q, k, v, q_positions, slot_positions, slot_valid, *, 
 def slot_attention(q, k, v, q_positions, slot_positions, slot_valid, *, return_mass=False, impl="auto"):
     """Slot attention (semantics and shapes of `slot_attention_ref`) by the chosen implementation.
 
-    impl: "auto" (the Pallas kernel on a TPU/GPU backend; elsewhere `slot_attention_grouped` for a block of at
-      most GROUPED_MAX_QUERIES queries per sequence at batch >= 2 (decode steps), `slot_attention_blocked` for
-      a block of several queries over at least SLOT_BLOCK slots without mass (the chunks of a long
-      full-attention prefill), else the jnp twin), "ref", "grouped", "blocked" (no mass), "pallas" (TPU/GPU
-      backend only) or "pallas_interpret" (the kernel in interpret mode).
+    impl: "auto" (on a TPU/GPU backend the Pallas prefill kernel for a block of at least PREFILL_MIN_QUERIES
+      queries per sequence, else the slot kernel, one program per KV head holding every query row, the slots
+      split across programs (a decode step, R <= 32 rebuilt rows among it); elsewhere `slot_attention_grouped`
+      for a block of at most GROUPED_MAX_QUERIES queries per sequence at batch >= 2 (decode steps),
+      `slot_attention_blocked` for a block of several queries over at least SLOT_BLOCK slots without mass (the
+      chunks of a long full-attention prefill), else the jnp twin), "ref", "grouped", "blocked" (no mass),
+      "pallas" (TPU/GPU backend only) or "pallas_interpret" (the kernel in interpret mode).
     On XLA:CPU the blocked path halves a long prefill but is slower than the twin for one query per
     sequence at batch 1 (measured at 8k slots), so decoding steps do not take it. The grouped path makes a
     full-attention step at batch 8 over 2k slots 1.6x faster than the twin (and a bounded cache's step at batch
@@ -168,6 +175,9 @@ def slot_attention(q, k, v, q_positions, slot_positions, slot_valid, *, return_m
     """
     kind, interpret = resolve_impl(impl, q.shape[-1], allowed=IMPLS + ("blocked", "grouped"))
     args = (q, k, v, q_positions, slot_positions, slot_valid)
+    if kind in ("tpu", "gpu") and q.shape[1] >= PREFILL_MIN_QUERIES:
+        prefill = prefill_attention_tpu if kind == "tpu" else prefill_attention_gpu
+        return prefill(*args, return_mass=return_mass, interpret=interpret)
     if kind == "tpu":
         return slot_attention_tpu(*args, return_mass=return_mass, interpret=interpret)
     if kind == "gpu":

@@ -13,6 +13,6 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_
 status=0
 python -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.txt"
 python -m pytest -q -p no:cacheprovider -rs tests/test_kernels_native.py tests/test_kernels_slot_attention.py \
-    tests/test_kernels_topk.py 2>&1 | tee "$out/kernel_tests.txt" || status=1
+    tests/test_kernels_prefill_attention.py tests/test_kernels_topk.py 2>&1 | tee "$out/kernel_tests.txt" || status=1
 python eval/bench_kernels.py --out "$out/bench_kernels.json" 2>&1 | tee "$out/bench_kernels.txt" || status=1
 exit $status

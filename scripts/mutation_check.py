@@ -38,6 +38,7 @@ ADMISSION = "tests/test_policies.py::test_conservative_admission_matches_the_eve
 REBUILD_MARGIN = "tests/test_policies.py::test_adaptive_rebuild_margin_matches_the_event_reference"
 GROUPED = "tests/test_kernels_slot_attention.py::test_grouped_matches_twin"
 BY_ATTENTION = "tests/test_policies.py::test_rebuild_by_attention_matches_the_event_reference"
+PREFILL_KERNELS = "tests/test_kernels_prefill_attention.py"
 STORED = "tests/test_policies.py::test_stored_recall_matches_the_event_reference"
 HIDDEN_INPUT = "tests/test_policies.py::test_a_hidden_state_controller_reads_each_tokens_own_pass"
 HIDDEN_TRAINING = "tests/test_train_controller.py::test_a_hidden_state_controller_trains_on_what_decoding_taps"
@@ -194,6 +195,18 @@ MUTANTS = (
     Mutant("decoding may run one position past max_length", "adore_jax/decode.py",
            "if last >= limit:", "if last > limit:",
            ("tests/test_decode.py::test_decoding_past_max_length_is_refused_not_silently_dropped",)),
+    Mutant("the prefill kernels' bound stops one slot block short", "pallas_kernels/_common.py",
+           "jnp.arange(1, seen.shape[2] + 1, dtype=jnp.int32)", "jnp.arange(seen.shape[2], dtype=jnp.int32)",
+           (PREFILL_KERNELS,)),
+    Mutant("the prefill kernels visit every slot block", "pallas_kernels/_common.py",
+           "jnp.where(seen, jnp.arange(1, seen.shape[2] + 1", "jnp.where(True, jnp.arange(1, seen.shape[2] + 1",
+           (PREFILL_KERNELS,)),
+    Mutant("the prefill kernels' mass keeps the logits of slot blocks never visited", "pallas_kernels/_common.py",
+           "logits = jnp.where(visited[:, None, :, None, :], logits, MASK_VALUE)", "",
+           (PREFILL_KERNELS,)),
+    Mutant("a block of exactly PREFILL_MIN_QUERIES queries goes to the slot kernel", "pallas_kernels/slot_attention.py",
+           "q.shape[1] >= PREFILL_MIN_QUERIES", "q.shape[1] > PREFILL_MIN_QUERIES",
+           (PREFILL_KERNELS + "::test_dispatcher_takes_the_prefill_kernel_for_long_blocks",)),
     Mutant("the k-th largest by bisection keeps a candidate that fewer than k entries reach",
            "pallas_kernels/_common.py", "axis=-1, dtype=jnp.int32) >= k", "axis=-1, dtype=jnp.int32) >= k - 1",
            ("tests/test_kernels_topk.py::test_kth_largest_by_bisection_equals_sorting",)),

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import test_kernels_prefill_attention as prefill_cases
 import test_kernels_slot_attention as slot_cases
 import test_kernels_topk as topk_cases
 from pallas_kernels import slot_attention, slot_attention_ref, topk_attention, topk_attention_ref
@@ -36,6 +37,22 @@ def test_slot_attention_native(shape, dtype):
     ref_out, ref_mass = jax.jit(functools.partial(slot_attention_ref, return_mass=True))(*inputs)
     _close(out, ref_out, dtype)
     _close(mass, ref_mass, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 128, 9, 3, 64, 1000), (1, 300, 32, 8, 128, 4100)],
+                         ids=lambda s: "B{}-Q{}-H{}-G{}-D{}-S{}".format(*s))
+def test_prefill_attention_native(shape, dtype):
+    """A prefill chunk (Q >= PREFILL_MIN_QUERIES: the prefill kernel) over a shuffled cache and over a
+    position-ordered one filled to a third and to the end, where it skips slot blocks."""
+    batch, n_slots = shape[0], shape[-1]
+    _, ordered = prefill_cases.ordered_chunk(1, *shape, filled=[n_slots // 3, n_slots][:batch], dtype=dtype)
+    for inputs in (slot_cases.make_inputs(0, *shape, dtype=dtype), ordered):
+        out, mass = jax.jit(functools.partial(slot_attention, return_mass=True, impl="pallas"))(*inputs)
+        ref_out, ref_mass = jax.jit(functools.partial(slot_attention_ref, return_mass=True))(*inputs)
+        _close(out, ref_out, dtype)
+        _close(mass, ref_mass, dtype)
+        _close(jax.jit(functools.partial(slot_attention, impl="pallas"))(*inputs), ref_out, dtype)
 
 
 @pytest.mark.parametrize("shape", [(2, 256, 6, 2, 64, 32), (1, 1024, 32, 8, 128, 64)],
