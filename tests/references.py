@@ -5,8 +5,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from adore_jax import controller as ctrl
+
+# For the tests of what impl="auto" picks on the CPU (and that impl="pallas" is refused there); the kernel test
+# files also run on a lent GPU or TPU (scripts/device_check.sh), where "auto" is the Pallas kernel.
+cpu_dispatch_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="what impl='auto' picks on the CPU")
 
 
 def distance_controller(embed_dim, scores_by_distance, input_layer=None):

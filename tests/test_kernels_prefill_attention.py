@@ -134,9 +134,10 @@ def test_visible_slot_blocks_never_drops_a_visible_slot(seed):
 
 
 def test_dispatcher_takes_the_prefill_kernel_for_long_blocks():
-    """impl="pallas_interpret" (the TPU kernels on the CPU): a block of PREFILL_MIN_QUERIES queries takes the
-    prefill kernel, one query fewer the slot kernel; both equal the twin."""
-    kernels = ("prefill_attention_tpu", "slot_attention_tpu")
+    """impl="pallas_interpret" (the TPU kernels on the CPU, the GPU's on a GPU): a block of PREFILL_MIN_QUERIES
+    queries takes the prefill kernel, one query fewer the slot kernel; both equal the twin."""
+    platform = "gpu" if jax.default_backend() == "gpu" else "tpu"
+    kernels = (f"prefill_attention_{platform}", f"slot_attention_{platform}")
     for n_q, name, other in [(PREFILL_MIN_QUERIES, *kernels), (PREFILL_MIN_QUERIES - 1, *reversed(kernels))]:
         inputs = make_inputs(6, 1, n_q, 2, 1, 16, 70)
         f = functools.partial(slot_attention, return_mass=True, impl="pallas_interpret")

@@ -11,6 +11,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import slot_attention, slot_attention_ref
 from pallas_kernels.reference import masked_attention
+from references import cpu_dispatch_only
 from pallas_kernels.slot_attention import (GROUPED_MAX_QUERIES, SLOT_BLOCK, live_slots, slot_attention_blocked,
                                            slot_attention_gpu, slot_attention_grouped, slot_attention_tpu)
 
@@ -121,10 +122,10 @@ def test_twin_matches_numpy_loop():
             np.testing.assert_allclose(mass[b, i], expected_mass, atol=1e-6)
 
 
+@cpu_dispatch_only
 def test_dispatcher():
     inputs = make_inputs(5, 1, 1, 6, 2, 16, 20)
     ref = slot_attention_ref(*inputs, return_mass=True)
-    assert jax.default_backend() == "cpu"
     for got, want in zip(slot_attention(*inputs, return_mass=True), ref):  # "auto" on the CPU: the twin
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     interpreted = jax.jit(functools.partial(slot_attention, return_mass=True, impl="pallas_interpret"))
@@ -156,6 +157,7 @@ def test_grouped_matches_twin(shape):
     assert np.asarray(run("grouped", inputs)[0])[0, 0].any() == 0
 
 
+@cpu_dispatch_only
 def test_dispatcher_uses_grouped_path_for_decode_blocks_at_batch_2_and_more():
     """"auto" on the CPU: grouped for up to GROUPED_MAX_QUERIES queries per sequence at batch >= 2, with or
     without mass; the twin at batch 1 and for longer blocks."""
@@ -191,6 +193,7 @@ def test_blocked_visits_only_the_filled_prefix():
     assert "while" in jaxpr  # a traced trip count, not a loop unrolled over all 5 blocks
 
 
+@cpu_dispatch_only
 def test_dispatcher_uses_blocked_path_for_long_prefill():
     """"auto" on the CPU: blocked for several queries over >= SLOT_BLOCK slots without mass;
     the plain twin with mass and for one query (a decoding step)."""

@@ -11,6 +11,7 @@ from pallas_kernels import topk_attention, topk_attention_ref
 from pallas_kernels._common import MASK_VALUE, kth_largest
 from pallas_kernels._topk_flash import threshold_flash_attention
 from pallas_kernels.topk_attention import _blocked_forward
+from references import cpu_dispatch_only
 
 TOL = 2e-6
 GRAD_TOL = 1e-5
@@ -75,6 +76,7 @@ def test_twin_short_prefix_and_ties():
     assert_close(topk_attention_ref(q, k_tied, v, 1), causal_attention(q, k_tied, v), 1e-5)
 
 
+@cpu_dispatch_only
 def test_top_k_validation():
     q, k, v = make_inputs(2, 1, 4, 2, 1, 16)
     for bad in (0, -3, 2.5, True):
@@ -159,6 +161,7 @@ def test_kernel_lowers(platform, flavour, custom_call, dtype):
     assert custom_call in f.trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
+@cpu_dispatch_only
 def test_auto_uses_the_blocked_passes_when_the_twins_logits_would_be_too_large():
     """On the CPU, `auto` is the twin for small shapes and the blocked passes (no [B, H, T, T] array) above
     SCAN_BUDGET logits: the twin's memory is what made a 1024-token fine-tune ask for 40 GB."""
