@@ -16,6 +16,15 @@ from pallas_kernels._common import BLIND_POSITION, pad_queries, slot_keys, visib
 from pallas_kernels._slot_attention_gpu import online_softmax, require_triton_sizes
 
 
+BLOCK_SLOTS = 64  # slots per inner step
+
+
+def default_block_queries(group: int, head_dim: int) -> int:
+    """Queries per program: 128 rows of queries times query heads per KV head (64 for a head_dim above 64, to keep
+    the f32 accumulator of 4 warps in registers)."""
+    return max(1, (128 if head_dim <= 64 else 64) // group)
+
+
 def _kernel(counts_ref, q_ref, row_pos_ref, col_pos_ref, k_ref, v_ref, out_ref, max_ref, sum_ref, *logits_ref,
             scale, n_slots, block):
     # counts_ref [QB]; q_ref [QR, D]; row_pos_ref [QR]; col_pos_ref [S]; k_ref, v_ref [S, D]; out_ref [QR, D];
@@ -28,18 +37,17 @@ def _kernel(counts_ref, q_ref, row_pos_ref, col_pos_ref, k_ref, v_ref, out_ref, 
 
 
 def prefill_attention_gpu(q, k, v, q_positions, slot_positions, slot_valid, *, return_mass=False,
-                          block_queries=None, block_slots=64, num_warps=4, num_stages=2, interpret=False):
+                          block_queries=None, block_slots=BLOCK_SLOTS, num_warps=4, num_stages=2, interpret=False):
     """Slot attention (semantics of `slot_attention_ref`) for a long query block, as a Triton kernel.
 
-    block_queries: queries per program; default: 128 rows of queries times query heads per KV head (64 for a
-      head_dim above 64, to keep the f32 accumulator of 4 warps in registers).
+    block_queries: queries per program; default: `default_block_queries`.
     block_slots: slots per inner step. head_dim and block_slots must be powers of two >= 16.
     """
     batch, n_q, n_heads, head_dim = q.shape
     n_slots, n_kv = k.shape[1], k.shape[2]
     require_triton_sizes(head_dim, block_slots)
     group = n_heads // n_kv
-    block_queries = block_queries or max(1, (128 if head_dim <= 64 else 64) // group)
+    block_queries = block_queries or default_block_queries(group, head_dim)
     rows = block_queries * group
     rows_pad = max(16, pl.next_power_of_2(rows))
     q, q_positions = pad_queries(q, q_positions, block_queries)

@@ -21,6 +21,9 @@ from pallas_kernels._common import (
 from pallas_kernels._slot_attention_tpu import accumulate_softmax, finish_softmax, reset_softmax
 
 
+BLOCK_QUERIES, BLOCK_SLOTS = 128, 512  # queries per program, slots per grid step
+
+
 def _kernel(counts_ref, q_ref, row_pos_ref, col_pos_ref, k_ref, v_ref, out_ref, max_ref, sum_ref, *refs, scale):
     # counts_ref [B * QB] (SMEM); q_ref [rows, D]; row_pos_ref [rows, 1]; col_pos_ref [1, block];
     # k_ref, v_ref [block, D]; out_ref [rows, D]; max_ref, sum_ref [rows, 1]; with the mass, logits_ref
@@ -47,7 +50,7 @@ def _kernel(counts_ref, q_ref, row_pos_ref, col_pos_ref, k_ref, v_ref, out_ref, 
 
 
 def prefill_attention_tpu(q, k, v, q_positions, slot_positions, slot_valid, *, return_mass=False,
-                          block_queries=128, block_slots=512, interpret=False):
+                          block_queries=BLOCK_QUERIES, block_slots=BLOCK_SLOTS, interpret=False):
     """Slot attention (semantics of `slot_attention_ref`) for a long query block, as a Mosaic kernel.
 
     block_queries: queries per program; block_queries * r must be a multiple of 8 (sublanes).
@@ -62,7 +65,7 @@ def prefill_attention_tpu(q, k, v, q_positions, slot_positions, slot_valid, *, r
         raise ValueError(f"block_queries ({block_queries}) times the query heads per KV head ({group}) must be a "
                          "multiple of 8")
     block = min(block_slots, round_up(n_slots, 128))
-    n_slot_blocks = -(-n_slots // block)
+    n_slot_blocks = pl.cdiv(n_slots, block)
     q, q_positions = pad_queries(q, q_positions, block_queries)
     n_blocks = q.shape[1] // block_queries
     col_pos = slot_keys(slot_positions, slot_valid)  # [B, S]

@@ -11,10 +11,11 @@ import itertools
 
 import jax.numpy as jnp
 
+from pallas_kernels import _prefill_attention_gpu as gpu, _prefill_attention_tpu as tpu
 from pallas_kernels._common import pad_queries, round_up, slot_keys, visible_slot_blocks
 
-# (block_queries, block_slots) of the kernels at SmolLM2's GQA 3, head_dim 64 (the defaults)
-BLOCKS = {"gpu": (42, 64), "tpu": (128, 512)}
+# the kernels' default (block_queries, block_slots) at SmolLM2's GQA 3, head_dim 64
+BLOCKS = {"gpu": (gpu.default_block_queries(3, 64), gpu.BLOCK_SLOTS), "tpu": (tpu.BLOCK_QUERIES, tpu.BLOCK_SLOTS)}
 
 
 def visited_fraction(prompt: int, capacity: int, chunk: int, block_queries: int, block_slots: int) -> float:
