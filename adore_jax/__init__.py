@@ -2,7 +2,7 @@
 
     model = adore_jax.load_model("smollm2-135m")
     out = adore_jax.generate(model, ["Tell me about Paris."], 64, chat=True,
-                             cache=adore_jax.Adore(cache_size=256, rebuild=8))
+                             cache=adore_jax.presets.adore_recall(256))
     print(out.texts[0], out.stats["decode_tokens_per_s"])
 """
 import os as _os
@@ -14,14 +14,31 @@ _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_checkout, "train", "__init__.py")):
     __path__.append(_checkout)
 
+from adore_jax import presets
 from adore_jax.api import GenerationResult, Model, generate, load_model, teacher_force
+from adore_jax.compile_cache import enable_compile_cache
 from adore_jax.config import ModelConfig
 from adore_jax.controller import ControllerConfig, load_controller, save_controller
-from adore_jax.policies import (POLICIES, H2O, TOVA, Adore, CachePolicy, Full, OracleTopK, StreamingLLM, Window,
-                                make_policy)
+from adore_jax.policies import (
+    H2O,
+    POLICIES,
+    TOVA,
+    Adore,
+    CachePolicy,
+    Full,
+    NoReturn,
+    OracleTopK,
+    Random,
+    Rebuild,
+    Recall,
+    StreamingLLM,
+    Window,
+    make_policy,
+)
 from adore_jax.sampling import SamplingParams
 from adore_jax.session import DecodeSession
 
 __all__ = ["H2O", "POLICIES", "TOVA", "Adore", "CachePolicy", "ControllerConfig", "DecodeSession", "Full",
-           "GenerationResult", "Model", "ModelConfig", "OracleTopK", "SamplingParams", "StreamingLLM", "Window",
-           "generate", "load_controller", "load_model", "make_policy", "save_controller", "teacher_force"]
+           "GenerationResult", "Model", "ModelConfig", "NoReturn", "OracleTopK", "Random", "Recall",
+           "Rebuild", "SamplingParams", "StreamingLLM", "Window", "enable_compile_cache", "generate",
+           "load_controller", "load_model", "make_policy", "presets", "save_controller", "teacher_force"]

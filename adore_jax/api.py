@@ -1,7 +1,7 @@
 """The public API: `load_model`, `generate` and `teacher_force`.
 
     model = load_model("smollm2-135m")
-    out = generate(model, ["Explain RoPE."], 64, cache=Adore(cache_size=256, rebuild=8),
+    out = generate(model, ["Explain RoPE."], 64, cache=presets.adore_recall(256),
                    sampling=SamplingParams(temperature=0.7, top_p=0.9), chat=True)
 
 The cache policy and the sampling are objects (adore_jax.policies, SamplingParams); the keyword
@@ -11,6 +11,7 @@ convenience that builds (or overrides fields of) the same objects.
 import dataclasses
 import os
 import warnings
+import zlib
 from typing import Callable, Optional, Sequence, Union
 
 import jax
@@ -151,7 +152,8 @@ class GenerationResult:
 
 _sample = jax.jit(sample, static_argnames=("greedy",))
 SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
-CACHE_OPTIONS = ("policy",) + tuple(sorted({f.name for cls in POLICIES.values() for f in dataclasses.fields(cls)}))
+CACHE_OPTIONS = ("policy", "preset") + tuple(sorted({f.name for cls in POLICIES.values()
+                                                     for f in dataclasses.fields(cls)}))
 
 
 def run_options(caller: str, cache, sampling, options: dict, allow_sampling: bool = True):
@@ -162,11 +164,21 @@ def run_options(caller: str, cache, sampling, options: dict, allow_sampling: boo
             raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}; cache and sampling options "
                             f"are: {', '.join(allowed)}")
     sampling_options = {k: options.pop(k) for k in SAMPLING_OPTIONS if k in options}
+    if isinstance(sampling, dict):
+        unknown = sorted(set(sampling) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise TypeError(f"{caller}(): sampling has no option {unknown[0]!r}; its options: "
+                            f"{', '.join(SAMPLING_OPTIONS)}")
+        sampling = SamplingParams(**sampling)
+    elif sampling is not None and not isinstance(sampling, SamplingParams):
+        raise TypeError(f"{caller}(): sampling must be a SamplingParams or a mapping of its fields; got "
+                        f"{type(sampling).__name__}")
     sampling = dataclasses.replace(sampling or SamplingParams(), **sampling_options)
-    if "policy" in options:
-        if cache is not None:
-            raise ValueError(f"{caller}(): give the cache policy once, as cache=... or policy=..., not both")
-        cache = options.pop("policy")
+    for key in ("policy", "preset"):
+        if key in options:
+            if cache is not None:
+                raise ValueError(f"{caller}(): give the cache policy once, as cache=..., policy=... or preset=...")
+            cache = {key: options.pop(key)}
     return make_policy(cache, **options), sampling
 
 
@@ -247,8 +259,16 @@ def _fits(model: Model, lengths, new_tokens: int, policy, max_length) -> bool:
         return False
 
 
+def row_keys(seed: int, row_prompts, n: int):
+    """[B] PRNG keys: row i's from the seed, its prompt's token ids and its sample index (i % n), so a request's
+    samples do not depend on the other requests of the batch or on its place in it."""
+    base = jax.random.key(seed)
+    return jnp.stack([jax.random.fold_in(jax.random.fold_in(base, zlib.crc32(np.asarray(ids, np.int32).tobytes())),
+                                         i % n) for i, ids in enumerate(row_prompts)])
+
+
 def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
-             cache: Union[CachePolicy, str, dict, None] = None, sampling: Optional[SamplingParams] = None,
+             cache: Union[CachePolicy, str, dict, None] = None, sampling: Union[SamplingParams, dict, None] = None,
              controller=None, seed: int = 0, chat: bool = False, stream: Optional[Callable[[np.ndarray], None]] = None,
              decode_chunk: Optional[int] = None, max_length: Optional[int] = None, attention_impl: str = "auto",
              return_state: bool = False, **options) -> GenerationResult:
@@ -257,17 +277,19 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
     prompts: strings (tokenised; chat-formatted when chat=True), conversations (lists of {"role": "system" |
     "user" | "assistant", "content": str} messages, always chat-formatted; one ending with an assistant
     message is continued), or lists of token ids.
-    cache: a policy object (adore_jax.policies: Full, Window, StreamingLLM, H2O, TOVA, OracleTopK,
-    Adore), its name, or a mapping as in configs/policies/*.yaml; default: full attention. A cache_size
+    cache: a policy object (adore_jax.policies: Full, Window, StreamingLLM, H2O, TOVA, Random,
+    OracleTopK, Adore, each bounded one with `returns`), a preset (adore_jax.presets), a policy or preset name, or a
+    mapping as in configs/policies/*.yaml; default: full attention. A cache_size
     larger than the run can fill is lowered to what it can (same output, with a CacheSizeWarning).
-    sampling: SamplingParams: greedy at temperature 0, else temperature / top_k / top_p with PRNG seed
+    sampling: SamplingParams (or a mapping of its fields): greedy at temperature 0, else temperature / top_k /
+    top_p with PRNG seed
     `seed`; `n` samples per prompt; `stop` strings and `stop_token_ids` (finish reason "stop": the text
     ends before the stop string, token_ids end with the token that completed it; a stop token id is
     left out like end-of-sequence); `logprobs` (the result's `logprobs`). Default: greedy, one sample.
     controller: a saved controller's path or a (config, params) pair (adore; default: the model's
     committed controller). max_length bounds prompt + new tokens (the release buffer's length; default:
     as needed, rounded up).
-    options: the keyword form, e.g. policy="adore", cache_size=256, rebuild=8, temperature=0.7, stop=["\n"];
+    options: the keyword form, e.g. policy="tova", cache_size=256, returns=Recall(r=32), temperature=0.7;
     each sets or overrides a field of `cache` or `sampling`.
     Decoding runs in compiled chunks of `decode_chunk` steps (default: session.DECODE_CHUNK, or the next
     power of two of max_new_tokens - 1 when smaller), so max_new_tokens does not change the compiled
@@ -288,15 +310,16 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
     n = sampling.n
     row_prompts = [ids for ids in prompt_ids for _ in range(n)]  # prompt by prompt, n rows each
     chunk, steps_planned = decode_schedule(max_new_tokens, decode_chunk)
-    lengths = [len(ids) for ids in row_prompts]
     new_tokens = 1 + steps_planned
-    if new_tokens > max_new_tokens and (return_state or not _fits(model, lengths, new_tokens, policy, max_length)):
+    if new_tokens > max_new_tokens and (return_state or not _fits(model, list(map(len, row_prompts)), new_tokens,
+                                                                  policy, max_length)):
         new_tokens = max_new_tokens  # the last chunk is shorter: the final state is that of the last token kept,
         # or the rounded-up chunks do not fit
     session = DecodeSession(model, row_prompts, new_tokens, policy, controller=controller, max_length=max_length,
                             attention_impl=attention_impl, clamp_cache_size=max_length is None)
     sampler_args = sampling.as_arrays()
-    key, first_key = jax.random.split(jax.random.key(seed))
+    pairs = jax.vmap(jax.random.split)(row_keys(seed, row_prompts, n))  # [B, 2]
+    key, first_key = pairs[:, 0], pairs[:, 1]
     with_logprobs = sampling.logprobs
 
     def run_prefill():
@@ -305,83 +328,101 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
         return first, (token_logprobs(logits, first) if with_logprobs else None)
 
     (first, first_logprobs), prefill_s, prefill_compiles = timing.timed(run_prefill)
-    eos = set(model.config.eos_token_ids)
-    ends = np.asarray(sorted(eos | set(sampling.stop_token_ids)) or [-1])
     first = np.asarray(first)
-    batch = len(row_prompts)
-    budget = max_new_tokens - 1  # decode steps whose tokens are kept
-    kept = [[int(t)] for t in first]  # per row: tokens up to its first end token
-    ended = np.isin(first, ends)
-    logprob_pieces = [np.asarray(first_logprobs)[:, None]] if with_logprobs else None
-
-    def stopped_by_string(done):
-        """[B] bool: the rows not done before whose text now holds a stop string."""
-        hits = np.zeros(batch, bool)
-        for i in np.flatnonzero(~done) if sampling.stop else ():
-            hits[i] = _first_stop(model.decode(kept[i]), sampling.stop) is not None
-        return hits
-
-    done = ended | stopped_by_string(ended)
+    outputs = _Outputs(model, sampling, len(row_prompts))
+    done = outputs.add(first[:, None], None if first_logprobs is None else np.asarray(first_logprobs)[:, None],
+                       np.zeros(len(row_prompts), bool))
     session.start(first, key, done=done)
-    pieces, decode_s, steps = [first[:, None]], 0.0, 0
-    compile_s, compiles = prefill_compiles.seconds, prefill_compiles.count
     if stream is not None:
-        stream(pieces[0])
+        stream(first[:, None])
+    steps, decode_s, compile_s, compiles = _decode_chunks(session, outputs, sampling, done, max_new_tokens - 1,
+                                                          chunk, new_tokens - 1, stream)
+    token_ids, texts, reasons, stop_reasons, logprobs = outputs.finished()
+    stats = _stats(session, n, token_ids, prefill_s=max(prefill_s - prefill_compiles.seconds, 0.0), decode_steps=steps,
+                   decode_chunk=chunk, decode_s=decode_s, compile_s=prefill_compiles.seconds + compile_s,
+                   compiles=prefill_compiles.count + compiles)
+    return GenerationResult(texts=texts, token_ids=token_ids, prompt_token_ids=row_prompts, finish_reasons=reasons,
+                            stats=stats, cache=session.cache if return_state else None,
+                            policy_state=session.ps if return_state else None, stop_reasons=stop_reasons,
+                            logprobs=logprobs if with_logprobs else None,
+                            prompt_index=[i for i in range(len(prompt_ids)) for _ in range(n)])
+
+
+def _decode_chunks(session: DecodeSession, outputs, sampling: SamplingParams, done, budget: int, chunk: int,
+                   planned: int, stream) -> tuple:
+    """Decode chunks of `chunk` steps (`planned` steps at most; the tokens of the first `budget` kept) until every
+    row is done. Returns (steps, decode seconds, compile seconds, compiles)."""
+    decode_s, steps, compile_s, compiles = 0.0, 0, 0.0, 0
 
     def run_chunk(num_steps):
-        out = session.decode(num_steps, sampling, return_logits=with_logprobs)
-        return out.tokens, (token_logprobs(out.logits, out.tokens) if with_logprobs else None)
+        out = session.decode(num_steps, sampling, return_logits=sampling.logprobs)
+        return out.tokens, (token_logprobs(out.logits, out.tokens) if sampling.logprobs else None)
 
     while steps < budget and not done.all():
-        size = min(chunk, new_tokens - 1 - steps)
+        size = min(chunk, planned - steps)
         (new, new_logprobs), seconds, stats = timing.timed(run_chunk, size)
         new = np.asarray(new)[:, :budget - steps]  # tokens past max_new_tokens are dropped
         steps += size
         decode_s += seconds - stats.seconds
         compile_s += stats.seconds
         compiles += stats.count
-        pieces.append(new)
-        if with_logprobs:
-            logprob_pieces.append(np.asarray(new_logprobs)[:, :new.shape[1]])
-        for i in np.flatnonzero(~ended):
-            row = new[i]
-            hits = np.flatnonzero(np.isin(row, ends))
-            kept[i].extend(int(t) for t in (row[:hits[0] + 1] if len(hits) else row))
-            ended[i] = len(hits) > 0
-        now_done = ended | done | np.asarray(session.state.done)
-        now_done |= stopped_by_string(now_done)
-        if (now_done & ~np.asarray(session.state.done)).any():
-            session.mark_done(now_done)  # a stop string or stop token id: the row emits padding from now on
-        done = now_done
+        device_done = np.asarray(session.state.done)
+        done = outputs.add(new, None if new_logprobs is None else np.asarray(new_logprobs), done | device_done)
+        if (done & ~device_done).any():
+            session.mark_done(done)  # a stop string or stop token id: the row emits padding from now on
         if stream is not None and new.shape[1]:
             stream(new)
-    generated = np.concatenate(pieces, axis=1)  # [B, <= max_new_tokens]
-    all_logprobs = np.concatenate(logprob_pieces, axis=1) if with_logprobs else None
+    return steps, decode_s, compile_s, compiles
 
-    token_ids, texts, reasons, stop_reasons, logprobs = [], [], [], [], []
-    for i, row in enumerate(generated):
-        ids, text, reason, stop_reason, row_logprobs = _finish(
-            model, row.tolist(), None if all_logprobs is None else all_logprobs[i], eos, sampling)
-        token_ids.append(ids)
-        texts.append(text)
-        reasons.append(reason)
-        stop_reasons.append(stop_reason)
-        logprobs.append(row_logprobs)
-    stats = dict(
+
+def _stats(session: DecodeSession, n: int, token_ids, **timings) -> dict:
+    """A generation's statistics: the run's shape, its timings and what the return path brought back."""
+    batch, steps, decode_s = len(session.lengths), timings["decode_steps"], timings["decode_s"]
+    return dict(
         policy=session.policy.name, cache=session.policy.label, batch=batch, samples_per_prompt=n,
         prompt_tokens=int(session.lengths.sum()), padded_prompt=session.shape.padded_prompt,
-        cache_size=session.policy.cache_size, cache_slots=session.shape.decode_slots,
-        prefill_s=max(prefill_s - prefill_compiles.seconds, 0.0),
-        decode_steps=steps, decode_chunk=chunk, decode_s=decode_s,
+        cache_size=session.policy.cache_size, cache_slots=session.shape.decode_slots, **timings,
         ms_per_step=1e3 * decode_s / steps if steps else float("nan"),
         decode_tokens_per_s=batch * steps / decode_s if decode_s > 0 else float("nan"),
-        generated_tokens=sum(map(len, token_ids)), compile_s=compile_s, compiles=compiles,
-        rebuild_steps=int(session.ps.rebuild_steps), rebuilt_tokens=np.asarray(session.ps.rebuilt_tokens).tolist())
-    return GenerationResult(texts=texts, token_ids=token_ids, prompt_token_ids=row_prompts, finish_reasons=reasons,
-                            stats=stats, cache=session.cache if return_state else None,
-                            policy_state=session.ps if return_state else None, stop_reasons=stop_reasons,
-                            logprobs=logprobs if with_logprobs else None,
-                            prompt_index=[i for i in range(len(prompt_ids)) for _ in range(n)])
+        generated_tokens=sum(map(len, token_ids)),
+        return_steps=int(session.ps.return_steps), returned_tokens=np.asarray(session.ps.returned_tokens).tolist())
+
+
+class _Outputs:
+    """What the host keeps of a generation: the raw tokens [B, k] chunk by chunk (and their log-probabilities),
+    each row's tokens up to its first end token, and which rows have ended."""
+
+    def __init__(self, model: Model, sampling: SamplingParams, batch: int):
+        self.model, self.sampling = model, sampling
+        self.eos = set(model.config.eos_token_ids)
+        self.ends = np.asarray(sorted(self.eos | set(sampling.stop_token_ids)) or [-1])
+        self.kept = [[] for _ in range(batch)]  # per row: tokens up to its first end token
+        self.ended = np.zeros(batch, bool)
+        self.pieces, self.logprob_pieces = [], []
+
+    def add(self, new, logprobs, done):
+        """Take a chunk's tokens new [B, k] (logprobs [B, >= k] or None); returns the rows done [B] after it: those
+        done before (done [B]), ended by an end token, or whose text now holds a stop string."""
+        self.pieces.append(new)
+        if logprobs is not None:
+            self.logprob_pieces.append(logprobs[:, :new.shape[1]])
+        for i in np.flatnonzero(~self.ended):
+            row = new[i]
+            hits = np.flatnonzero(np.isin(row, self.ends))
+            self.kept[i].extend(int(t) for t in (row[:hits[0] + 1] if len(hits) else row))
+            self.ended[i] = len(hits) > 0
+        done = self.ended | done
+        for i in np.flatnonzero(~done) if self.sampling.stop else ():
+            done[i] = _first_stop(self.model.decode(self.kept[i]), self.sampling.stop) is not None
+        return done
+
+    def finished(self) -> tuple:
+        """Per row: (token ids, texts, finish reasons, stop reasons, logprobs), each a list."""
+        generated = np.concatenate(self.pieces, axis=1)  # [B, <= max_new_tokens]
+        all_logprobs = np.concatenate(self.logprob_pieces, axis=1) if self.logprob_pieces else None
+        rows = [_finish(self.model, row.tolist(), None if all_logprobs is None else all_logprobs[i], self.eos,
+                        self.sampling) for i, row in enumerate(generated)]
+        return tuple(map(list, zip(*rows)))
 
 
 def teacher_force(model: Model, sequences, prompt_length: int, *,

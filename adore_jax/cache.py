@@ -61,17 +61,3 @@ def write_layer(cache_layer, slots, new):
     """Overwrite rows `slots` [B, Q] of one layer's K or V [B, S, G, D] with `new` [B, Q, G, D]."""
     rows = _rows(cache_layer.shape[0])
     return cache_layer.at[rows, slots].set(new.astype(cache_layer.dtype), unique_indices=True)
-
-
-def write_layer_onehot(cache_layer, slots, new):
-    """`write_layer` as the paper's "matrix slicing": a 0/1 selection matrix times the new rows.
-
-    K' = (1 - written) * K + onehot(slots)^T new, where onehot is [B, Q, S].
-    """
-    onehot = (slots[:, :, None] == jnp.arange(cache_layer.shape[1])).astype(cache_layer.dtype)  # [B, Q, S]
-    written = jnp.sum(onehot, axis=1)[:, :, None, None]  # [B, S, 1, 1]
-    placed = jnp.einsum("bqs,bqgd->bsgd", onehot, new.astype(cache_layer.dtype))
-    return cache_layer * (1 - written) + placed
-
-
-WRITERS = {"scatter": write_layer, "onehot": write_layer_onehot}

@@ -17,8 +17,7 @@ import os
 import sys
 import warnings
 
-NO_COMPILE_CACHE_ENV = "ADORE_JAX_NO_COMPILE_CACHE"
-COMPILE_CACHE_ENV = "ADORE_JAX_COMPILE_CACHE"
+from adore_jax.compile_cache import enable_compile_cache
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -52,30 +51,6 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def compile_cache_dir():
-    """The persistent compilation cache directory the CLI uses, or None when it is turned off."""
-    if os.environ.get(NO_COMPILE_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no"):
-        return None
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    if os.environ.get(COMPILE_CACHE_ENV):
-        return os.path.expanduser(os.environ[COMPILE_CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "adore_jax", "jax_cache")
-
-
-def enable_compile_cache():
-    """Turn on JAX's persistent compilation cache (see the module doc); returns its directory or None."""
-    directory = compile_cache_dir()
-    if directory is None:
-        return None
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return directory
-
-
 def _add_generate(subparsers):
     p = subparsers.add_parser("generate", help="generate text from prompts")
     p.add_argument("--model", default="smollm2-135m", help="embedded model name, .gguf file or Hugging Face directory")
@@ -98,29 +73,32 @@ def _add_generate(subparsers):
                    help="end an output at this token id; repeatable")
     p.add_argument("--logprobs", action="store_true", help="with --json: each generated token's log-probability")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling")
+    p.add_argument("--decode-chunk", type=int, help="decode steps per compiled chunk (default 8; --stream shows a "
+                   "chunk at a time)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and cache dtype")
     _add_cache_options(p)
     p.set_defaults(run=_run_generate)
 
 
-CACHE_FLAGS = ("policy", "cache_size", "rebuild", "adaptive_rebuild", "rebuild_into_cache", "attn_top_k", "sinks",
-               "recent")
+CACHE_FLAGS = ("policy", "preset", "cache_size", "attn_top_k", "sinks", "recent")
+CLI_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "oracle_topk", "adore", "random")
 
 
 def _add_cache_options(p):
     """Cache-policy flags; they override the keys of --config (a YAML file, see configs/policies/)."""
-    from adore_jax.policies import POLICIES
+    from adore_jax.presets import PRESETS
 
     p.add_argument("--config", help="YAML file of a cache policy (configs/policies/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a cache policy option of --config (e.g. cache_size=128); repeatable")
-    p.add_argument("--policy", help=", ".join(POLICIES) + " (default: full)")
+                   help="override a cache policy option of --config (e.g. cache_size=128, returns.r=16); repeatable")
+    p.add_argument("--policy", choices=CLI_POLICIES, help="the scorer (default: full)")
+    p.add_argument("--preset", choices=list(PRESETS), help="a recommended policy by name (adore_jax.presets)")
     p.add_argument("--cache-size", type=int, help="m: tokens kept (full: cache slots)")
-    p.add_argument("--rebuild", type=int, help="R: released tokens rebuilt per step (adore)")
-    p.add_argument("--adaptive-rebuild", action="store_const", const=True,
-                   help="run the rebuild block only when a released token outranks a cached one")
-    p.add_argument("--transient-rebuild", dest="rebuild_into_cache", action="store_const", const=False,
-                   help="rebuilt tokens serve the current step only and never take a cache slot")
+    returns = p.add_mutually_exclusive_group()
+    returns.add_argument("--rebuild", type=int, metavar="R", help="recompute the R best released tokens each step "
+                         "(ranked by the scorer: adore)")
+    returns.add_argument("--recall", type=int, metavar="R", help="each layer attends the R released tokens its query "
+                         "ranks best, from a store of every token's K/V")
     p.add_argument("--attn-top-k", type=int, help="K of top-K attention (oracle_topk)")
     p.add_argument("--sinks", type=int, help="first tokens always kept")
     p.add_argument("--recent", type=int, help="most recent tokens always kept")
@@ -129,9 +107,17 @@ def _add_cache_options(p):
 
 def cache_policy(args):
     """The cache policy of --config, its --set overrides and the cache flags."""
+    from adore_jax.configfile import ConfigError, read_yaml
     from adore_jax.policies import load_policy
 
-    return load_policy(args.config, args.overrides, **{key: getattr(args, key, None) for key in CACHE_FLAGS})
+    if args.config and {"parts", "policies", "model"} & set(read_yaml(args.config)):
+        raise ConfigError(f"--config {args.config} is an evaluation config (it has parts, policies or a model); run it "
+                          f"with `adore eval {args.config}`, or give generate a cache policy (configs/policies/*.yaml)")
+    options = {key: getattr(args, key, None) for key in CACHE_FLAGS}
+    for kind in ("rebuild", "recall"):
+        if getattr(args, kind, None) is not None:
+            options["returns"] = {"type": kind, "r": getattr(args, kind)}
+    return load_policy(args.config, args.overrides, **options)
 
 
 REPLACEMENT_CHARACTER = "\ufffd"  # what decoding leaves for the bytes of a character not complete yet
@@ -220,9 +206,11 @@ def _label(args, out, i: int) -> str:
 def _run_generate(args):
     import adore_jax
 
-    policy = cache_policy(args)  # bad options fail before the model loads
+    policy = cache_policy(args)  # bad options and values fail before the model loads
     if args.logprobs and not args.json:
         raise ValueError("--logprobs is shown in --json output only; add --json")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1; got {args.max_new_tokens}")
     sampling = adore_jax.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, n=args.n,
                                         stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_ids),
                                         logprobs=args.logprobs)
@@ -235,7 +223,7 @@ def _run_generate(args):
             print(_label(args, argparse.Namespace(prompt_index=[0]), 0), flush=True)
     out = adore_jax.generate(model, _prompts(args), args.max_new_tokens, cache=policy, sampling=sampling,
                              controller=args.controller, chat=args.chat or args.system is not None, seed=args.seed,
-                             stream=printer)
+                             stream=printer, decode_chunk=args.decode_chunk)
     if args.json:
         results = [dict(prompt=args.prompt[out.prompt_index[i]], prompt_index=out.prompt_index[i], sample=i % args.n,
                         text=out.texts[i], token_ids=out.token_ids[i], finish_reason=out.finish_reasons[i],
@@ -276,6 +264,7 @@ def _warning_printer(command: str, default):
 
 
 def main(argv=None):
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": torch is not used here
     parser = _Parser(prog="adore", description="ADORE adaptive token release for JAX")
     parser.add_argument("--version", action="version", version=f"adore {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -296,6 +285,10 @@ def main(argv=None):
         message = " ".join(str(error).split()) or type(error).__name__  # one line
         print(f"adore {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was printed (streamed) stays; no traceback
+        sys.stdout.flush()
+        print(f"\nadore {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         warnings.showwarning = default_show
     return result if isinstance(result, int) else 0

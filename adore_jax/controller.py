@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adore_jax.weights import default_controller
+
 SCORE_FORMS = ("static", "query_aware")
 POSITION_EMBEDDINGS = ("sinusoidal", "learned", "log_buckets")
 EXACT_DISTANCES = 16  # log_buckets: distances below this get a bucket each
@@ -239,4 +241,22 @@ def load_controller(directory: str, embed_dim: int):
     template = jax.eval_shape(lambda: init_controller(config, jax.random.key(0)))
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(os.path.join(directory, "params"), template)
+    return config, params
+
+
+def resolve_controller(model, controller):
+    """(ControllerConfig, params) from a path, a (config, params) pair, or the model's default."""
+    if controller is None:
+        controller = default_controller(model.source)
+        if controller is None:
+            raise ValueError(f"policy 'adore' needs a controller: pass controller=PATH (a trained controller) "
+                             f"or a (ControllerConfig, params) pair; model {model.source!r} has no default")
+    if isinstance(controller, (str, bytes)) or hasattr(controller, "__fspath__"):
+        config, params = load_controller(str(controller), model.config.hidden_size)
+    else:
+        config, params = controller
+    if config.embed_dim != model.config.hidden_size:
+        raise ValueError(f"controller was built for embedding width {config.embed_dim}, "
+                         f"but the model's is {model.config.hidden_size}")
+    config.check_layers(model.config.num_layers)
     return config, params

@@ -63,8 +63,9 @@ class SamplingParams:
         return (jnp.float32(max(self.temperature, 1e-6)), jnp.int32(self.top_k), jnp.float32(self.top_p))
 
 
-def sample(logits, key, temperature, top_k, top_p, *, greedy: bool):
-    """logits [B, V] float32 -> tokens [B] int32."""
+def sample(logits, keys, temperature, top_k, top_p, *, greedy: bool):
+    """logits [B, V] float32, keys [B] PRNG keys (one per row: a row's draws do not depend on the others) ->
+    tokens [B] int32."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -78,7 +79,7 @@ def sample(logits, key, temperature, top_k, top_p, *, greedy: bool):
     top_p_floor = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1)  # [B]
     floor = jnp.maximum(top_k_floor, top_p_floor)[:, None]
     masked = jnp.where(logits >= floor, logits, -jnp.inf)
-    return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
 
 
 @jax.jit

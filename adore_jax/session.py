@@ -1,6 +1,6 @@
 """A decode session: one batch of prompts under one cache policy, prefilled once, then decoded in chunks.
 
-    session = DecodeSession(model, prompt_ids, max_new_tokens=64, cache=Adore(cache_size=256, rebuild=8))
+    session = DecodeSession(model, prompt_ids, max_new_tokens=64, cache=Adore(cache_size=256, returns=Rebuild(r=8)))
     logits = session.prefill()                          # [B, V] after each prompt; the cache holds <= m tokens
     session.start(first_tokens)                         # [B] the tokens the first decode step feeds
     out = session.decode(16, SamplingParams())          # decode.StepOutputs of 16 steps
@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from adore_jax import cache as kv_cache
-from adore_jax import controller as ctrl
 from adore_jax import decode
 from adore_jax.policies import CachePolicy, make_policy
 from adore_jax.sampling import SamplingParams
@@ -80,8 +79,6 @@ def plan_generation(model_config, lengths, max_new_tokens: int, policy: CachePol
     if longest + max_new_tokens > model_config.max_position_embeddings:
         raise ValueError(f"prompt length ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"context of {model_config.max_position_embeddings} tokens")
-    if policy.prefill_chunk is not None and policy.prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1; got {policy.prefill_chunk}")
     padded = prompt_bucket(longest, policy.chunk)
     chunk = min(policy.chunk, padded)
     needed = max(padded, longest + max_new_tokens)
@@ -107,26 +104,6 @@ def plan_generation(model_config, lengths, max_new_tokens: int, policy: CachePol
     else:
         prefill_slots = decode_slots = max_length
     return RunShape(policy, padded, chunk, prefill_slots, decode_slots, max_length)
-
-
-def resolve_controller(model, controller):
-    """(ControllerConfig, params) from a path, a (config, params) pair, or the model's default."""
-    from adore_jax.weights import default_controller
-
-    if controller is None:
-        controller = default_controller(model.source)
-        if controller is None:
-            raise ValueError(f"policy 'adore' needs a controller: pass controller=PATH (a trained controller) "
-                             f"or a (ControllerConfig, params) pair; model {model.source!r} has no default")
-    if isinstance(controller, (str, bytes)) or hasattr(controller, "__fspath__"):
-        config, params = ctrl.load_controller(str(controller), model.config.hidden_size)
-    else:
-        config, params = controller
-    if config.embed_dim != model.config.hidden_size:
-        raise ValueError(f"controller was built for embedding width {config.embed_dim}, "
-                         f"but the model's is {model.config.hidden_size}")
-    config.check_layers(model.config.num_layers)
-    return config, params
 
 
 def check_prompt_ids(prompt_ids, vocab_size: int) -> None:
@@ -179,17 +156,17 @@ class DecodeSession:
         like every later one, is predicted with the released tokens it needs rebuilt (a question at the end of
         a long prompt can bring back the passage it asks about)."""
         logits = self.consume_prompts()
-        return logits if self.policy.rebuild == 0 else self.run_last_prompt_token()
+        return logits if self.policy.returns.r == 0 else self.run_last_prompt_token()
 
     def consume_prompts(self):
         """The chunked prefill alone: every prompt token but the last of a policy that rebuilds. Returns the logits
         after the last token consumed, [B, V] float32."""
-        lengths = self.lengths - 1 if self.policy.rebuild > 0 else self.lengths
+        lengths = self.lengths - 1 if self.policy.returns.r > 0 else self.lengths
         logits, self.cache, self.ps = decode.prefill(
             self.model.params, self.controller_params, self.cache, self.ps, jnp.asarray(self.tokens),
             jnp.asarray(lengths), plan=self.plan, chunk=self.shape.chunk)
         if self.shape.decode_slots < self.cache.num_slots:
-            self.cache, self.ps = decode.compact(self.cache, self.ps, num_slots=self.shape.decode_slots)
+            self.cache, self.ps = decode.compact(self.cache, self.ps, plan=self.plan, num_slots=self.shape.decode_slots)
         return logits
 
     def run_last_prompt_token(self):
@@ -197,19 +174,20 @@ class DecodeSession:
         lengths = self.lengths - 1
         batch = len(lengths)
         state = decode.DecodeState(token=jnp.asarray(self.tokens[np.arange(batch), lengths]),
-                                   position=jnp.asarray(lengths), done=jnp.zeros((batch,), bool), key=jax.random.key(0))
+                                   position=jnp.asarray(lengths), done=jnp.zeros((batch,), bool),
+                                   key=jax.random.split(jax.random.key(0), batch))
         out, self.cache, self.ps, _ = decode.decode(
             self.model.params, self.controller_params, self.cache, self.ps, state, *SamplingParams().as_arrays(),
             plan=self.plan, num_steps=1, greedy=True, pad_id=self.model.pad_id, return_logits=True)
         return out.logits[:, 0]
 
     def start(self, tokens, key=None, done=None) -> None:
-        """The tokens [B] the first decode step feeds (at each prompt's end), the PRNG key and done flags."""
+        """The tokens [B] the first decode step feeds (at each prompt's end), the PRNG keys [B] and done flags."""
         batch = len(self.lengths)
         self.state = decode.DecodeState(
             token=jnp.asarray(tokens, jnp.int32), position=jnp.asarray(self.lengths),
             done=jnp.zeros((batch,), bool) if done is None else jnp.asarray(done),
-            key=jax.random.key(0) if key is None else key)
+            key=jax.random.split(jax.random.key(0), batch) if key is None else key)
 
     def mark_done(self, done) -> None:
         """End sequences from the host between chunks (a stop string): done [B] bool, or-ed into the flags.

@@ -25,39 +25,31 @@ from adore_jax.policies import make_policy
 from adore_jax.weights import default_controller
 
 POLICY_ROWS = {  # row name -> cache policy spec (at --cache-size unless it sets its own)
-    "full": dict(policy="full"),
-    "window": dict(policy="window"),
-    "streaming_llm": dict(policy="streaming_llm"),
-    "h2o": dict(policy="h2o"),
-    "tova": dict(policy="tova"),
-    "adore R=0": dict(policy="adore"),
-    "adore R=8": dict(policy="adore", rebuild=8),
-    "adore R=8 adaptive": dict(policy="adore", rebuild=8, adaptive_rebuild=True),
-    "adore R=8 attention": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention"),
-    "adore R=8 stored": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
-                             rebuild_from="stored", retrieval_layer=0),
-    "adore R=32 stored": dict(policy="adore", rebuild=32, rebuild_into_cache=False, rebuild_by="attention",
-                              rebuild_from="stored", retrieval_layer=0),
-    "adore R=8 stored from 10": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
-                                     rebuild_from="stored", retrieval_layer=10),
-    "adore R=8 stored paged": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
-                                   rebuild_from="stored", retrieval_layer=0, recall_page_size=16, recall_pages=16),
-    "adore R=8 stored prefill recall": dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention",
-                                            rebuild_from="stored", retrieval_layer=0, prefill_recall=True),
-    "adore R=8 stored prefill recall last 64": dict(policy="adore", rebuild=8, rebuild_into_cache=False,
-                                                    rebuild_by="attention", rebuild_from="stored", retrieval_layer=0,
-                                                    prefill_recall=True, prefill_recall_last=64),
+    "full": "full",
+    "window": "window",
+    "streaming_llm": "streaming_llm",
+    "h2o": "h2o",
+    "tova": "tova",
+    "adore R=0": "adore_fixed_memory",
+    "adore paper R=8": "adore_paper",
+    "adore R=8 adaptive": dict(policy="adore", returns=dict(type="rebuild", r=8, adaptive=True)),
+    "adore R=8 attention": "adore_attention_rebuild",
+    "adore recall R=8": dict(preset="adore_recall", returns=dict(r=8)),
+    "adore recall R=32": "adore_recall",
+    "adore recall R=8 from 10": dict(preset="adore_recall", returns=dict(r=8, from_layer=10)),
+    "adore recall R=8 in prefill": dict(preset="adore_recall", returns=dict(r=8, in_prefill=True)),
+    "quest R=32": "quest",
 }
 # Extra rows that split an ADORE step into its parts (differences of these, same batch and context).
 BREAKDOWN_ROWS = {
     "window m=16": dict(policy="window", cache_size=16),  # ~ the weights alone
-    "window onehot": dict(policy="window", cache_update="onehot"),  # matrix-slicing cache update
     "adore R=0 beta=0": dict(policy="adore", attention_weight=0.0),  # without the attention term (its cost)
 }
 
 
 def synthetic_state(model, plan, batch, context, max_length, rng):
-    """Cache, policy state and decode state of sequences that have seen `context` tokens."""
+    """Cache, policy state and decode state of sequences that have seen `context` tokens: random K/V at the real
+    shapes, and every float array of the policy state random too (a step's cost does not depend on the values)."""
     policy = plan.policy
     slots = policy.cache_size + policy.block_rows if policy.bounded else max_length
     kept = min(context, policy.cache_size) if policy.bounded else context
@@ -71,35 +63,17 @@ def synthetic_state(model, plan, batch, context, max_length, rng):
     valid = np.zeros((batch, slots), bool)
     valid[:, :kept] = True
     cache = kv_cache.KVCache(k, v, jnp.asarray(positions), jnp.asarray(valid))
-    ps = decode.init_policy_state(plan, batch, slots, max_length, model.dtype)
-    if policy.needs_controller:
-        ps = dataclasses.replace(
-            ps, token_ids=jnp.asarray(rng.integers(0, model.config.vocab_size, ps.token_ids.shape, dtype=np.int32)),
-            features=jnp.asarray(rng.normal(size=ps.features.shape).astype(np.float32)))
-    if ps.stored_k:
-        ps = synthetic_store(ps, rng)
-    state = decode.DecodeState(jnp.asarray(rng.integers(0, model.config.vocab_size, batch, dtype=np.int32)),
-                               jnp.full((batch,), context, jnp.int32), jnp.zeros((batch,), bool),
-                               jax.random.key(0))
-    return cache, ps, state
 
-
-def synthetic_store(ps, rng):
-    """Random stored K/V (rebuild_from="stored") and, with pages, their key bounds."""
     def random_like(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
         return jnp.asarray(rng.normal(size=x.shape).astype(np.float32) * 0.5, x.dtype)
 
-    k, v = tuple(map(random_like, ps.stored_k)), tuple(map(random_like, ps.stored_v))
-    bounds = ()
-    if ps.stored_key_bounds:
-        n_pages = ps.stored_key_bounds[0].shape[2]
-
-        def page_bounds(keys):  # [B, G, N, D] -> [B, G, N / P, 2, D]
-            paged = keys.reshape(*keys.shape[:2], n_pages, -1, keys.shape[3])
-            return jnp.stack([paged.max(axis=3), paged.min(axis=3)], axis=3)
-
-        bounds = tuple(map(page_bounds, k))
-    return dataclasses.replace(ps, stored_k=k, stored_v=v, stored_key_bounds=bounds)
+    ps = jax.tree.map(random_like, decode.init_policy_state(plan, batch, slots, max_length, model.dtype))
+    state = decode.DecodeState(jnp.asarray(rng.integers(0, model.config.vocab_size, batch, dtype=np.int32)),
+                               jnp.full((batch,), context, jnp.int32), jnp.zeros((batch,), bool),
+                               jax.random.split(jax.random.key(0), batch))
+    return cache, ps, state
 
 
 def timed_max_length(context: int, steps: int, repeats: int) -> int:
@@ -120,7 +94,7 @@ def time_steps(model, plan, cparams, batch, context, steps, repeats, rng):
             decode.decode(model.params, cparams, cache, ps, state, *args, **run))
         if i:
             times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times)) / steps, int(ps.rebuild_steps)
+    return 1e3 * float(np.median(times)) / steps, int(ps.return_steps)
 
 
 def main():
@@ -154,10 +128,10 @@ def main():
                 policy = make_policy(rows_by_name[name]).at_cache_size(args.cache_size).validate(context + 4096)
                 reads = policy.needs_controller
                 plan = decode.DecodePlan(model.config, policy, controller_cfg if reads else None)
-                ms, rebuild_steps = time_steps(model, plan, cparams if reads else {}, batch, context, args.steps,
+                ms, return_steps = time_steps(model, plan, cparams if reads else {}, batch, context, args.steps,
                                                args.repeats, rng)
                 full_ms = ms if name == "full" else full_ms
-                fired = 100.0 * rebuild_steps / ((args.repeats + 1) * args.steps) if policy.rebuild else float("nan")
+                fired = 100.0 * return_steps / ((args.repeats + 1) * args.steps) if policy.returns.r else float("nan")
                 row = dict(batch=batch, context=context, policy=name, ms_per_step=ms, tokens_per_s=1e3 * batch / ms,
                            speedup_vs_full=(full_ms / ms) if full_ms else None, rebuild_fired_pct=fired)
                 results.append(row)
@@ -165,11 +139,11 @@ def main():
                 print(f"{batch:>5} {context:>7} {name:<20} {ms:>8.1f} {row['tokens_per_s']:>9.1f} {ratio:>8} "
                       f"{fired:>8.0f}", flush=True)
             by = {r["policy"]: r["ms_per_step"] for r in results if r["batch"] == batch and r["context"] == context}
-            if {"window m=16", "window", "adore R=0", "adore R=8"} <= set(by):
+            if {"window m=16", "window", "adore R=0", "adore paper R=8"} <= set(by):
                 parts = dict(weights=by["window m=16"], attention=by["window"] - by["window m=16"],
-                             controller=by["adore R=0"] - by["window"], rebuild=by["adore R=8"] - by["adore R=0"])
+                             controller=by["adore R=0"] - by["window"], rebuild=by["adore paper R=8"] - by["adore R=0"])
                 results.append(dict(batch=batch, context=context, breakdown_ms=parts))
-                print("      breakdown of an ADORE R=8 step (ms): " +
+                print("      breakdown of an ADORE paper R=8 step (ms): " +
                       ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

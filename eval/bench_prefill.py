@@ -2,8 +2,8 @@
 model; a policy that recalls also runs each prompt's last token as a decode step, as generation does). The first
 call of a row compiles; the best of the later ones is its time. Compare rows as ratios within one run.
 
-    python eval/bench_prefill.py --context 4096 --policies "adore R=8 stored" "adore R=8 stored prefill recall" \\
-        "adore R=8 stored prefill recall last 64" --out runs/bench_prefill.json
+    python eval/bench_prefill.py --context 4096 --policies "adore recall R=8" "adore recall R=8 in prefill" \\
+        --out runs/bench_prefill.json
 """
 import argparse
 import json
@@ -14,9 +14,9 @@ import jax
 import numpy as np
 
 import adore_jax
+from adore_jax.eval.bench_policies import POLICY_ROWS
 from adore_jax.policies import make_policy
 from adore_jax.session import DecodeSession
-from adore_jax.eval.bench_policies import POLICY_ROWS
 from adore_jax.timing import timed
 
 
@@ -37,8 +37,7 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=4096, help="prompt tokens")
     parser.add_argument("--cache-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--policies", nargs="+", default=["adore R=8 stored", "adore R=8 stored prefill recall",
-                                                          "adore R=8 stored prefill recall last 64"])
+    parser.add_argument("--policies", nargs="+", default=["adore recall R=8", "adore recall R=8 in prefill"])
     parser.add_argument("--out", default="runs/bench_prefill.json")
     args = parser.parse_args(argv)
     unknown = [name for name in args.policies if name not in POLICY_ROWS]

@@ -38,7 +38,7 @@ def run_row(model, docs, policy: dict, context: int, steps: int, chunk: int) -> 
             if start:  # the first chunk compiles
                 chunk_ms.append(1e3 * (time.perf_counter() - began))
             logprobs.extend(np.asarray(out.forced_logprobs[0]).tolist())
-        fired += int(session.ps.rebuild_steps)
+        fired += int(session.ps.return_steps)
     # the prompt's last token ran as a decode step too (DecodeSession.prefill, R > 0): steps + 1 per document
     return dict(ms_per_step=float(np.median(chunk_ms)) / chunk, fired=fired / (len(docs) * (steps + 1)),
                 perplexity=float(np.exp(-np.mean(logprobs))))
@@ -66,9 +66,9 @@ def main():
     if len(docs) < args.docs:
         parser.error(f"--docs: only {len(docs)} Wikipedia test articles hold {args.context + args.steps + 1} tokens")
     base = dict(policy="adore", cache_size=args.cache_size)
-    rebuilt = dict(base, rebuild=args.rebuild, rebuild_into_cache=args.into_cache)
-    rows = {"adore R=0": base, f"R={args.rebuild} every step": rebuilt}
-    rows.update({f"R={args.rebuild} adaptive margin {m:g}": dict(rebuilt, adaptive_rebuild=True, rebuild_margin=m)
+    rebuild = dict(type="rebuild", r=args.rebuild, into_cache=args.into_cache)
+    rows = {"adore R=0": base, f"R={args.rebuild} every step": dict(base, returns=rebuild)}
+    rows.update({f"R={args.rebuild} adaptive margin {m:g}": dict(base, returns=dict(rebuild, adaptive=True, margin=m))
                  for m in args.margins})
     results = []
     print(f"{'policy':<28} {'ms/step':>8} {'x R=0':>6} {'fired':>6} {'ppl':>8}")

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 
 import adore_jax
-from adore_jax import cache as kv_cache
 from adore_jax import controller as ctrl
 from adore_jax import decode
 from adore_jax.eval.bench_policies import POLICY_ROWS, time_steps, timed_max_length
@@ -34,11 +33,7 @@ def state_bytes(model, plan, batch: int, max_length: int) -> int:
     policy = plan.policy
     slots = policy.cache_size + policy.block_rows if policy.bounded else max_length
 
-    def build():
-        return (kv_cache.init_cache(model.config, batch, slots, model.dtype),
-                decode.init_policy_state(plan, batch, slots, max_length, model.dtype))
-
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(jax.eval_shape(build)))
+    return decode.state_bytes(plan, batch, slots, max_length, model.dtype)
 
 
 def largest_batch(model, plan, budget: int, max_length: int) -> int:

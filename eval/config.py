@@ -5,9 +5,10 @@ It is read by the project's one config loader (adore_jax.configfile): unknown ke
 are errors naming the key; `--set part.key=value` overrides a key.
 
 Policy rows (`policies`, `speed.policies`, `diagnostics.policies`) are cache policy specs: a name
-(`tova`) or a mapping (`{policy: adore, rebuild: 8, rebuild_into_cache: false}`), as
+(`tova`), a preset name (`adore_recall`) or a mapping (`{policy: tova, returns: {type: recall, r: 32}}`,
+`{preset: adore_recall, returns: {r: 8}}`), as
 `adore_jax.make_policy` takes them. A row without a cache size runs at every m of `cache_sizes`;
-its name in the report is the policy's label (e.g. "adore R=8 transient").
+its name in the report is the policy's label (e.g. "adore rebuild R=8 transient").
 """
 import dataclasses
 from typing import Optional
@@ -18,8 +19,8 @@ from adore_jax.policies import CachePolicy, make_policy
 PARTS = ("perplexity", "generation", "streaming", "speed", "diagnostics", "retrieval", "gap")
 DEFAULT_PARTS = PARTS[:-1]  # the gap decomposition (oracles, a dozen perfect-scorer rows) runs when asked
 RETRIEVAL_SOURCES = ("wikipedia", "news", "sharegpt", "synthetic")
-DEFAULT_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "oracle_topk", {"policy": "adore"},
-                    {"policy": "adore", "rebuild": 8})
+DEFAULT_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "oracle_topk",
+                    {"preset": "adore_fixed_memory"}, {"preset": "adore_recall"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,22 @@ def policy_rows(specs, cache_sizes) -> list:
         else:
             rows += [PolicyRow(policy.label, m, p) for m, p in sized]
     return rows
+
+
+def policy_grid(config: "EvalConfig", specs=None, cache_sizes=None) -> list:
+    """The rows to run (PolicyRow); rows that do not depend on m run once, at m = None."""
+    return policy_rows(specs or config.policies, cache_sizes or config.cache_sizes)
+
+
+def batches(items, size):
+    """Fixed-size batches, the last padded by repeating its first item: [(batch, real count)]."""
+    out = []
+    for start in range(0, len(items), size):
+        batch = list(items[start:start + size])
+        real = len(batch)
+        batch += [batch[0]] * (size - real) if len(items) > size else []
+        out.append((batch, real))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +112,8 @@ class DiagnosticsConfig:
     prompt_length: int = 512  # prefilled; recall is measured on the decode steps after it
     top_k: int = 64  # K of the oracle's top-K sets (<= prompt_length)
     cache_sizes: Optional[tuple] = None  # default: the suite's cache_sizes
-    policies: tuple = ("window", "h2o", {"policy": "adore"}, {"policy": "adore", "rebuild": 8})
+    policies: tuple = ("window", "h2o", {"policy": "adore"},
+                       {"policy": "adore", "returns": {"type": "rebuild", "r": 8}})
     splits: tuple = ("test",)
 
 
@@ -187,6 +205,8 @@ def _check(config: EvalConfig, where: str) -> EvalConfig:
                        ("diagnostics.policies", config.diagnostics.policies),
                        ("retrieval.policies", config.retrieval.policies or ()),
                        ("gap.policies", config.gap.policies or ())):
+        if "." in key and key.split(".")[0] not in config.parts:
+            continue  # a part that does not run: its defaults need not fit these cache sizes
         for spec in specs:
             try:
                 policy_rows([spec], config.cache_sizes)
@@ -196,7 +216,8 @@ def _check(config: EvalConfig, where: str) -> EvalConfig:
         raise ConfigError(f"{where}: diagnostics.top_k must be <= diagnostics.prompt_length")
     gap = config.gap
     if not 1 <= gap.prompt_length < gap.length:
-        raise ConfigError(f"{where}: gap.prompt_length must be in [1, gap.length={gap.length}); got {gap.prompt_length}")
+        raise ConfigError(f"{where}: gap.prompt_length must be in [1, gap.length={gap.length}); "
+                          f"got {gap.prompt_length}")
     if not (_positive_ints(gap.horizons) or gap.horizons == ()) or not _positive_ints(gap.cache_sizes or (1,)):
         raise ConfigError(f"{where}: gap.horizons and gap.cache_sizes must be lists of integers >= 1")
     if isinstance(gap.rebuild, bool) or gap.rebuild < 1:

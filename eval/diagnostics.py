@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adore_jax.eval import metrics, sources
+from adore_jax.eval.config import policy_grid
 from adore_jax.session import DecodeSession
 from adore_jax.train.forward import causal_attention, forward_hidden
 
@@ -63,7 +64,7 @@ def attended_sets(model, tokens, prompt_length: int, options: dict) -> np.ndarra
         visible = _cached_positions(session.cache, max(session.shape.max_length, length))[:, :length]
         forced = tokens[:, position + 1:position + 2] if position + 1 < length else tokens[:, :1]
         out = session.decode(1, forced=forced)
-        rebuilt = np.asarray(out.rebuilt[:, 0])  # [B, R] positions rebuilt for this query, -1: none
+        rebuilt = np.asarray(out.returned[:, 0])  # [B, R] positions rebuilt for this query, -1: none
         rows, picks = np.nonzero(rebuilt >= 0)
         visible[rows, rebuilt[rows, picks]] = True
         visible[:, position] = True
@@ -79,7 +80,6 @@ def run_diagnostics(ctx) -> dict:
     per_layer, overall = oracle_sets(ctx.model.params, ctx.model.config, jnp.asarray(docs), top_k=cfg.top_k,
                                      first_query=cfg.prompt_length)
     per_layer, overall = np.asarray(per_layer), np.asarray(overall)
-    from adore_jax.eval.suite import policy_grid
 
     rows = []
     for row in ctx.bar(policy_grid(ctx.config, cfg.policies, cfg.cache_sizes), "diagnostics"):
@@ -87,7 +87,7 @@ def run_diagnostics(ctx) -> dict:
         flat = attended.reshape(-1, attended.shape[-1])
         layers = [metrics.topk_recall(flat, per_layer[:, layer].reshape(-1, cfg.top_k))
                   for layer in range(per_layer.shape[1])]
-        rows.append(dict(policy=row.label, cache_size=row.cache_size, rebuild=row.policy.rebuild,
+        rows.append(dict(policy=row.label, cache_size=row.cache_size, rebuild=row.policy.returns.r,
                          recall=metrics.topk_recall(flat, overall.reshape(-1, cfg.top_k)),
                          recall_layer_mean=float(np.mean(layers)), recall_per_layer=layers,
                          attended_mean=float(attended.sum(-1).mean())))

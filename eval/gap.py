@@ -24,8 +24,10 @@ import numpy as np
 
 import adore_jax
 from adore_jax.eval import metrics, sources
+from adore_jax.eval.config import policy_grid
 from adore_jax.model import lm_logits
-from adore_jax.policies import OracleTopK, ScoreTable
+from adore_jax.policies import OracleTopK, Rebuild, ScoreTable
+from adore_jax.policies.returns import NO_RETURN
 from adore_jax.train.forward import causal_attention, forward_hidden
 from adore_jax.train.labels import window_max
 from pallas_kernels import kth_largest
@@ -97,8 +99,8 @@ def gap_rows(model, docs, prompt_length: int, cache_size: int, horizons, rebuild
         scores = perfect_scores(mass, horizon)
         target = "current query" if horizon is None else f"future need H={horizon}"
         for r, into_cache in ((0, True), (rebuild, False), (rebuild, True)):
-            policy = ScoreTable(cache_size=cache_size, rebuild=r, rebuild_into_cache=into_cache)
-            add(f"perfect {target}, {policy.label[len('score_table '):]}", "perfect",
+            policy = ScoreTable(cache_size=cache_size, returns=Rebuild(r=r, into_cache=into_cache) if r else NO_RETURN)
+            add(f"perfect {target}, R={r}" + " transient" * (r > 0 and not into_cache), "perfect",
                 adore_jax.teacher_force(model, docs, prompt_length, cache=policy, controller=scores))
     for label, options in extra_rows:
         add(label, "policy", adore_jax.teacher_force(model, docs, prompt_length, **options))
@@ -127,7 +129,6 @@ def run_gap(ctx) -> dict:
     docs = sources.part_documents(ctx, "gap", cfg)
     if not len(docs):
         return dict(rows=[])
-    from adore_jax.eval.suite import policy_grid
 
     results = []
     for m in cfg.cache_sizes or ctx.config.cache_sizes:

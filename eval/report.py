@@ -122,7 +122,8 @@ def _speed_section(part):
         out.append(_table(["policy"] + [f"{c} ctx" for c in contexts], table))
     if part.get("skipped_over_budget"):
         out.append("Over the memory budget (not run): " + ", ".join(
-            f"{s['policy']} b={s['batch']} ctx={s['context']} ({s['gib']:.1f} GiB)" for s in part["skipped_over_budget"])
+            f"{s['policy']} b={s['batch']} ctx={s['context']} ({s['gib']:.1f} GiB)"
+            for s in part["skipped_over_budget"])
             + "\n")
     tp = part.get("throughput") or []
     if tp:
@@ -184,7 +185,8 @@ def _gap_section(part):
 
 
 SECTIONS = {"perplexity": _perplexity_section, "generation": _generation_section, "streaming": _streaming_section,
-            "speed": _speed_section, "diagnostics": _diagnostics_section, "retrieval": _retrieval_section, "gap": _gap_section}
+            "speed": _speed_section, "diagnostics": _diagnostics_section, "retrieval": _retrieval_section,
+            "gap": _gap_section}
 
 
 def report_markdown(results) -> str:
@@ -221,7 +223,8 @@ def write_plots(results, out_dir) -> list:
             for name in dict.fromkeys(r["policy"] for r in ppl):
                 rs = [r for r in ppl if r["dataset"] == dataset and r["policy"] == name]
                 if rs and rs[0]["cache_size"] is None:
-                    ax.axhline(rs[0]["perplexity"], linestyle="--", label=name, color="black" if name == "full" else None)
+                    ax.axhline(rs[0]["perplexity"], linestyle="--", label=name,
+                               color="black" if name == "full" else None)
                 elif rs:
                     rs.sort(key=lambda r: r["cache_size"])
                     ax.plot([r["cache_size"] for r in rs], [r["perplexity"] for r in rs], marker="o", label=name)
@@ -239,7 +242,8 @@ def write_plots(results, out_dir) -> list:
         fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
         for ax, batch in zip(axes[0], batches):
             for name in dict.fromkeys(r["policy"] for r in speed):
-                rs = sorted((r for r in speed if r["batch"] == batch and r["policy"] == name), key=lambda r: r["context"])
+                rs = sorted((r for r in speed if r["batch"] == batch and r["policy"] == name),
+                            key=lambda r: r["context"])
                 ax.plot([r["context"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=name)
             ax.set(title=f"decode speed, batch {batch}", xlabel="context (tokens)", ylabel="tokens/s", xscale="log")
             ax.legend(fontsize=7)

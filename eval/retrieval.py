@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from adore_jax.eval import sources
+from adore_jax.eval.config import batches, policy_grid
 
 # The template (this project's own wording).
 INTRO = ("Below is a long passage. Somewhere inside it, one sentence gives a vault code. Read the passage, "
@@ -255,7 +256,6 @@ def with_full_reference(rows) -> list:
 def run_retrieval(ctx) -> dict:
     """Every policy row answers every prompt (greedy); rows per policy, m and context."""
     import adore_jax
-    from adore_jax.eval.suite import _batches, policy_grid
 
     cfg = ctx.config.retrieval
     limit = ctx.model.config.max_position_embeddings
@@ -278,7 +278,7 @@ def run_retrieval(ctx) -> dict:
         texts = [None] * len(prompts)
         for context in contexts:
             indices = [i for i, p in enumerate(prompts) if p.context == context]
-            for batch, real in _batches(indices, cfg.batch_size):
+            for batch, real in batches(indices, cfg.batch_size):
                 out = adore_jax.generate(ctx.model, [prompts[i].ids for i in batch], cfg.max_new_tokens,
                                          **ctx.options(policy_row))
                 for i, ids in zip(batch[:real], out.token_ids[:real]):

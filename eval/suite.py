@@ -28,7 +28,7 @@ import numpy as np
 import adore_jax
 from adore_jax import controller as ctrl
 from adore_jax.eval import diagnostics, gap, metrics, retrieval, sources
-from adore_jax.eval.config import EvalConfig, PolicyRow, policy_rows
+from adore_jax.eval.config import EvalConfig, PolicyRow, batches, policy_grid
 from adore_jax.memory import return_freed_memory
 from adore_jax.policies import make_policy
 
@@ -61,11 +61,6 @@ class Context:
             return_freed_memory()
 
 
-def policy_grid(config: EvalConfig, specs=None, cache_sizes=None) -> list:
-    """The rows to run (PolicyRow); rows that do not depend on m run once, at m = None."""
-    return policy_rows(specs or config.policies, cache_sizes or config.cache_sizes)
-
-
 def resolve_controller(model, source, seed: int = 0):
     """((ControllerConfig, params), description): a trained controller, or an untrained random one."""
     from adore_jax.weights import default_controller
@@ -77,17 +72,6 @@ def resolve_controller(model, source, seed: int = 0):
         params = ctrl.init_controller(config, jax.random.key(seed))
         return (config, params), dict(source="random", trained=False)
     return ctrl.load_controller(source, model.config.hidden_size), dict(source=source, trained=True)
-
-
-def _batches(items, size):
-    """Fixed-size batches, the last padded by repeating its first item: [(batch, real count)]."""
-    out = []
-    for start in range(0, len(items), size):
-        batch = list(items[start:start + size])
-        real = len(batch)
-        batch += [batch[0]] * (size - real) if len(items) > size else []
-        out.append((batch, real))
-    return out
 
 
 # ---------------------------------------------------------------- perplexity
@@ -113,7 +97,7 @@ def run_perplexity(ctx: Context) -> dict:
             start = time.perf_counter()
             logprobs = np.concatenate([
                 adore_jax.teacher_force(ctx.model, np.stack(batch), prompt_length, **ctx.options(row))[:real]
-                for batch, real in _batches(list(docs), cfg.batch_size)])  # [N, T - P]
+                for batch, real in batches(list(docs), cfg.batch_size)])  # [N, T - P]
             seconds = time.perf_counter() - start
             for dataset, _ in members:
                 mine = logprobs[owner == dataset]
@@ -142,7 +126,7 @@ def _generate_all(ctx, prompt_ids, row, max_new_tokens, batch_size):
     steps, seconds = 0, 0.0
     order = np.argsort([len(p) for p in prompt_ids], kind="stable")  # similar lengths share a prefill shape
     outputs = [None] * len(prompt_ids)
-    for batch, real in _batches([int(i) for i in order], batch_size):
+    for batch, real in batches([int(i) for i in order], batch_size):
         out = adore_jax.generate(ctx.model, [prompt_ids[i] for i in batch], max_new_tokens, **ctx.options(row))
         for i, ids in zip(batch[:real], out.token_ids[:real]):
             outputs[i] = sources.as_text(ctx.model, ids)
@@ -238,15 +222,12 @@ def _plan(ctx, row: PolicyRow, max_length):
 
 def state_bytes(model, plan, batch: int, context: int, steps: int) -> int:
     """Bytes of the cache and policy state of `batch` sequences decoding at `context` (no weights)."""
-    from adore_jax import cache as kv_cache
     from adore_jax import decode
 
     max_length = -(-(context + steps + 1) // 128) * 128
     policy = plan.policy
     slots = policy.cache_size + policy.block_rows if policy.bounded else max_length
-    shapes = jax.eval_shape(lambda: (kv_cache.init_cache(model.config, batch, slots, model.dtype),
-                                     decode.init_policy_state(plan, batch, slots, max_length, model.dtype)))
-    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
+    return decode.state_bytes(plan, batch, slots, max_length, model.dtype)
 
 
 def run_speed(ctx: Context) -> dict:

@@ -15,7 +15,6 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels._common import BLIND_POSITION, pad_queries, slot_keys, visible_slot_blocks, visited_mass
 from pallas_kernels._slot_attention_gpu import online_softmax, require_triton_sizes
 
-
 BLOCK_SLOTS = 64  # slots per inner step
 
 

@@ -16,10 +16,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import (
-    INVISIBLE_POSITION, MASK_VALUE, contract_last, pad_queries, round_up, slot_keys, tpu_compiler_params,
-    visible_slot_blocks, visited_mass)
+    INVISIBLE_POSITION,
+    MASK_VALUE,
+    contract_last,
+    pad_queries,
+    round_up,
+    slot_keys,
+    tpu_compiler_params,
+    visible_slot_blocks,
+    visited_mass,
+)
 from pallas_kernels._slot_attention_tpu import accumulate_softmax, finish_softmax, reset_softmax
-
 
 BLOCK_QUERIES, BLOCK_SLOTS = 128, 512  # queries per program, slots per grid step
 

@@ -16,8 +16,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._common import (
-    BLIND_POSITION, INVISIBLE_POSITION, MASK_VALUE, contract_last, mass_from_logits, matmul, slot_keys,
-    triton_size)
+    BLIND_POSITION,
+    INVISIBLE_POSITION,
+    MASK_VALUE,
+    contract_last,
+    mass_from_logits,
+    matmul,
+    slot_keys,
+    triton_size,
+)
+
 
 def require_triton_sizes(head_dim, block_slots):
     if not (triton_size(head_dim) and triton_size(block_slots)):

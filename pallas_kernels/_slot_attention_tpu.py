@@ -21,8 +21,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import (
-    INVISIBLE_POSITION, MASK_VALUE, block_diagonal_outputs, block_diagonal_queries, contract_last, mass_from_logits,
-    matmul, round_up, slot_keys, tpu_compiler_params)
+    INVISIBLE_POSITION,
+    MASK_VALUE,
+    block_diagonal_outputs,
+    block_diagonal_queries,
+    contract_last,
+    mass_from_logits,
+    matmul,
+    round_up,
+    slot_keys,
+    tpu_compiler_params,
+)
 
 LANES = 128
 

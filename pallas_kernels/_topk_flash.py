@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._common import (
-    MASK_VALUE, contract_last, matmul, round_up, tpu_compiler_params, triton_size)
+from pallas_kernels._common import MASK_VALUE, contract_last, matmul, round_up, tpu_compiler_params, triton_size
 
 BLOCKS = {"tpu": (128, 128), "gpu": (64, 64)}  # (block_q, block_k) per platform
 

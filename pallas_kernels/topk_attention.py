@@ -1,4 +1,4 @@
-"""Top-K sparse causal attention, the attention ADORE fine-tunes the backbone under (ADORE.md 1).
+"""Top-K sparse causal attention, the attention ADORE fine-tunes the backbone under (docs/design.md).
 
 Each query keeps, per head, only its top_k largest causal logits and renormalises over them.
 Queries with fewer than top_k causal predecessors keep all of them.
@@ -26,7 +26,13 @@ from pallas_kernels._common import dot_precision, round_up
 from pallas_kernels._dispatch import IMPLS, resolve_impl
 from pallas_kernels._topk_flash import threshold_flash_attention
 from pallas_kernels.reference import (
-    TIE_TOLERANCE, attend, attention_logits, keep_threshold, masked_attention, masked_softmax)
+    TIE_TOLERANCE,
+    attend,
+    attention_logits,
+    keep_threshold,
+    masked_attention,
+    masked_softmax,
+)
 
 SCAN_BUDGET = 1 << 26  # f32 logits per step of the blocked jnp passes (256 MiB).
 

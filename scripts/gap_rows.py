@@ -16,13 +16,13 @@ import argparse
 import json
 import os
 
-import adore_jax
 import numpy as np
 
+import adore_jax
 from adore_jax.eval import metrics, sources
-from adore_jax.eval.config import load_eval_config
+from adore_jax.eval.config import load_eval_config, policy_grid
 from adore_jax.eval.gap import attention_mass, perfect_scores
-from adore_jax.eval.suite import policy_grid, resolve_controller
+from adore_jax.eval.suite import resolve_controller
 from adore_jax.policies import ScoreTable
 
 

@@ -1,9 +1,9 @@
-"""Which layer's attention finds a pass key's next digit: the ceiling of `rebuild_by="attention"` per layer.
+"""Which layer's attention finds a pass key's next digit: the ceiling of `Rebuild(ranked_by="attention")` per layer.
 
     python scripts/passkey_ranking.py [--config configs/eval_retrieval_cpu.yaml] [--set KEY=VALUE ...] [--top 8]
 
 Full attention answers every prompt of the retrieval part (greedy); then, teacher-forced on that answer,
-at each answer step that emits one of the key's digits, the released-token ranking `rebuild_by="attention"`
+at each answer step that emits one of the key's digits, the released-token ranking `Rebuild(ranked_by="attention")`
 uses (a query's logit against every earlier key at one layer, max over heads) ranks the key sentence's token
 that the step copies among every position before the question. Printed per layer: the fraction of those
 steps at which it is in the top `--top` (what an R = top rebuild would bring back), for the step's own query
@@ -12,7 +12,6 @@ With full context on both sides this is an upper bound for a bounded cache, whos
 """
 import argparse
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -38,7 +38,7 @@ def main():
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, model.config.vocab_size, args.prompt_length).tolist() for _ in range(args.batch)]
     session = DecodeSession(model, prompts, 1, spec)
-    lengths = session.lengths - (1 if session.policy.rebuild else 0)  # as DecodeSession.prefill runs it
+    lengths = session.lengths - (1 if session.policy.returns.r else 0)  # as DecodeSession.consume_prompts runs it
     compiled = decode.prefill.lower(model.params, session.controller_params, session.cache, session.ps,
                                     jnp.asarray(session.tokens), jnp.asarray(lengths), plan=session.plan,
                                     chunk=session.shape.chunk).compile()

@@ -1,4 +1,4 @@
-"""Why recalling in prefill chunks (`prefill_recall`) can cost perplexity: what a prefill leaves behind, crossed.
+"""Why recalling in prefill chunks (`Recall(in_prefill=True)`) can cost perplexity: what a prefill leaves, crossed.
 A recalling prefill changes which tokens the cache keeps (the selection), the K/V of those cached tokens, and the
 K/V in the store that decode steps recall from. This script prefills the same documents both ways (and with full
 attention), then scores the same continuation (decode-time recall in every case) from pairings of them:
@@ -19,16 +19,16 @@ import dataclasses
 import json
 import os
 
-import adore_jax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import adore_jax
 from adore_jax.api import continuation_logprobs
 from adore_jax.eval import metrics, sources
 from adore_jax.eval.config import load_eval_config
 from adore_jax.eval.suite import resolve_controller
-from adore_jax.policies import Adore
+from adore_jax.policies import Adore, Recall
 from adore_jax.session import DecodeSession
 
 
@@ -42,15 +42,16 @@ def prefilled(model, docs, prompt_length, policy, controller):
 
 def with_values(cache, ps, slot_store, recall_store):
     """cache and ps with the slots' K/V taken from `slot_store` (each slot's row is the store's row at the slot's
-    position) and the store the decode steps recall from replaced by `recall_store` (each a stored_k, stored_v
-    pair)."""
+    position) and the store the decode steps recall from replaced by `recall_store` (each a (keys, values) pair of
+    a KVStore, `ps.returns`)."""
     def rows(stored):  # [B, G, N, D] -> [B, S, G, D] at the slots' positions
         index = cache.slot_positions[:, None, :, None]
         return jnp.take_along_axis(stored, jnp.clip(index, 0, stored.shape[2] - 1), axis=2).swapaxes(1, 2)
 
     k, v = slot_store
     cache = dataclasses.replace(cache, k=tuple(map(rows, k)), v=tuple(map(rows, v)))
-    return cache, dataclasses.replace(ps, stored_k=recall_store[0], stored_v=recall_store[1])
+    store = dataclasses.replace(ps.returns, keys=recall_store[0], values=recall_store[1])
+    return cache, dataclasses.replace(ps, returns=store)
 
 
 def relative_error(stored, exact, prompt_length):
@@ -75,9 +76,8 @@ def main(argv=None):
     docs = np.asarray(sources.lm_documents(model, gap.dataset, args.skip + gap.documents, gap.length, gap.splits,
                                            config.seed)[args.skip:])
     cache_size = (gap.cache_sizes or config.cache_sizes)[0]
-    base = Adore(cache_size=cache_size, rebuild=args.rebuild, rebuild_into_cache=False, rebuild_by="attention",
-                 rebuild_from="stored", retrieval_layer=0)
-    policies = {"decode-only": base, "prefill recall": dataclasses.replace(base, prefill_recall=True)}
+    base = Adore(cache_size=cache_size, returns=Recall(r=args.rebuild, from_layer=0))
+    policies = {"decode-only": base, "prefill recall": base.with_returns(in_prefill=True)}
     full = metrics.perplexity(adore_jax.teacher_force(model, docs, gap.prompt_length))
     exact = prefilled(model, docs, gap.prompt_length, "full", None).cache
     states = {}
@@ -93,8 +93,8 @@ def main(argv=None):
         states[name] = (session.cache, session.ps)
         errors = {part: [relative_error(stored[l], exact_rows[l], gap.prompt_length)
                          for l in range(model.config.num_layers)]
-                  for part, stored, exact_rows in (("k", session.ps.stored_k, exact.k),
-                                                   ("v", session.ps.stored_v, exact.v))}
+                  for part, stored, exact_rows in (("k", session.ps.returns.keys, exact.k),
+                                                   ("v", session.ps.returns.values, exact.v))}
         result["kv_error"][name] = errors
         result["rows"].append(dict(row=f"{name}, teacher_force", perplexity=plain))
         print(f"{name}: teacher_force {plain:.3f} ({metrics.relative_change(plain, full):+.1%}); its store vs full "
@@ -107,8 +107,8 @@ def main(argv=None):
     result["kept_shared"] = shared
     print("cached tokens the two selections share: " + ", ".join(f"{s:.0%}" for s in shared))
     print(f"{'selection':<16} {'cached K/V':<16} {'recalled K/V':<16} {'perplexity':>11} {'vs full':>8}")  # K/V of:
-    stores = {name: (ps.stored_k, ps.stored_v) for name, (_, ps) in states.items()}
-    length = states["decode-only"][1].stored_k[0].shape[2]
+    stores = {name: (ps.returns.keys, ps.returns.values) for name, (_, ps) in states.items()}
+    length = states["decode-only"][1].returns.keys[0].shape[2]
 
     def as_store(rows):  # full attention's cache [B, S, G, D] (slot = position) -> a store [B, G, N, D]
         rows = rows[:, :length]

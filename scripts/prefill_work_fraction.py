@@ -11,7 +11,8 @@ import itertools
 
 import jax.numpy as jnp
 
-from pallas_kernels import _prefill_attention_gpu as gpu, _prefill_attention_tpu as tpu
+from pallas_kernels import _prefill_attention_gpu as gpu
+from pallas_kernels import _prefill_attention_tpu as tpu
 from pallas_kernels._common import pad_queries, round_up, slot_keys, visible_slot_blocks
 
 # the kernels' default (block_queries, block_slots) at SmolLM2's GQA 3, head_dim 64

@@ -3,9 +3,10 @@ freed buffers left behind.
 
     python scripts/retained_memory.py [--prompts 9] [--length 4096]
 
-Runs the eval's pattern in one process (generate() rows of stored recall at m = 128, then 256, on random prompts)
-and prints the resident set beside the bytes of live jax arrays after each row, after gc, after
-`jax.clear_caches()` (the compiled programs) and after `return_freed_memory()` (glibc's malloc_trim).
+Runs the eval's pattern in one process (generate() rows of ADORE with `Recall(r=8, from_layer=0)`, the recall from
+a store of every token's K/V, at m = 128, then 256, on random prompts) and prints the resident set beside the bytes
+of live jax arrays after each row, after gc, after `jax.clear_caches()` (the compiled programs) and after
+`return_freed_memory()` (glibc's malloc_trim).
 """
 import argparse
 import gc
@@ -15,6 +16,7 @@ import numpy as np
 
 import adore_jax
 from adore_jax.memory import return_freed_memory
+from adore_jax.policies import Recall
 
 
 def resident_gb() -> float:
@@ -34,8 +36,7 @@ def main():
     model = adore_jax.load_model("smollm2-135m")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, model.config.vocab_size, size=args.length).tolist() for _ in range(args.prompts)]
-    stored = dict(policy="adore", rebuild=8, rebuild_into_cache=False, rebuild_by="attention", rebuild_from="stored",
-                  retrieval_layer=0)
+    stored = dict(policy="adore", returns=Recall(r=8, from_layer=0))
 
     def show(label):
         print(f"{label:28s} resident {resident_gb():5.2f} GB   live arrays {live_gb():5.2f} GB", flush=True)

@@ -6,6 +6,7 @@ import pytest
 
 import adore_jax
 from adore_jax import controller as ctrl
+from adore_jax.policies import Rebuild
 
 
 @pytest.mark.parametrize("form, content", [("static", 0), ("query_aware", 0), ("query_aware", 3)],
@@ -44,7 +45,8 @@ def test_content_term_is_the_scaled_dot_product_of_query_and_key():
     with_term = ctrl.score(config, params, features, jnp.arange(9), states[:, 8], t)
     plain = dict(params, query=jnp.zeros_like(params["query"]))
     without = ctrl.score(config, plain, features, jnp.arange(9), states[:, 8], t)
-    expected = (np.asarray(states[0]) @ np.asarray(params["key"])) @ (np.asarray(states[0, 8]) @ np.asarray(params["query"]))
+    query = np.asarray(states[0, 8]) @ np.asarray(params["query"])
+    expected = (np.asarray(states[0]) @ np.asarray(params["key"])) @ query
     np.testing.assert_allclose(np.asarray(with_term - without)[0], expected / 2.0, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="content_dim must be >= 0, and 0 unless score_form='query_aware'"):
         ctrl.ControllerConfig(embed_dim=4, score_form="static", content_dim=2)
@@ -70,16 +72,16 @@ def test_decoding_buffer_holds_the_parallel_forms_features(tiny_model):
     config = ctrl.ControllerConfig(embed_dim=tiny_model.config.hidden_size, width=8, hidden=4)
     params = ctrl.init_controller(config, jax.random.key(3))
     prompt = list(range(5, 26))  # 21 tokens: two prefill chunks of 16
-    out = adore_jax.generate(tiny_model, [prompt], max_new_tokens=10, policy="adore", cache_size=8, rebuild=2,
-                             controller=(config, params), prefill_chunk=16, return_state=True)
+    out = adore_jax.generate(tiny_model, [prompt], max_new_tokens=10, policy="adore", cache_size=8,
+                             returns=Rebuild(r=2), controller=(config, params), prefill_chunk=16, return_state=True)
     seen = prompt + out.token_ids[0][:-1]  # the last generated token was never fed back
     embeddings = tiny_model.params["embed"][jnp.asarray([seen])]
     _, features, final = ctrl.encode_sequence(config, params, embeddings)
-    buffer = out.policy_state
-    np.testing.assert_array_equal(np.asarray(buffer.token_ids[0, :len(seen)]), seen)
-    np.testing.assert_allclose(np.asarray(buffer.features[0, :len(seen)]), np.asarray(features[0]), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(buffer.controller_state), np.asarray(final), atol=1e-5)
-    assert int(buffer.rebuild_steps) == 10  # the prompt's last token, then the 9 generated tokens fed back
+    state = out.policy_state  # the controller's features and GRU state; the rebuild's token ids
+    np.testing.assert_array_equal(np.asarray(state.returns.token_ids[0, :len(seen)]), seen)
+    np.testing.assert_allclose(np.asarray(state.scorer.features[0, :len(seen)]), np.asarray(features[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.scorer.gru), np.asarray(final), atol=1e-5)
+    assert int(state.return_steps) == 10  # the prompt's last token, then the 9 generated tokens fed back
 
 
 def test_bad_controller_config_is_refused():

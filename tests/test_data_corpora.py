@@ -36,7 +36,8 @@ def corpora(data_dir):
     ShareGPT's train split is read at every 8th record: reading all 15.8k records
     takes ~8 s on two cores, and the checks below hold record by record.
     """
-    corpora = {name: {split: list(load_split(name, split, data_dir)) for split in SPLITS} for name in ("wikipedia", "news")}
+    corpora = {name: {split: list(load_split(name, split, data_dir)) for split in SPLITS}
+               for name in ("wikipedia", "news")}
     sharegpt = {split: load_split("sharegpt", split, data_dir) for split in SPLITS}
     corpora["sharegpt"] = {split: list(r[::8] if split == "train" else r) for split, r in sharegpt.items()}
     return corpora

@@ -91,7 +91,8 @@ def test_excluded_ids_are_skipped_and_every_other_document_kept(news):
     excluded = (records[3]["id"], records[7]["id"], "no-such-id")
     config = BatchConfig(seq_len=4096, batch_size=1, pack=False, shuffle=False, num_epochs=1,
                          drop_remainder=False, exclude_ids=excluded)
-    rows = [row["tokens"][0][:int(np.sum(row["segment_ids"] > 0))] for row in batch_iterator(records, TOKENIZER, config)]
+    rows = [row["tokens"][0][:int(np.sum(row["segment_ids"] > 0))]
+            for row in batch_iterator(records, TOKENIZER, config)]
     expected = [document_tokens(r, TOKENIZER) for i, r in enumerate(records) if i not in (3, 7)]
     assert len(rows) == len(expected) == 10
     for got, want in zip(rows, expected):

@@ -29,7 +29,7 @@ def test_incremental_decoding_matches_full_forward(tiny_model):
                                        chunk=16)
     np.testing.assert_allclose(np.asarray(logits), full[:, prompt - 1], atol=1e-4)
     state = decode.DecodeState(jnp.asarray(tokens[:, prompt]), jnp.full(2, prompt, jnp.int32), jnp.zeros(2, bool),
-                               jax.random.key(0))
+                               jax.random.split(jax.random.key(0), 2))
     steps = tokens.shape[1] - prompt - 1
     out, *_ = decode.decode(params, {}, cache, ps, state, 1.0, 0, 1.0, tokens[:, prompt + 1:], plan=plan,
                             num_steps=steps, greedy=True, pad_id=0, return_logits=True)
@@ -97,7 +97,7 @@ def test_streaming_gives_the_same_tokens(tiny_model):
 def test_sampling_rules():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 400)
-    draw = jax.jit(jax.vmap(lambda k, t, kk, p: sample(logits, k, t, kk, p, greedy=False)[0],
+    draw = jax.jit(jax.vmap(lambda k, t, kk, p: sample(logits, k[None], t, kk, p, greedy=False)[0],
                             in_axes=(0, None, None, None)))
     assert set(np.asarray(draw(keys, 1.0, 0, 1.0)).tolist()) == {0, 1, 2, 3}
     assert set(np.asarray(draw(keys, 1.0, 2, 1.0)).tolist()) == {0, 1}  # top-k 2
@@ -108,7 +108,7 @@ def test_sampling_rules():
     np.testing.assert_allclose(frequencies, [0.5, 0.3, 0.15, 0.05], atol=0.07)
     cold = np.bincount(np.asarray(draw(keys, 0.1, 0, 1.0)), minlength=4) / 400
     assert cold[0] > 0.95
-    assert int(sample(logits, keys[0], 1.0, 0, 1.0, greedy=True)[0]) == 0
+    assert int(sample(logits, keys[:1], 1.0, 0, 1.0, greedy=True)[0]) == 0
 
 
 def test_seeded_sampling_is_reproducible(tiny_model):
@@ -140,7 +140,8 @@ def test_bad_generate_arguments_are_refused(tiny_model, kwargs, message):
         adore_jax.generate(tiny_model, args.pop("prompts"), **args)
 
 
-@pytest.mark.parametrize("policy", [adore_jax.Full(), adore_jax.Adore(cache_size=8, rebuild=2)], ids=["full", "adore"])
+@pytest.mark.parametrize("policy", [adore_jax.Full(), adore_jax.Adore(cache_size=8, returns=adore_jax.Rebuild(r=2))],
+                         ids=["full", "adore"])
 def test_decoding_past_max_length_is_refused_not_silently_dropped(tiny_model, policy):
     """A full cache has a slot per position and ADORE's release buffer an entry per position: both end at
     max_length. The step that would write past it is refused; the last step that fits runs."""

@@ -10,20 +10,24 @@ from adore_jax.policies import make_policy
 
 def hand_count(config, policy, controller, batch, max_length):
     """Bytes by hand: K and V of every layer (f32), slot positions (int32) and validity (bool) per slot,
-    then the policy state: ADORE's token ids and features per position and GRU state, H2O/TOVA's mass
-    per slot, and the rebuild counters (one int32 per sequence and one shared)."""
+    then the policy state: ADORE's features per position and GRU state, a rebuild's token ids per position,
+    H2O/TOVA's (and ADORE's attention term's) mass per slot, and the rebuild counters (one int32 per sequence and
+    one shared)."""
     slots = policy.cache_size + policy.block_rows if policy.bounded else max_length
     cache = 2 * config.num_layers * slots * config.num_kv_heads * config.head_dim * 4 + slots * (4 + 1)
-    state = 4  # rebuilt_tokens
+    state = 4  # returned_tokens
     if policy.needs_controller:
-        state += max_length * (4 + 4 * controller.feature_width) + 4 * controller.width
+        state += max_length * 4 * controller.feature_width + 4 * controller.width
+    if policy.returns.r:
+        state += max_length * 4  # the token ids a rebuild runs again
     if policy.needs_mass:
         state += 4 * slots
-    return batch * (cache + state) + 4  # + rebuild_steps
+    return batch * (cache + state) + 4  # + return_steps
 
 
 @pytest.mark.parametrize("spec", [dict(policy="full"), dict(policy="window"), dict(policy="tova"),
-                                  dict(policy="adore", rebuild=2)], ids=lambda s: s["policy"])
+                                  dict(policy="adore"), dict(policy="adore", returns=dict(type="rebuild", r=2))],
+                         ids=["full", "window", "tova", "adore", "adore-rebuild"])
 def test_state_bytes_and_largest_batch_equal_a_hand_count(tiny_model, spec):
     config, max_length = tiny_model.config, 384
     controller = ctrl.ControllerConfig(embed_dim=config.hidden_size)

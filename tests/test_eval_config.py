@@ -6,21 +6,22 @@ import pytest
 
 from adore_jax.eval import cli
 from adore_jax.eval.config import eval_config, load_eval_config, policy_rows
-from adore_jax.policies import H2O, Adore, Full, OracleTopK
+from adore_jax.policies import H2O, Adore, Full, OracleTopK, Rebuild
 
 
 def test_policy_rows_are_policy_objects_at_each_cache_size():
     rows = policy_rows(["full", "oracle_topk", {"policy": "oracle_topk", "attn_top_k": 64}, "h2o",
-                        {"policy": "adore", "rebuild": 8, "adaptive_rebuild": True},
-                        {"policy": "adore", "rebuild": 8, "rebuild_into_cache": False},
+                        {"policy": "adore", "returns": {"type": "rebuild", "r": 8, "adaptive": True}},
+                        {"policy": "adore", "returns": {"type": "rebuild", "r": 8, "into_cache": False}},
                         {"policy": "window", "cache_size": 32}], (128, 256))
     got = [(row.label, row.cache_size, row.policy) for row in rows]
     assert got[0] == ("full", None, Full())  # full does not depend on m: one row
-    assert got[1:3] == [("oracle_topk", 128, OracleTopK(attn_top_k=128)), ("oracle_topk", 256, OracleTopK(attn_top_k=256))]
+    assert got[1:3] == [("oracle_topk", 128, OracleTopK(attn_top_k=128)),
+                        ("oracle_topk", 256, OracleTopK(attn_top_k=256))]
     assert got[3] == ("oracle_topk attn_top_k=64", None, OracleTopK(attn_top_k=64))
     assert got[4] == ("h2o", 128, H2O(cache_size=128))
-    assert got[6] == ("adore R=8 adaptive", 128, Adore(cache_size=128, rebuild=8, adaptive_rebuild=True))
-    assert got[9][:2] == ("adore R=8 transient", 256) and not got[9][2].rebuild_into_cache
+    assert got[6] == ("adore rebuild R=8 adaptive", 128, Adore(cache_size=128, returns=Rebuild(r=8, adaptive=True)))
+    assert got[9][:2] == ("adore rebuild R=8 transient", 256) and not got[9][2].returns.into_cache
     assert got[10][:2] == ("window", None)  # its own m: one row
     with pytest.raises(ValueError, match="policy 'adore' has no option 'R'"):
         eval_config(dict(policies=[{"policy": "adore", "R": 8}]))

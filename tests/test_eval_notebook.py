@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # the notebook, end to end: make test-slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 MACHINE_PATH = re.compile(r"/(home|root|tmp|Users|work)/|site-packages|[A-Za-z]:\\\\")

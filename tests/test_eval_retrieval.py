@@ -10,8 +10,17 @@ from adore_jax import weights
 from adore_jax.configfile import ConfigError
 from adore_jax.eval import cli, retrieval, sources
 from adore_jax.eval.config import RetrievalConfig, eval_config
-from adore_jax.eval.retrieval import (DIGIT_BASE, RetrievalPrompt, accuracy_rows, answer_text, build_prompts,
-                                      haystack_sentences, key_found, template, with_full_reference)
+from adore_jax.eval.retrieval import (
+    DIGIT_BASE,
+    RetrievalPrompt,
+    accuracy_rows,
+    answer_text,
+    build_prompts,
+    haystack_sentences,
+    key_found,
+    template,
+    with_full_reference,
+)
 from adore_jax.eval.suite import run_suite
 
 
@@ -160,12 +169,12 @@ def test_a_tiny_run_through_the_suite(tiny_model, tmp_path, capsys):
     config = eval_config(dict(
         parts=["retrieval"], progress=False, out_dir=str(tmp_path), cache_sizes=[16],
         policies=["full", "window", {"policy": "window", "cache_size": 128},
-                  {"policy": "adore", "rebuild": 8, "rebuild_into_cache": False}],
+                  {"policy": "adore", "returns": {"type": "rebuild", "r": 8, "into_cache": False}}],
         retrieval=dict(source="synthetic", contexts=[64], depths=[0.1, 0.9], keys=2, max_new_tokens=4, batch_size=3)))
     results = run_suite(config, model=tiny_model, log=lambda *_: None)
     part = results["retrieval"]
     rows = {(r["policy"], r["cache_size"]): r for r in part["rows"]}
-    assert set(rows) == {("full", None), ("window", 16), ("window", None), ("adore R=8 transient", 16)}
+    assert set(rows) == {("full", None), ("window", 16), ("window", None), ("adore rebuild R=8 transient", 16)}
     # full attention's row, recomputed: the same prompts, greedy, in the same batches of 3 (the last one padded)
     prompts = build_prompts(tiny_model, config.retrieval, config.seed)
     answers = []
@@ -187,6 +196,8 @@ def test_a_tiny_run_through_the_suite(tiny_model, tmp_path, capsys):
         assert row["accuracy_vs_full"] == (row["accuracy"] / full["accuracy"] if full["accuracy"] else None)
     report = (tmp_path / "report.md").read_text()
     assert "## Retrieval" in report and "| policy | m | context | accuracy | vs full |" in report
-    assert f"| full | - | 64 | {full['accuracy']:.2f} | " in report and "| adore R=8 transient | 16 | 64 |" in report
+    assert f"| full | - | 64 | {full['accuracy']:.2f} | " in report
+    assert "| adore rebuild R=8 transient | 16 | 64 |" in report
     cli.print_side_by_side(results)  # the console summary
-    assert f"retrieval  full           m=-      context 64     {full['correct']}/4 keys found" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"retrieval  full           m=-      context 64     {full['correct']}/4 keys found" in printed

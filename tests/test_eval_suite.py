@@ -10,15 +10,15 @@ import pytest
 import yaml
 
 import adore_jax
-from adore_jax.model import forward
 from adore_jax.eval import cli, metrics, sources
 from adore_jax.eval.config import DEFAULT_POLICIES, eval_config
 from adore_jax.eval.diagnostics import attended_sets
 from adore_jax.eval.report import PLOTS
 from adore_jax.eval.suite import run_suite
+from adore_jax.model import forward
 from adore_jax.policies import make_policy
 
-LABELS = {make_policy(spec).label for spec in DEFAULT_POLICIES}  # full, window, ..., adore R=0, adore R=8
+LABELS = {make_policy(spec).label for spec in DEFAULT_POLICIES}  # full, window, ..., adore, adore rebuild R=8
 
 
 def test_full_perplexity_equals_a_plain_forward(tiny_model):
@@ -52,7 +52,7 @@ TINY_SUITE = dict(
     speed=dict(contexts=[32], batches=[1], steps=2, repeats=1, memory_budget_gb=1, throughput_context=32,
                max_measured_batch=1),  # the timed shapes repeat: compiled once
     diagnostics=dict(dataset="synthetic", documents=1, length=40, prompt_length=24, top_k=4,
-                     policies=["window", dict(policy="adore", rebuild=8)]),
+                     policies=["window", dict(policy="adore", returns=dict(type="rebuild", r=8))]),
 )
 
 
@@ -87,7 +87,7 @@ def test_report_from_a_tiny_run_has_every_policy(tiny_model_dir, tmp_path, capsy
     saved = json.load(open(out / "results.json"))
     for part in ("perplexity", "generation", "speed"):
         assert {r["policy"] for r in saved[part]["rows"]} == LABELS, part
-    assert {r["policy"] for r in saved["diagnostics"]["rows"]} == {"window", "adore R=8"}
+    assert {r["policy"] for r in saved["diagnostics"]["rows"]} == {"window", "adore rebuild R=8"}
     generation = {r["policy"]: r for r in saved["generation"]["rows"]}
     assert generation["full"]["vs_full"] == pytest.approx(dict(rouge1=1, rouge2=1, rougeL=1, bleu=100))
     samples = saved["generation"]["samples"]
@@ -103,7 +103,8 @@ def test_report_from_a_tiny_run_has_every_policy(tiny_model_dir, tmp_path, capsy
     assert "UNTRAINED" in report and "BERTScore skipped" in report
     cli.print_side_by_side(saved)  # the demo's console view
     printed = capsys.readouterr().out
-    assert "--- full" in printed and "--- adore R=8 m=16" in printed and "perplexity synthetic" in printed
+    assert "--- full" in printed and "--- adore prefill_chunk=1024 recall R=32 m=16" in printed
+    assert "perplexity synthetic" in printed
 
 
 def test_streaming_rows_match_full_until_the_conversation_outgrows_m(tiny_model, tmp_path):
@@ -112,7 +113,7 @@ def test_streaming_rows_match_full_until_the_conversation_outgrows_m(tiny_model,
     results = run_suite(config, model=tiny_model, log=lambda *_: None)
     rows = {r["policy"]: r["turns"] for r in results["streaming"]["rows"]}
     perfect = pytest.approx(dict(rouge1=1, rouge2=1, rougeL=1, bleu=100))
-    for name in ("window", "adore R=0"):
+    for name in ("window", "adore"):
         first, second = rows[name]
         assert [first["max_prompt_tokens"], second["max_prompt_tokens"]] == [6, 6 + 6 + 6]  # q1 + a1 + q2
         assert first["vs_full"] == perfect  # 6 prompt + 3 fed-back answer tokens: never more than m=8 + 1

@@ -6,17 +6,22 @@ second prompt ends inside a padded chunk). The reference re-derives each rule fr
 description, in numpy, over attention from a plain masked forward: query t sees key s iff s was
 in the cache when t ran (or in t's own block, causally). Since a token's K/V depend only on what it
 saw, that forward reproduces every K/V the cache held, so the decode logits must match too.
+
+Composed with `Recall(r)`, a decode step's query at each layer from `from_layer` on also sees the R released
+tokens its own query at that layer ranks best (max over heads of q . k): their K/V are their only pass's, which is
+what the masked forward holds, so the same forward is the reference.
 """
-import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adore_jax import H2O, Adore, DecodeSession, Model, ModelConfig, make_policy
-from adore_jax.model import BlockInput, init_params, lm_logits
-from adore_jax.train.forward import forward_hidden
+from adore_jax import H2O, DecodeSession, Model, ModelConfig, make_policy
+from adore_jax.model import BlockInput, init_params, lm_logits, run_layers
+from adore_jax.policies import Rebuild, Recall
+
 from references import distance_controller
 
 M, CHUNK, STEPS = 12, 8, 8
@@ -49,73 +54,88 @@ def model():
     return Model(config, init_params(config, jax.random.key(3), scale=0.08), None, "tiny-eviction")
 
 
-def masked_forward(model, tokens, visible):
-    """One sequence whose query t sees key s iff visible[t, s]: (logits [T, V], attention mass [T, T]
-    summed over layers and query heads)."""
-    return _forward(model.config)(model.params, jnp.asarray(tokens)[None], jnp.asarray(visible))
+def masked_forward(model, tokens, visible, recallable=None, recall=(0, 0)):
+    """One sequence whose query t sees key s iff visible[t, s]: (logits [T, V], attention mass [T, T] summed over
+    layers and query heads, each token's key norm [T] averaged over layers and KV heads).
+
+    recallable [T, T] bool, recall (first_layer, R): at each layer from first_layer on, query t also sees the R
+    keys of recallable[t] its own query ranks best at that layer (max over heads of q . k)."""
+    recallable = np.zeros_like(visible) if recallable is None else recallable
+    return _forward(model.config, *recall)(model.params, jnp.asarray(tokens)[None], jnp.asarray(visible),
+                                           jnp.asarray(recallable))
 
 
 _FORWARDS = {}
 
 
-def _forward(config):
-    if config not in _FORWARDS:
-        def run(params, tokens, visible):
-            def attention(q, k, v):  # q [1, T, H, D], k, v [1, T, G, D]
+def _forward(config, first_layer, count):
+    if (config, first_layer, count) not in _FORWARDS:
+        def run(params, tokens, visible, recallable):
+            def attention(index, q, k, v):  # q [1, T, H, D], k, v [1, T, G, D]
                 group = q.shape[2] // k.shape[2]
                 keys, values = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
                 logits = jnp.einsum("bthd,bshd->bhts", q, keys) / np.sqrt(q.shape[-1])
-                probs = jax.nn.softmax(jnp.where(visible[None, None], logits, -jnp.inf), axis=-1)
-                return jnp.einsum("bhts,bshd->bthd", probs, values), jnp.sum(probs[0], axis=0)
+                seen = visible
+                if count and index >= first_layer:
+                    ranking = jnp.where(recallable, jnp.max(logits[0], axis=0), -jnp.inf)  # [T, T]
+                    best, picked = jax.lax.top_k(ranking, count)
+                    rows = jnp.arange(ranking.shape[0])[:, None]
+                    seen = visible.at[rows, picked].max(best > -jnp.inf)
+                probs = jax.nn.softmax(jnp.where(seen[None, None], logits, -jnp.inf), axis=-1)
+                norms = jnp.linalg.norm(k[0], axis=-1).mean(axis=-1)  # [T]
+                return jnp.einsum("bhts,bshd->bthd", probs, values), (jnp.sum(probs[0], axis=0), norms)
 
             positions = jnp.arange(tokens.shape[1])[None]
-            hidden, masses = forward_hidden(params, config, tokens, positions, attention)
-            return lm_logits(params, hidden)[0], sum(masses)
-        _FORWARDS[config] = jax.jit(run)
-    return _FORWARDS[config]
+            hidden, aux, _ = run_layers(params, config, tokens, positions, attention)
+            masses, norms = zip(*aux)
+            return lm_logits(params, hidden)[0], sum(masses), sum(norms) / len(norms)
+        _FORWARDS[(config, first_layer, count)] = jax.jit(run)
+    return _FORWARDS[(config, first_layer, count)]
 
 
 def reference_rule(name, attention_weight=0.0):
-    """score(k, current, mass, acc, held) -> keep-score of candidate k, from the rule's description."""
-    if name == "adore" and attention_weight:  # the controller's, plus beta * log(the attention statistic held)
-        return lambda k, current, mass, acc, held: DISTANCE_SCORES[current - k] + attention_weight * np.log(
-            held[k] + 1e-6)
+    """score(k, current, mass, acc, norm) -> keep-score of candidate k, from the rule's description."""
+    if name == "adore" and attention_weight:  # the controller's, plus beta * log(the current query's attention)
+        return lambda k, current, mass, acc, norm: DISTANCE_SCORES[current - k] + attention_weight * np.log(
+            mass[current, k] + 1e-6)
     rules = {
-        "window": lambda k, current, mass, acc, held: k,  # the most recent
-        "streaming_llm": lambda k, current, mass, acc, held: k,  # sinks pinned, then the most recent
-        "h2o": lambda k, current, mass, acc, held: acc[k],  # mass accumulated since the token entered
-        "tova": lambda k, current, mass, acc, held: mass[current, k],  # the current query's attention
-        "adore": lambda k, current, mass, acc, held: DISTANCE_SCORES[current - k],  # the controller's
-        "random": lambda k, current, mass, acc, held: RANDOM_SCORES[k],  # a fixed random number per token
+        "window": lambda k, current, mass, acc, norm: k,  # the most recent
+        "streaming_llm": lambda k, current, mass, acc, norm: k,  # sinks pinned, then the most recent
+        "h2o": lambda k, current, mass, acc, norm: acc[k],  # mass accumulated since the token entered
+        "tova": lambda k, current, mass, acc, norm: mass[current, k],  # the current query's attention
+        "adore": lambda k, current, mass, acc, norm: DISTANCE_SCORES[current - k],  # the controller's
+        "random": lambda k, current, mass, acc, norm: RANDOM_SCORES[k],  # a fixed random number per token
     }
     return rules[name]
 
 
-def simulate(model, tokens, prompt, name, sinks, recent, attention_weight=0.0, attention_decay=0.0):
+def simulate(model, tokens, prompt, name, sinks, recent, attention_weight=0.0, recall=(0, 0)):
     """Kept positions after the prefill and after each decode step, and the decode logits [STEPS, V].
 
-    held[k]: the current query's attention on k, or with attention_decay gamma the max of it and gamma times
-    k's value after the previous block (a token starts afresh when it enters)."""
+    recall (first_layer, R): each decode step's query may also attend R released tokens (`masked_forward`)."""
     length = len(tokens)
     visible = np.eye(length, dtype=bool)  # rows not yet run see only themselves (never read)
-    blocks = [list(range(s, min(s + CHUNK, prompt))) for s in range(0, prompt, CHUNK)]
-    blocks += [[t] for t in range(prompt, length)]
+    recallable = np.zeros((length, length), bool)
+    chunked = prompt - 1 if recall[1] else prompt  # a policy that brings tokens back runs the prompt's last as a step
+    blocks = [list(range(s, min(s + CHUNK, chunked))) for s in range(0, chunked, CHUNK)]
+    blocks += [[t] for t in range(chunked, length)]
     rule = reference_rule(name, attention_weight)
-    kept, acc, held, history, logits = [], {}, {}, [], None
+    kept, acc, history, logits = [], {}, [], None
     for block in blocks:
         for q in block:
             visible[q, kept] = True
             visible[q, block[0]:q + 1] = True
-        logits, mass = map(np.asarray, masked_forward(model, tokens, visible))
+        if len(block) == 1:  # a decode step: what it may recall
+            recallable[block[0], [i for i in range(block[0]) if i not in kept]] = True
+        logits, mass, norm = map(np.asarray, masked_forward(model, tokens, visible, recallable, recall))
         candidates = kept + block
         current = block[-1]
         for k in block:  # a new token starts with no accumulated mass
-            acc[k] = held[k] = 0.0
+            acc[k] = 0.0
         for k in candidates:
             acc[k] += float(mass[block, k].sum())
-            held[k] = max(float(mass[current, k]), attention_decay * held[k])
         pinned = {k: k < sinks or k > current - recent for k in candidates}
-        order = sorted(candidates, key=lambda k: (pinned[k], rule(k, current, mass, acc, held)), reverse=True)
+        order = sorted(candidates, key=lambda k: (pinned[k], rule(k, current, mass, acc, norm)), reverse=True)
         kept = sorted(order[:M])
         history.append(kept)
     return history[len(blocks) - STEPS - 1:], logits[prompt:length]
@@ -152,13 +172,18 @@ CASES = [
     ("adore", dict(sinks=2, recent=3)),
     ("adore", dict(attention_weight=2.0)),
     ("adore", dict(attention_weight=0.0)),
-    ("adore", dict(attention_weight=50.0, attention_decay=0.8)),  # the term decides: a test of its statistic
+    ("adore", dict(attention_weight=50.0)),  # the term decides: a test of its statistic
     ("random", dict(seed=7)),
 ]
 
 
-@pytest.mark.parametrize("name, options", CASES, ids=lambda c: c if isinstance(c, str) else
-                         "-".join(f"{k}{v}" for k, v in c.items()) or "default")
+def case_id(case):
+    if isinstance(case, str):
+        return case
+    return "-".join(f"{k}{v.label.replace(' ', '') if k == 'returns' else v}" for k, v in case.items()) or "default"
+
+
+@pytest.mark.parametrize("name, options", CASES, ids=case_id)
 def test_kept_set_and_logits_equal_the_event_reference(model, name, options):
     rng = np.random.default_rng(5)
     sequences = [rng.integers(3, model.config.vocab_size, p + STEPS).astype(np.int32) for p in PROMPTS]
@@ -166,44 +191,53 @@ def test_kept_set_and_logits_equal_the_event_reference(model, name, options):
     filled = policy.validate(max_length=128)  # the policy's own defaults (streaming's recent, h2o's recent)
     controller = distance_controller(model.config.hidden_size, DISTANCE_SCORES) if name == "adore" else None
     history, logits = run_policy(model, sequences, policy, controller)
+    recall = (policy.returns.from_layer, policy.returns.r) if policy.returns.r else (0, 0)
     for row, (tokens, prompt) in enumerate(zip(sequences, PROMPTS)):
         expected, expected_logits = simulate(model, tokens, prompt, name, filled.sinks, filled.recent,
-                                             getattr(filled, "attention_weight", 0.0),
-                                             getattr(filled, "attention_decay", 0.0))
+                                             getattr(filled, "attention_weight", 0.0), recall)
         got = [kept[row] for kept in history]
         assert got == expected, f"row {row}: kept sets after the prefill and each step differ"
         assert all(len(kept) == M for kept in got)  # prompts of 35-40 tokens: the prefill released
         np.testing.assert_allclose(logits[row], expected_logits, atol=1e-4)
-    if name == "random":  # a control must not be a recency rule in disguise, and its seed must matter
+        if recall[1]:
+            _, alone = simulate(model, tokens, prompt, name, filled.sinks, filled.recent,
+                                getattr(filled, "attention_weight", 0.0))
+            assert np.max(np.abs(alone - expected_logits)) > 1e-3, "recall changed nothing: the case proves nothing"
+    if name == "random" and not policy.returns.r:  # a control must not be a recency rule, and its seed must matter
         other, _ = run_policy(model, sequences, make_policy(name, cache_size=M, prefill_chunk=CHUNK, seed=8), None)
         assert other[0] != history[0] and history[0][0] != list(range(PROMPTS[0] - M, PROMPTS[0]))
 
 
-def update_with_mass(policy, ps, block, mass, last_row):
+@pytest.mark.parametrize("build, message", [
+    (lambda: make_policy("tova", cache_size=8, returns=Rebuild(r=2)), "ranked_by='attention'"),
+    (lambda: make_policy("window", cache_size=4, sinks=8), "sinks + recent"),
+    (lambda: make_policy("adore", cache_size=4, returns=Rebuild(r=4)), "r (R=4) must be < cache_size"),
+    (lambda: make_policy("full", returns=Recall(r=2)), "keeps every token"),
+    (lambda: Rebuild(r=2, ranked_by="attention", adaptive=True), "needs ranked_by='scorer'"),
+    (lambda: Rebuild(r=2, margin=0.5), "margin applies to adaptive"),
+    (lambda: Rebuild(r=0), "r (rebuilt tokens per step) must be an integer >= 1"),
+    (lambda: Recall(r=40, page_size=16, pages=2), "pages must be an integer >= 3"),
+    (lambda: Recall(r=2, pages=4), "pages applies with page_size > 0"),
+    (lambda: make_policy("adore", cache_size="64"), "cache_size"),
+    (lambda: make_policy("h2o", returns={"type": "recall", "rank": 2}), "has no option 'rank'"),
+])
+def test_an_impossible_combination_cannot_be_built(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+
+
+def update_with_mass(policy, state, block, mass, last_row):
     """The policy's update from per-query masses [B, Q, S], weighted over the queries as forward_block does."""
-    return policy.update_state(ps, block, jnp.einsum("bq,bqs->bs", policy.mass_weights(block, last_row), mass),
-                               last_row)
-
-
-def test_adore_decayed_attention_restarts_for_a_new_token_in_a_reused_slot():
-    """attention_decay: a slot keeps max(the block's last query's mass, gamma * its statistic), except a slot the
-    block wrote, whose new token starts from the latest mass alone."""
-    policy = Adore(cache_size=4, attention_decay=0.5)
-    ps = dataclasses.replace(H2O(cache_size=4).init_state(1, 6, 16), mass=jnp.array([[8.0, 1.0, 2.0, 7.0, 6.0, 0.0]]))
-    block = BlockInput(tokens=jnp.array([[1, 2]]), positions=jnp.array([[9, 10]]), slots=jnp.array([[3, 5]]),
-                       valid=jnp.array([[True, True]]))
-    mass = jnp.array([[[9.0, 9.0, 9.0, 9.0, 9.0, 9.0], [0.1, 2.0, 0.3, 0.4, 0.0, 0.2]]])  # [B, Q, S]
-    new = update_with_mass(policy, ps, block, mass, jnp.ones((1,), jnp.int32))  # the last row's attention counts
-    np.testing.assert_allclose(np.asarray(new.mass), [[4.0, 2.0, 1.0, 0.4, 3.0, 0.2]], rtol=1e-6)
+    return policy.update(state, block, jnp.einsum("bq,bqs->bs", policy.mass_weights(block, last_row), mass), last_row)
 
 
 def test_h2o_statistic_restarts_for_a_new_token_in_a_reused_slot():
     """A slot written by the block holds a new token: its mass is what the block gave it, nothing of the
     released token that held the slot before; every other slot accumulates."""
     policy = H2O(cache_size=4)
-    ps = dataclasses.replace(policy.init_state(1, 6, 16), mass=jnp.array([[5.0, 1.0, 2.0, 7.0, 0.0, 0.0]]))
+    state = jnp.array([[5.0, 1.0, 2.0, 7.0, 0.0, 0.0]])
     block = BlockInput(tokens=jnp.array([[1, 2]]), positions=jnp.array([[9, 10]]), slots=jnp.array([[3, 5]]),
                        valid=jnp.array([[True, False]]))  # the second row is padding: its attention is ignored
     mass = jnp.array([[[0.1, 0.2, 0.3, 0.4, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0, 9.0, 9.0]]])  # [B, Q, S]
-    new = update_with_mass(policy, ps, block, mass, jnp.zeros((1,), jnp.int32))
-    np.testing.assert_allclose(np.asarray(new.mass), [[5.1, 1.2, 2.3, 0.4, 0.0, 0.0]], rtol=1e-6)
+    new = update_with_mass(policy, state, block, mass, jnp.zeros((1,), jnp.int32))
+    np.testing.assert_allclose(np.asarray(new), [[5.1, 1.2, 2.3, 0.4, 0.0, 0.0]], rtol=1e-6)

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import test_kernels_prefill_attention as prefill_cases
 import test_kernels_slot_attention as slot_cases
 import test_kernels_topk as topk_cases
+
 from pallas_kernels import slot_attention, slot_attention_ref, topk_attention, topk_attention_ref
 
 pytestmark = pytest.mark.skipif(jax.default_backend() not in ("gpu", "tpu"),
@@ -73,8 +73,9 @@ def test_topk_attention_native_forward_and_grad(shape):
 def smollm2_shaped(tmp_path_factory):
     """A random 2-layer model with SmolLM2-135M's attention shapes (9 query heads, 3 KV heads, D = 64):
     the real checkpoint (about 90 MB) does not travel to a lent machine."""
-    import adore_jax
     from conftest import save_tiny_hf
+
+    import adore_jax
 
     directory, _ = save_tiny_hf(tmp_path_factory.mktemp("smollm2_shaped"), dict(
         hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -92,7 +93,8 @@ def test_model_with_native_kernel_matches_twin(smollm2_shaped, policy):
         options["cache_size"] = 64
     if policy == "adore":
         config = ctrl.ControllerConfig(embed_dim=576, width=32, hidden=16)
-        options.update(rebuild=4, controller=(config, ctrl.init_controller(config, jax.random.key(3))))
+        options.update(returns=dict(type="rebuild", r=4),
+                       controller=(config, ctrl.init_controller(config, jax.random.key(3))))
     tokens = np.random.default_rng(2).integers(3, 97, size=(2, 160)).astype(np.int32)
     results = {impl: adore_jax.teacher_force(smollm2_shaped, tokens, 96, attention_impl=impl, **options)
                for impl in ("pallas", "ref")}

@@ -8,13 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from test_kernels_slot_attention import abstract_inputs, assert_close, make_inputs
 
 from pallas_kernels import slot_attention, slot_attention_ref
 from pallas_kernels._common import BLIND_POSITION, pad_queries, slot_keys
 from pallas_kernels.prefill_attention import prefill_attention_gpu, prefill_attention_tpu, visible_slot_blocks
 from pallas_kernels.slot_attention import PREFILL_MIN_QUERIES
+
 from references import load_script
-from test_kernels_slot_attention import abstract_inputs, assert_close, make_inputs
 
 TOL = 2e-6
 BLOCK_QUERIES, BLOCK_SLOTS = 8, 16  # small blocks, so the test shapes span several of each

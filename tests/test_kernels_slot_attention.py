@@ -11,9 +11,17 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import slot_attention, slot_attention_ref
 from pallas_kernels.reference import masked_attention
+from pallas_kernels.slot_attention import (
+    GROUPED_MAX_QUERIES,
+    SLOT_BLOCK,
+    live_slots,
+    slot_attention_blocked,
+    slot_attention_gpu,
+    slot_attention_grouped,
+    slot_attention_tpu,
+)
+
 from references import cpu_dispatch_only
-from pallas_kernels.slot_attention import (GROUPED_MAX_QUERIES, SLOT_BLOCK, live_slots, slot_attention_blocked,
-                                           slot_attention_gpu, slot_attention_grouped, slot_attention_tpu)
 
 TOL = 2e-6
 

@@ -11,6 +11,7 @@ from pallas_kernels import topk_attention, topk_attention_ref
 from pallas_kernels._common import MASK_VALUE, kth_largest
 from pallas_kernels._topk_flash import threshold_flash_attention
 from pallas_kernels.topk_attention import _blocked_forward
+
 from references import cpu_dispatch_only
 
 TOL = 2e-6

@@ -4,10 +4,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import TINY_LLAMA
 
 import adore_jax
 from adore_jax.config import config_from_hf
-from conftest import TINY_LLAMA
 
 
 def test_unknown_source_is_refused(tmp_path):
@@ -37,6 +37,7 @@ def test_unsupported_config_values_are_refused(overrides, message):
 
 def test_missing_tensor_is_named(tiny_model_dir, tmp_path):
     import shutil
+
     from safetensors.numpy import load_file, save_file
 
     shutil.copy(os.path.join(tiny_model_dir, "config.json"), tmp_path)

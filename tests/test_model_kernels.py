@@ -16,7 +16,7 @@ from adore_jax.train.testing import tiny_model as tiny_train_model
 
 
 @pytest.mark.parametrize("options", [dict(policy="full"), dict(policy="h2o", cache_size=6),
-                                     dict(policy="adore", cache_size=6, rebuild=2)],
+                                     dict(policy="adore", cache_size=6, returns=dict(type="rebuild", r=2))],
                          ids=lambda o: o["policy"])
 def test_kernel_and_twin_give_the_same_logits(tiny_model, options):
     if options["policy"] == "adore":

@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_hf
 
 import adore_jax
 from adore_jax.model import forward
-from conftest import save_tiny_hf
 
 CASES = {
     "gqa_untied": {},

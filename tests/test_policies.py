@@ -2,6 +2,7 @@
 import dataclasses
 import glob
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +13,25 @@ import adore_jax
 from adore_jax import cache as kv_cache
 from adore_jax import controller as ctrl
 from adore_jax import timing
-from adore_jax.model import (BlockInput, attend_recalled, attention_inputs, attention_output, forward, forward_block,
-                             init_params, lm_logits, max_head_logits, max_head_logits_by_group, mlp_block,
-                             page_bounds, rms_norm)
 from adore_jax.configfile import read_yaml
-from adore_jax.policies import TopKSlotAttention, load_policy
-from pallas_kernels import slot_attention_ref
+from adore_jax.model import (
+    BlockInput,
+    attend_with_rows,
+    attention_inputs,
+    attention_output,
+    forward,
+    forward_block,
+    init_params,
+    lm_logits,
+    mlp_block,
+    rms_norm,
+)
+from adore_jax.policies import NoReturn, Rebuild, Recall, TopKSlotAttention, load_policy
+from adore_jax.policies.key_logits import max_head_logits, max_head_logits_by_group, page_bounds
+from adore_jax.policies.presets import PRESETS
 from adore_jax.rope import inverse_frequencies
+from pallas_kernels import slot_attention_ref
+
 from references import distance_controller
 
 PROMPT = 4
@@ -59,8 +72,7 @@ def policy_logits(model, sequences, **options):
 
 @pytest.mark.parametrize("options", [
     dict(policy="window"), dict(policy="streaming_llm"), dict(policy="h2o"), dict(policy="tova"),
-    dict(policy="oracle_topk", attn_top_k=64), dict(policy="adore"), dict(policy="adore", cache_update="onehot"),
-    dict(policy="window", cache_update="onehot"),
+    dict(policy="oracle_topk", attn_top_k=64), dict(policy="adore"),
 ], ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_every_policy_equals_full_attention_when_nothing_is_released(tiny_model, sequences, options):
     if options["policy"] == "adore":
@@ -132,7 +144,7 @@ def test_adore_with_a_recency_controller_equals_window(tiny_model, sequences):
     window = policy_logits(tiny_model, sequences, policy="window", cache_size=6)
     np.testing.assert_allclose(adore, window, atol=1e-5)
     adaptive = policy_logits(tiny_model, sequences, policy="adore", attention_weight=0.0, cache_size=6, sinks=0,
-                             rebuild=2, adaptive_rebuild=True, controller=controller)
+                             returns=Rebuild(r=2, adaptive=True), controller=controller)
     np.testing.assert_allclose(adaptive, window, atol=1e-5)  # nothing released ever outranks a cached token
     # the default pins the first 4 tokens: it is StreamingLLM with 4 sinks, not window attention
     pinned = policy_logits(tiny_model, sequences, policy="adore", attention_weight=0.0, cache_size=6,
@@ -226,16 +238,15 @@ def paged_candidates(ref, released, layer, query, size, n_pages, before):
     return [i for i in released if i // size in chosen]
 
 
-def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False, into_cache=True, margin=None,
-                   max_admissions=None, rebuild_margin=0.0, retrieval_layer=None, prompt=PROMPT):
+def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False, into_cache=True, rebuild_margin=0.0,
+                   retrieval_layer=None, prompt=PROMPT):
     """Logits of every step and the rebuilt positions, from the event reference.
 
     adaptive: only released tokens scoring above the weakest cached one by more than rebuild_margin are rebuilt.
     retrieval_layer: rebuild candidates ranked by attention_ranking at that layer instead of by score.
 
     The rebuilt events that stay in the cache (admitted) are all of them by default, none with
-    into_cache=False, or those scoring above the weakest cached token by `margin`, the best
-    `max_admissions` of them; the others serve their step only."""
+    into_cache=False; the others serve their step only."""
     ref = EventReference(model)
     cache, _ = ref.run_block(tokens[:prompt - 1], list(range(prompt - 1)), [])  # the prompt's last token is a step
     last = prompt - 2  # the prefill's last query: it releases down to m by that query's scores
@@ -252,10 +263,6 @@ def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False,
         if adaptive:
             picked = [i for i in picked if score[i] > weakest + rebuild_margin]
         admitted = picked if into_cache else []
-        if margin is not None:
-            admitted = [i for i in admitted if score[i] > weakest + margin]
-        if max_admissions is not None:
-            admitted = admitted[:max_admissions]
         block = sorted(picked)
         block_ids, step_logits = ref.run_block([tokens[i] for i in block] + [tokens[t]], block + [t], cache)
         logits.append(step_logits)
@@ -266,28 +273,21 @@ def simulate_adore(model, tokens, m, rebuild, score_of_distance, adaptive=False,
 
 
 def simulate_stored_recall(model, tokens, m, rebuild, score_of_distance, first_layer, prompt=PROMPT, pages=None,
-                           chunk=None, prefill_recall=False, recall_last=None):
+                           chunk=None, prefill_recall=False):
     """Logits of every step and each layer's recalled positions, from the event reference: every token runs
     once; each step's layers from first_layer on attend the cache and the R released tokens they rank best,
     with the K/V of their only pass; the cache keeps the m best scored of itself and the current token.
     pages (P, K): the ranking reads only the released tokens of K pages of P positions (`paged_candidates`).
     chunk: the prompt runs in chunks of that many tokens, the cache keeping the m best after each (default: one);
-    prefill_recall: each token of a chunk also attends the R tokens released before the chunk it ranks best (with
-    recall_last N, only the prompt's last N tokens: a chunk runs as the part before them, then the part they are
-    in, which attends the first as context)."""
+    prefill_recall: each token of a chunk also attends the R tokens released before the chunk it ranks best."""
     ref = EventReference(model)
     cache, chunk = [], chunk or prompt - 1
-    first_recalling = (0 if recall_last is None else prompt - recall_last) if prefill_recall else prompt
     for start in range(0, prompt - 1, chunk):
         stop = min(start + chunk, prompt - 1)
         cached_positions = {ref.events[e]["position"] for e in cache}
         released = [i for i in range(start) if i not in cached_positions]
-        split = min(max(start, first_recalling), stop)
-        ids, _ = ref.run_block(tokens[start:split], list(range(start, split)), cache) if split > start else ([], None)
-        if stop > split:
-            recalling, _ = ref.run_block(tokens[split:stop], list(range(split, stop)), cache + ids,
-                                         recall=(first_layer, rebuild, released))
-            ids = ids + recalling
+        recall = (first_layer, rebuild, released) if prefill_recall else None
+        ids, _ = ref.run_block(tokens[start:stop], list(range(start, stop)), cache, recall=recall)
         cache = sorted(cache + ids, key=lambda e: -score_of_distance[stop - 1 - ref.events[e]["position"]])[:m]
     logits, recalled = [], []
     for t in range(prompt - 1, len(tokens) - 1):
@@ -301,37 +301,35 @@ def simulate_stored_recall(model, tokens, m, rebuild, score_of_distance, first_l
     return np.stack(logits), recalled
 
 
-@pytest.mark.parametrize("first_layer, prompt, pages, chunk, prefill_recall, recall_last",
-                         [(0, PROMPT, None, None, False, None), (1, PROMPT, None, None, False, None),
-                          (0, 12, None, None, False, None), (0, PROMPT, (5, 2), None, False, None),
-                          (1, 12, (5, 2), None, False, None), (0, 16, None, 4, False, None),
-                          (0, 16, None, 4, True, None), (0, 18, (5, 2), 4, True, None), (0, 19, None, 4, True, 6)],
+@pytest.mark.parametrize("first_layer, prompt, pages, chunk, prefill_recall",
+                         [(0, PROMPT, None, None, False), (1, PROMPT, None, None, False),
+                          (0, 12, None, None, False), (0, PROMPT, (5, 2), None, False),
+                          (1, 12, (5, 2), None, False), (0, 16, None, 4, False),
+                          (0, 16, None, 4, True), (0, 18, (5, 2), 4, True)],
                          ids=["from-layer-0", "from-layer-1", "long-prompt", "paged", "paged-long-prompt", "chunked",
-                              "prefill-recall", "prefill-recall-paged", "prefill-recall-last"])
+                              "prefill-recall", "prefill-recall-paged"])
 def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_layer, prompt, pages, chunk,
-                                                   prefill_recall, recall_last):
-    """rebuild_from="stored", R = 2: each layer from first_layer on ranks the released tokens by its own query
-    and attends the two best with the K/V of their first pass, for this step only; below it, the cache alone.
+                                                   prefill_recall):
+    """Recall(r=2, from_layer=first_layer): each layer from first_layer on ranks the released tokens by its own
+    query and attends the two best with the K/V of their first pass, for this step only; below it, the cache alone.
     With a prompt longer than m the prefill releases, and the stored K/V come from its chunk. With pages (P, K) =
     (5, 2) only the released tokens of the 2 pages with the highest key bounds are ranked (32 positions: the
     last of 7 pages is partly past the end). With prefill chunks of 4 the prompt releases after each; with
-    prefill_recall each token of a chunk also attends the 2 tokens released before the chunk that its own query
+    in_prefill each token of a chunk also attends the 2 tokens released before the chunk that its own query
     ranks best (every released token ranked, pages or not; from layer 0: in the tiny model's 2 layers, a prompt
-    token's recall in the last layer would change no K/V and so no logit); with prefill_recall_last = 6 only the
-    prompt's last 6 tokens do (positions 13-17 in the prefill, mid-chunk, and 18 as the decode step)."""
+    token's recall in the last layer would change no K/V and so no logit)."""
     m, rebuild = 5, 2
     scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
     controller = distance_controller(tiny_model.config.hidden_size, scores)
     tokens = sequences[:1, :32]
     options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, controller=controller,
                    prefill_chunk=chunk)
-    paging = dict(recall_page_size=pages[0], recall_pages=pages[1]) if pages else {}
-    stored = dict(rebuild=rebuild, rebuild_into_cache=False, rebuild_by="attention", rebuild_from="stored",
-                  retrieval_layer=first_layer)
-    _, logits = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, prefill_recall=prefill_recall,
-                                        prefill_recall_last=recall_last, **stored, **paging, **options)
+    paging = dict(page_size=pages[0], pages=pages[1]) if pages else {}
+    stored = Recall(r=rebuild, from_layer=first_layer, **paging)
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True,
+                                        returns=dataclasses.replace(stored, in_prefill=prefill_recall), **options)
     expected, recalled = simulate_stored_recall(tiny_model, tokens[0].tolist(), m, rebuild, scores, first_layer,
-                                                prompt, pages, chunk, prefill_recall, recall_last)
+                                                prompt, pages, chunk, prefill_recall)
     np.testing.assert_allclose(logits[0], expected, atol=1e-5)  # 2.4e-7 at most measured
     assert recalled[0][0] or prompt <= m, "the prompt's last token recalled nothing: the long prompt proves nothing"
     if first_layer == 0:
@@ -343,33 +341,29 @@ def test_stored_recall_matches_the_event_reference(tiny_model, sequences, first_
     _, alone = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, **options)
     assert np.max(np.abs(alone[0] - expected)) > 1e-3, "recall changed nothing: the test proves nothing"
     if prefill_recall:
-        _, decode_only = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, **stored, **paging,
+        _, decode_only = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, returns=stored,
                                                  **options)
         assert np.max(np.abs(decode_only[0] - expected)) > 1e-3, "the prefill's recall changed nothing: untested"
-    if recall_last:
-        _, every = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, prefill_recall=True,
-                                           **stored, **options)
-        assert np.max(np.abs(every[0] - expected)) > 1e-3, "the tokens before the last N recalled nothing: untested"
 
 
 def test_recalling_every_released_token_in_prefill_and_decode_is_full_attention(tiny_model, sequences):
-    """With R at least the number of released tokens, every query recalls all of them: prefill_recall's logits equal
-    full attention's, while recalling in decode steps only does not (the prompt's chunks saw m slots)."""
+    """With R at least the number of released tokens, every query recalls all of them: Recall(in_prefill=True)'s
+    logits equal full attention's, while recalling in decode steps only does not (the prompt's chunks saw m slots)."""
     m, chunk, prompt = 12, 4, 20  # the prefill releases from its 4th chunk on; at most 23 - 12 = 11 released, R = 11
     tokens = sequences[:1, :23]
     _, full = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, policy="full")
     controller = distance_controller(tiny_model.config.hidden_size, -np.arange(64, dtype=np.float32))  # recency
-    stored = dict(policy="adore", cache_size=m, rebuild=m - 1, rebuild_into_cache=False, rebuild_by="attention",
-                  rebuild_from="stored", retrieval_layer=0, prefill_chunk=chunk, sinks=0, controller=controller)
-    _, everything = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, prefill_recall=True,
-                                            **stored)
+    stored = dict(policy="adore", cache_size=m, prefill_chunk=chunk, sinks=0, controller=controller)
+    _, everything = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True,
+                                            returns=Recall(r=m - 1, from_layer=0, in_prefill=True), **stored)
     np.testing.assert_allclose(everything, full, atol=1e-5)
-    _, decode_only = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, **stored)
+    _, decode_only = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True,
+                                             returns=Recall(r=m - 1, from_layer=0), **stored)
     assert np.max(np.abs(decode_only - full)) > 1e-3, "no prompt chunk missed a released token: nothing tested"
 
 
-def test_attend_recalled_equals_slot_attention_with_each_querys_rows_as_slots():
-    """attend_recalled against the slot attention twin run once per query, with that query's recalled rows appended
+def test_attend_with_rows_equals_slot_attention_with_each_querys_rows_as_slots():
+    """attend_with_rows against the slot attention twin run once per query, with that query's recalled rows appended
     as extra slots (invalid where not found): the same output, and the same mass on the shared slots."""
     rng = np.random.default_rng(3)
     batch, n_queries, n_slots, count, heads, groups, dim = 2, 3, 7, 2, 6, 2, 8
@@ -380,7 +374,7 @@ def test_attend_recalled_equals_slot_attention_with_each_querys_rows_as_slots():
     slot_positions = rng.integers(10, 23, size=(batch, n_slots)).astype(np.int32)
     slot_valid = rng.random((batch, n_slots)) < 0.8
     found = np.array([[[True, True], [True, False], [False, False]], [[True, True], [False, True], [True, True]]])
-    out, mass = attend_recalled(*map(jnp.asarray, (q, k, v, q_positions, slot_positions, slot_valid, k_rows, v_rows,
+    out, mass = attend_with_rows(*map(jnp.asarray, (q, k, v, q_positions, slot_positions, slot_valid, k_rows, v_rows,
                                                    found)), return_mass=True)
     for i in range(n_queries):
         twin_out, twin_mass = slot_attention_ref(
@@ -423,59 +417,45 @@ def test_rebuild_reenters_block_and_cache_and_matches_hand_assembled_attention(t
                                                                                 into_cache, input_layer):
     """Scores fall with distance except at distance 5, where a token jumps to the top: once released
     (m = 4), it must come back through the rebuild block and then stay in the cache for that step
-    (or, with rebuild_into_cache=False, leave again at once). With input_layer the controller is observed
+    (or, with into_cache=False, leave again at once). With input_layer the controller is observed
     after the block and the release ranks again (decode.py): the same choices, by another path."""
     m, rebuild, boosted = 4, 1, 5
     scores = -np.arange(64, dtype=np.float32)
     scores[boosted] = 100.0
     controller = distance_controller(tiny_model.config.hidden_size, scores, input_layer)
     tokens = sequences[:1, :24]
+    returns = Rebuild(r=rebuild, adaptive=adaptive, into_cache=into_cache)
     _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, policy="adore",
-                                        attention_weight=0.0, sinks=0, cache_size=m, rebuild=rebuild,
-                                        adaptive_rebuild=adaptive, rebuild_into_cache=into_cache, controller=controller)
+                                        attention_weight=0.0, sinks=0, cache_size=m, returns=returns,
+                                        controller=controller)
     expected, rebuilt = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, adaptive, into_cache)
     assert any(t - boosted in picks for t, picks in zip(range(PROMPT - 1, 24), rebuilt)), "no boosted token was rebuilt"
     np.testing.assert_allclose(logits[0], expected, atol=1e-4)
     out = adore_jax.generate(tiny_model, [tokens[0, :PROMPT].tolist()], max_new_tokens=16, policy="adore",
-                             attention_weight=0.0, sinks=0, cache_size=m, rebuild=rebuild, adaptive_rebuild=adaptive,
-                             rebuild_into_cache=into_cache, controller=controller, return_state=True)
+                             attention_weight=0.0, sinks=0, cache_size=m, returns=returns, controller=controller,
+                             return_state=True)
     last = PROMPT + 16 - 2
     kept = np.asarray(out.cache.slot_positions[0])[np.asarray(out.cache.slot_valid[0])]
     assert len(kept) == m
     assert (last - boosted in kept.tolist()) == into_cache, "the rebuilt token's cache entry is wrong"
     if adaptive:
-        assert 0 < out.stats["rebuild_steps"] < 15
-
-
-@pytest.mark.parametrize("margin, max_admissions", [(None, 1), (6.0, None), (0.0, 1)],
-                         ids=["at-most-1", "margin", "margin-and-at-most-1"])
-def test_conservative_admission_matches_the_event_reference(tiny_model, sequences, margin, max_admissions):
-    """R = 3 rebuilt per step, scored by a random distance profile: only the admitted ones may stay."""
-    m, rebuild = 6, 3
-    scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
-    controller = distance_controller(tiny_model.config.hidden_size, scores)
-    tokens = sequences[:1, :32]
-    options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, rebuild=rebuild,
-                   admission_margin=margin, max_admissions=max_admissions, controller=controller)
-    _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, **options)
-    expected, _ = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, margin=margin,
-                                 max_admissions=max_admissions)
-    np.testing.assert_allclose(logits[0], expected, atol=1e-4)
-    everything, _ = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores)
-    assert np.max(np.abs(everything - expected)) > 1e-3, "admission changed nothing: the test proves nothing"
+        assert 0 < out.stats["return_steps"] < 15
 
 
 @pytest.mark.parametrize("into_cache", [True, False], ids=["into-cache", "transient"])
 def test_adaptive_rebuild_margin_matches_the_event_reference(tiny_model, sequences, into_cache):
-    """R = 3 per step under a random distance profile: with rebuild_margin only released tokens that clear the
+    """R = 3 per step under a random distance profile: with a margin only released tokens that clear the
     weakest cached score by the margin are rebuilt, and the block runs at fewer steps than with margin 0."""
     m, rebuild, margin = 6, 3, 6.0
     scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
     controller = distance_controller(tiny_model.config.hidden_size, scores)
     tokens = sequences[:1, :32]
-    options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, rebuild=rebuild,
-                   adaptive_rebuild=True, rebuild_into_cache=into_cache, controller=controller)
-    _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, rebuild_margin=margin,
+    options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, controller=controller)
+
+    def returns(margin_):
+        return Rebuild(r=rebuild, adaptive=True, into_cache=into_cache, margin=margin_)
+
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, PROMPT, return_logits=True, returns=returns(margin),
                                         **options)
     expected, rebuilt = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, adaptive=True,
                                        into_cache=into_cache, rebuild_margin=margin)
@@ -485,8 +465,8 @@ def test_adaptive_rebuild_margin_matches_the_event_reference(tiny_model, sequenc
     fired, fired_at_zero = (sum(map(bool, picks)) for picks in (rebuilt, rebuilt_at_zero))
     assert 0 < fired < fired_at_zero, (fired, fired_at_zero)
     prompt = [tokens[0, :PROMPT].tolist()]
-    steps = {margin_: adore_jax.generate(tiny_model, prompt, max_new_tokens=16, rebuild_margin=margin_,
-                                         **options).stats["rebuild_steps"] for margin_ in (0.0, margin)}
+    steps = {margin_: adore_jax.generate(tiny_model, prompt, max_new_tokens=16, returns=returns(margin_),
+                                         **options).stats["return_steps"] for margin_ in (0.0, margin)}
     assert steps[margin] < steps[0.0]
 
 
@@ -500,10 +480,10 @@ def test_rebuild_by_attention_matches_the_event_reference(tiny_model, sequences,
     scores = np.random.default_rng(4).normal(size=64).astype(np.float32) * 3
     controller = distance_controller(tiny_model.config.hidden_size, scores)
     tokens = sequences[:1, :32]
-    options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, rebuild=rebuild,
-                   rebuild_into_cache=into_cache, controller=controller)
-    _, logits = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True, rebuild_by="attention",
-                                        retrieval_layer=layer, **options)
+    options = dict(policy="adore", attention_weight=0.0, sinks=0, cache_size=m, controller=controller)
+    _, logits = adore_jax.teacher_force(tiny_model, tokens, prompt, return_logits=True,
+                                        returns=Rebuild(r=rebuild, into_cache=into_cache, ranked_by="attention",
+                                                        layer=layer), **options)
     expected, rebuilt = simulate_adore(tiny_model, tokens[0].tolist(), m, rebuild, scores, into_cache=into_cache,
                                        retrieval_layer=layer, prompt=prompt)
     np.testing.assert_allclose(logits[0], expected, atol=1e-4)
@@ -519,63 +499,79 @@ def test_a_one_token_prompt_runs_as_a_rebuild_step(tiny_model, sequences):
     prediction and the next ones equal full attention while nothing needs releasing (m >= length)."""
     tokens = sequences[:, :6]
     _, logits = adore_jax.teacher_force(tiny_model, tokens, 1, return_logits=True, policy="adore", cache_size=8,
-                                        rebuild=2, rebuild_into_cache=False,
+                                        returns=Rebuild(r=2, into_cache=False),
                                         controller=recency_controller(tiny_model.config.hidden_size))
     full = np.asarray(forward(tiny_model.params, tiny_model.config, tokens))[:, :-1]
     np.testing.assert_allclose(logits, full, atol=1e-4)
 
 
-def test_rebuild_by_attention_options_are_checked(tiny_model):
-    def check(**options):
-        adore_jax.make_policy("adore", cache_size=8, **options).validate(64)
+@pytest.mark.parametrize("name", ["tova", "h2o"])
+def test_a_mass_scorer_composes_with_a_transient_rebuild_by_attention(tiny_model, sequences, name):
+    """TOVA and H2O score no released token, so a rebuild composed with them ranks by the model's attention: it
+    decodes (every step rebuilds, none of the rebuilt tokens stays) and changes the logits of the scorer alone."""
+    m, returns = 6, Rebuild(r=2, ranked_by="attention", into_cache=False)
+    alone = policy_logits(tiny_model, sequences, policy=name, cache_size=m)
+    rebuilt = policy_logits(tiny_model, sequences, policy=name, cache_size=m, returns=returns)
+    assert np.all(np.isfinite(rebuilt)) and rebuilt.shape == alone.shape
+    assert np.max(np.abs(rebuilt - alone)) > 1e-3, "the rebuild changed nothing"
+    new_tokens = 16
+    out = adore_jax.generate(tiny_model, sequences[:, :PROMPT].tolist(), max_new_tokens=new_tokens, policy=name,
+                             cache_size=m, returns=returns, return_state=True)
+    assert out.stats["return_steps"] == new_tokens and min(out.stats["returned_tokens"]) > 0
+    assert np.all(np.asarray(out.cache.slot_valid).sum(axis=1) == m), "the transient rows stayed in the cache"
 
-    with pytest.raises(ValueError, match="rebuild_by must be one of"):
-        check(rebuild=2, rebuild_by="mass")
-    with pytest.raises(ValueError, match="rebuild_by='attention' needs rebuild"):
-        check(rebuild_by="attention")
-    with pytest.raises(ValueError, match="rebuild_by='attention' needs rebuild"):
-        check(rebuild=2, adaptive_rebuild=True, rebuild_by="attention")
-    with pytest.raises(ValueError, match="retrieval_layer must be >= 0 and needs rebuild_by='attention'"):
-        check(rebuild=2, retrieval_layer=1)
-    with pytest.raises(ValueError, match="rebuild_from must be one of"):
-        check(rebuild=2, rebuild_from="host")
-    with pytest.raises(ValueError, match="rebuild_from='stored' needs rebuild_by='attention' and rebuild_into_cache"):
-        check(rebuild=2, rebuild_into_cache=False, rebuild_from="stored")
-    with pytest.raises(ValueError, match="rebuild_from='stored' needs rebuild_by='attention' and rebuild_into_cache"):
-        check(rebuild=2, rebuild_by="attention", rebuild_from="stored")
-    stored = dict(rebuild=2, rebuild_into_cache=False, rebuild_by="attention", rebuild_from="stored")
-    with pytest.raises(ValueError, match="recall_page_size must be >= 0 .* needs rebuild_from='stored'"):
-        check(rebuild=2, rebuild_into_cache=False, rebuild_by="attention", recall_page_size=16)
-    with pytest.raises(ValueError, match="recall_page_size must be >= 0"):
-        check(**stored, recall_page_size=-1)
-    with pytest.raises(ValueError, match="recall_pages applies with recall_page_size > 0"):
-        check(**stored, recall_pages=4)
-    with pytest.raises(ValueError, match=r"recall_pages must be in \[1, 4\] .* got 5"):
-        check(**stored, recall_page_size=16, recall_pages=5)  # 64 positions: 4 pages
-    with pytest.raises(ValueError, match=r"recall_pages must be in \[2, 64\] .* got 1"):
-        check(**stored, recall_page_size=1, recall_pages=1)  # one key per page cannot hold R = 2
-    check(**stored, recall_page_size=16, recall_pages=4)
-    with pytest.raises(ValueError, match="prefill_recall needs rebuild_from='stored'; got rebuild_from='recompute'"):
-        check(rebuild=2, rebuild_into_cache=False, rebuild_by="attention", prefill_recall=True)
-    check(**stored, prefill_recall=True)
-    for last in (0, -1):
-        with pytest.raises(ValueError, match=f"prefill_recall_last must be None .* got {last!r}"):
-            check(**stored, prefill_recall=True, prefill_recall_last=last)
-    for last in (2.5, True):
-        with pytest.raises(ValueError, match=f"'prefill_recall_last' must be int; got {last!r}"):
-            check(**stored, prefill_recall=True, prefill_recall_last=last)
-    with pytest.raises(ValueError, match="prefill_recall_last .* needs prefill_recall=True; got 4 with prefill_recall"
-                                         "=False"):
-        check(**stored, prefill_recall_last=4)
-    check(**stored, prefill_recall=True, prefill_recall_last=1)
-    by_attention = adore_jax.make_policy("adore", cache_size=8, rebuild=2, rebuild_by="attention")
+
+def test_return_path_options_are_checked(tiny_model):
+    """Rebuild's and Recall's fields are checked when built (and against the run's positions and the model when it
+    starts); an option of the other return path is not one of theirs."""
+    def check(returns):
+        return adore_jax.make_policy("adore", cache_size=8, returns=returns).validate(64)
+
+    def refused(message, returns):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check(returns)
+
+    refused("ranked_by must be one of 'scorer', 'attention'; got 'mass'", dict(type="rebuild", r=2, ranked_by="mass"))
+    refused("r (rebuilt tokens per step) must be an integer >= 1; got 0",
+            dict(type="rebuild", r=0, ranked_by="attention"))
+    refused("adaptive=True compares picks with the cached tokens' scores: it needs ranked_by='scorer'",
+            dict(type="rebuild", r=2, adaptive=True, ranked_by="attention"))
+    refused("layer is the attention ranking's layer: it needs ranked_by='attention'; got ranked_by='scorer'",
+            dict(type="rebuild", r=2, layer=1))
+    refused("layer must be an integer >= 0; got -1", dict(type="rebuild", r=2, ranked_by="attention", layer=-1))
+    refused("returns: type must be one of none, rebuild, recall; got 'host'", dict(type="host", r=2))
+    refused("return path 'rebuild' has no option 'page_size'", dict(type="rebuild", r=2, page_size=16))
+    refused("return path 'rebuild' has no option 'in_prefill'", dict(type="rebuild", r=2, in_prefill=True))
+    refused("return path 'recall' has no option 'into_cache'", dict(type="recall", r=2, into_cache=False))
+    refused("page_size (0: rank every stored key) must be an integer >= 0; got -1",
+            dict(type="recall", r=2, page_size=-1))
+    refused("pages must be <= 4 (the pages of 16 keys in 64 positions); got 5",
+            dict(type="recall", r=2, page_size=16, pages=5))  # 64 positions: 4 pages
+    refused("pages must be an integer >= 2; got 1",
+            dict(type="recall", r=2, page_size=1, pages=1))  # one key per page cannot hold R = 2
+    refused("r (R=8) must be < cache_size (m=8)", dict(type="rebuild", r=8, ranked_by="attention"))
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"r (recalled tokens per step) must be an integer >= 1; got "
+                                                       f"{bad!r}")):
+            Recall(r=bad)
+    with pytest.raises(ValueError, match="in_prefill must be true or false; got 1"):
+        Recall(r=2, in_prefill=1)
+    with pytest.raises(ValueError, match="into_cache must be true or false; got 0"):
+        Rebuild(r=2, into_cache=0)
+    assert check(dict(type="recall", r=2, page_size=16, pages=4)).returns == Recall(r=2, page_size=16, pages=4)
+    assert check(dict(type="recall", r=2, in_prefill=True)).returns == Recall(r=2, in_prefill=True)
+    by_attention = Rebuild(r=2, ranked_by="attention")
     smollm2 = dataclasses.replace(tiny_model.config, num_layers=30)
-    assert by_attention.tap_layer(smollm2) == 20, "the default retrieval layer is not two thirds of the way up"
+    assert by_attention.ranking_layer(smollm2) == 20, "the default ranking layer is not two thirds of the way up"
+    assert Rebuild(r=2).ranking_layer(smollm2) is None
     layers = tiny_model.config.num_layers
-    with pytest.raises(ValueError, match=rf"retrieval_layer must be in \[0, {layers}\)"):
-        adore_jax.generate(tiny_model, [[5, 6, 7, 8]], max_new_tokens=2, policy="adore", cache_size=4, rebuild=1,
-                           rebuild_by="attention", retrieval_layer=layers,
-                           controller=recency_controller(tiny_model.config.hidden_size))
+    controller = recency_controller(tiny_model.config.hidden_size)
+    with pytest.raises(ValueError, match=rf"layer must be in \[0, {layers}\) for this model; got {layers}"):
+        adore_jax.generate(tiny_model, [[5, 6, 7, 8]], max_new_tokens=2, policy="adore", cache_size=4,
+                           returns=Rebuild(r=1, ranked_by="attention", layer=layers), controller=controller)
+    with pytest.raises(ValueError, match=rf"from_layer must be in \[0, {layers}\) for this model; got {layers}"):
+        adore_jax.generate(tiny_model, [[5, 6, 7, 8]], max_new_tokens=2, policy="adore", cache_size=4,
+                           returns=Recall(r=1, from_layer=layers), controller=controller)
 
 
 @pytest.mark.parametrize("into_cache", [True, False], ids=["into-cache", "transient"])
@@ -586,7 +582,7 @@ def test_a_score_table_equals_the_controller_that_gives_the_same_scores(tiny_mod
     length = sequences.shape[1]
     t, i = np.arange(length)[:, None], np.arange(length)[None, :]
     table = np.where(i <= t, by_distance[np.clip(t - i, 0, 63)], -np.inf).astype(np.float32)
-    options = dict(cache_size=6, rebuild=2, rebuild_into_cache=into_cache, prefill_chunk=8)
+    options = dict(cache_size=6, returns=Rebuild(r=2, into_cache=into_cache), prefill_chunk=8)
     _, expected = adore_jax.teacher_force(tiny_model, sequences, 20, return_logits=True, policy="adore",
                                           controller=distance_controller(tiny_model.config.hidden_size, by_distance),
                                           **options)
@@ -600,10 +596,12 @@ def test_a_score_table_equals_the_controller_that_gives_the_same_scores(tiny_mod
 def test_batch_rows_are_independent(tiny_model):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [12] * 13]
     controller = ctrl_random(tiny_model)
-    for options in (dict(policy="adore", rebuild=2, controller=controller), dict(policy="h2o"), dict(policy="tova")):
+    for options in (dict(policy="adore", returns=Rebuild(r=2), controller=controller), dict(policy="h2o"),
+                    dict(policy="tova")):
         batch = adore_jax.generate(tiny_model, prompts, max_new_tokens=20, cache_size=6, **options)
         for prompt, ids in zip(prompts, batch.token_ids):
-            assert adore_jax.generate(tiny_model, [prompt], max_new_tokens=20, cache_size=6, **options).token_ids[0] == ids
+            alone = adore_jax.generate(tiny_model, [prompt], max_new_tokens=20, cache_size=6, **options)
+            assert alone.token_ids[0] == ids
 
 
 def test_decoding_length_never_changes_the_compiled_step():
@@ -612,7 +610,7 @@ def test_decoding_length_never_changes_the_compiled_step():
                                    num_kv_heads=1, head_dim=16, max_position_embeddings=8192)
     model = adore_jax.Model(config, init_params(config, jax.random.key(0)), None, "tiny-long")
     controller = ctrl.ControllerConfig(embed_dim=32, width=8, hidden=4)
-    options = dict(policy="adore", cache_size=32, rebuild=2, max_length=4224, decode_chunk=63,
+    options = dict(policy="adore", cache_size=32, returns=Rebuild(r=2), max_length=4224, decode_chunk=63,
                    controller=(controller, ctrl.init_controller(controller, jax.random.key(0))))
     adore_jax.generate(model, [[1, 2, 3]], max_new_tokens=64, **options)
     with timing.track_compiles() as stats:
@@ -658,33 +656,34 @@ def test_attention_mass_keeps_no_temporaries_per_layer(policy):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(policy="window", cache_size=0), r"cache_size \(m\) must be >= 1"),
-    (dict(policy="window"), r"cache_size \(m\) must be >= 1"),
-    (dict(policy="adore", cache_size=8, rebuild=-1), r"rebuild \(R\) must be >= 0"),
-    (dict(policy="adore", cache_size=8, rebuild=8), r"rebuild \(R=8\) must be < cache_size \(m=8\)"),
+    (dict(policy="window", cache_size=0), r"cache_size must be an integer >= 1 for policy 'window'; got 0"),
+    (dict(policy="window"), r"cache_size \(m\) must be set \(>= 1\) for policy 'window'"),
+    (dict(policy="adore", cache_size=8, returns=dict(type="rebuild", r=-1)),
+     r"r \(rebuilt tokens per step\) must be an integer >= 1; got -1"),
+    (dict(policy="adore", cache_size=8, returns=dict(type="rebuild", r=8)), r"r \(R=8\) must be < cache_size \(m=8\)"),
     (dict(policy="window", cache_size=8, attn_top_k=9), "policy 'window' has no option 'attn_top_k'"),
-    (dict(policy="oracle_topk", attn_top_k=0), r"attn_top_k \(K\) must be >= 1"),
-    (dict(policy="streaming_llm", cache_size=8, sinks=4, recent=5), r"sinks \+ recent \(4 \+ 5\) must be <= "),
+    (dict(policy="oracle_topk", attn_top_k=0), r"attn_top_k \(K\) must be an integer >= 1; got 0"),
+    (dict(policy="streaming_llm", cache_size=8, sinks=4, recent=5), r"sinks \+ recent \(4 \+ 5\) must be <= "
+     r"cache_size \(8\)"),
     (dict(policy="window", cache_size=300, max_length=256), r"cache_size \(300\) must be <= max_length \(256\)"),
     (dict(policy="lru", cache_size=8), "policy must be one of full, window"),
     (dict(policy="oracle_topk"), "needs attn_top_k"),
-    (dict(policy="window", cache_size=8, rebuild=2), "policy 'window' has no option 'rebuild'"),
-    (dict(policy="adore", cache_size=8, rebuild_into_cache=False), r"rebuild_into_cache=False needs rebuild \(R\) >= 1"),
-    (dict(policy="adore", cache_size=8, adaptive_rebuild=True), r"adaptive_rebuild=True needs rebuild \(R\) >= 1"),
+    (dict(policy="window", cache_size=8, rebuild=2), "unexpected keyword argument 'rebuild'"),
+    (dict(policy="window", cache_size=8, returns=dict(type="rebuild", r=2)),
+     "Rebuild\\(ranked_by='scorer'\\) ranks released tokens by the scorer's token scores, which policy 'window' has "
+     "not"),
+    (dict(policy="full", returns=dict(type="recall", r=2)), "policy 'full' keeps every token: it has no return path"),
+    (dict(policy="adore", cache_size=8, returns=dict(type="none", into_cache=False)),
+     "return path 'none' has no option 'into_cache'"),
+    (dict(policy="adore", cache_size=8, returns=dict(type="none", adaptive=True)),
+     "return path 'none' has no option 'adaptive'"),
     (dict(policy="window", cache_size="sixty"), "config key 'cache_size' must be int; got 'sixty'"),
-    (dict(policy="streaming_llm", cache_size=8, sinks=9), r"sinks and recent must be in \[0, cache_size=8\]"),
-    (dict(policy="adore", cache_size=8, rebuild=2, max_admissions=3), r"max_admissions must be in \[0, rebuild=2\]"),
-    (dict(policy="adore", cache_size=8, rebuild=2, admission_margin=-1.0), "admission_margin must be >= 0"),
-    (dict(policy="adore", cache_size=8, rebuild=2, adaptive_rebuild=True, rebuild_margin=-0.5),
-     "rebuild_margin must be >= 0; got -0.5"),
-    (dict(policy="adore", cache_size=8, rebuild=2, rebuild_margin=1.0),
-     "rebuild_margin applies to adaptive_rebuild=True"),
-    (dict(policy="adore", cache_size=8, attention_decay=1.0), r"attention_decay must be in \[0, 1\) .*got "
-     "attention_decay=1.0"),
-    (dict(policy="adore", cache_size=8, attention_decay=0.5, attention_weight=0.0),
-     "attention_decay must be .* needs attention_weight > 0; got attention_decay=0.5 with attention_weight=0.0"),
-    (dict(policy="adore", cache_size=8, rebuild=2, rebuild_into_cache=False, max_admissions=1),
-     "need rebuild \\(R\\) >= 1 and rebuild_into_cache=True"),
+    (dict(policy="streaming_llm", cache_size=8, sinks=9), r"sinks \+ recent \(9 \+ 0\) must be <= cache_size \(8\)"),
+    (dict(policy="adore", cache_size=8, returns=dict(type="rebuild", r=2, adaptive=True, margin=-0.5)),
+     "margin must be a number >= 0; got -0.5"),
+    (dict(policy="adore", cache_size=8, returns=dict(type="rebuild", r=2, margin=1.0)),
+     "margin applies to adaptive=True; got margin=1.0 with adaptive=False"),
+    (dict(policy="adore", cache_size=8, attention_weight=-1.0), "attention_weight must be a number >= 0; got -1.0"),
     (dict(policy="full", controller="x"), "controller= applies only to a policy that reads one"),
     (dict(policy="window", cache_sz=8), "unexpected keyword argument 'cache_sz'"),
     (dict(policy="score_table", cache_size=8), "policy 'score_table' needs its scores"),
@@ -699,7 +698,15 @@ def test_bad_cache_configuration_is_refused(tiny_model, options, message):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "policies",
                                                              "*.yaml"))), ids=os.path.basename)
 def test_committed_policy_configs_are_valid(path):
-    assert load_policy(path).validate(max_length=4096).name == read_yaml(path)["policy"]
+    """A config names a policy or a preset (adore_jax.policies.presets); either validates, and its return path holds
+    the fields the config sets."""
+    config = read_yaml(path)
+    policy = load_policy(path).validate(max_length=4096)
+    assert policy.name == (config["policy"] if "policy" in config else PRESETS[config["preset"]]().name)
+    returns = config.get("returns") or {}
+    returns = returns if isinstance(returns, dict) else {"type": returns}
+    assert returns.get("type", policy.returns.kind) == policy.returns.kind
+    assert all(getattr(policy.returns, key) == value for key, value in returns.items() if key != "type"), returns
 
 
 def test_controller_for_another_model_is_refused(tiny_model, tmp_path):
@@ -716,29 +723,6 @@ def test_controller_for_another_model_is_refused(tiny_model, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
 
 
-def test_rebuild_max_distance_keeps_candidates_within_reach(tiny_model, sequences):
-    """The boosted token sits 8 back: rebuilt without a cap, never with rebuild_max_distance=7."""
-    scores = -np.arange(64, dtype=np.float32)
-    scores[8] = 100.0
-    controller = distance_controller(tiny_model.config.hidden_size, scores)
-
-    def rebuilt_distances(**options):
-        policy = adore_jax.make_policy("adore", cache_size=4, rebuild=2, **options)
-        prompt = [sequences[0, :PROMPT].tolist()]
-        session = adore_jax.DecodeSession(tiny_model, prompt, 12, policy, controller=controller)
-        session.prefill()
-        session.start([int(sequences[0, PROMPT])])
-        picks = np.asarray(session.decode(12).rebuilt[0])  # [T, R] positions, -1: none
-        steps = PROMPT + np.arange(len(picks))[:, None]
-        return (steps - picks)[picks >= 0]
-
-    assert 8 in rebuilt_distances()
-    capped = rebuilt_distances(rebuild_max_distance=7)
-    assert capped.size and capped.max() <= 7
-    with pytest.raises(ValueError, match="rebuild_max_distance must be >= 1 and needs rebuild"):
-        adore_jax.make_policy("adore", cache_size=4, rebuild=0, rebuild_max_distance=4).validate(64)
-
-
 @pytest.mark.parametrize("rebuild, adaptive", [(0, False), (2, False), (2, True)], ids=["R=0", "R=2", "R=2-adaptive"])
 def test_a_hidden_state_controller_reads_each_tokens_own_pass(tiny_model, sequences, rebuild, adaptive):
     """input_layer = 1: the features buffered for every token, prefilled in chunks or decoded (the last row of
@@ -749,7 +733,8 @@ def test_a_hidden_state_controller_reads_each_tokens_own_pass(tiny_model, sequen
                                    input_layer=1)
     controller = (config, ctrl.init_controller(config, jax.random.key(3)))
     steps = sequences.shape[1] - PROMPT
-    policy = adore_jax.make_policy("adore", cache_size=64, rebuild=rebuild, adaptive_rebuild=adaptive, prefill_chunk=8)
+    returns = Rebuild(r=rebuild, adaptive=adaptive) if rebuild else NoReturn()
+    policy = adore_jax.make_policy("adore", cache_size=64, returns=returns, prefill_chunk=8)
     session = adore_jax.DecodeSession(tiny_model, sequences[:, :PROMPT].tolist(), steps, policy, controller=controller)
     session.prefill()
     session.start(sequences[:, PROMPT])
@@ -761,7 +746,7 @@ def test_a_hidden_state_controller_reads_each_tokens_own_pass(tiny_model, sequen
     *_, hidden = forward_block(tiny_model.params, tiny_model.config, cache, whole, hidden_after=1)
     _, expected, _ = ctrl.encode_sequence(config, controller[1], hidden)
     seen = length - 1  # the last forced token is fed to no step
-    np.testing.assert_allclose(np.asarray(session.ps.features)[:, :seen], expected[:, :seen], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(session.ps.scorer.features)[:, :seen], expected[:, :seen], atol=1e-5)
     embedded = ctrl.encode_sequence(config, controller[1], tiny_model.params["embed"][sequences])[1]
     assert np.max(np.abs(expected - embedded)) > 1e-2, "hidden states and input embeddings give the same features"
 

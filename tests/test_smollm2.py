@@ -58,7 +58,7 @@ def test_tokenizer_round_trips_and_splits_digits(smollm2):
 
 
 def test_perplexity_of_real_text_is_sane(smollm2):
-    """An encyclopedic paragraph: SmolLM2 reaches a perplexity near 9 (ASSETS.md); noise would be ~49k."""
+    """An encyclopedic paragraph: SmolLM2 reaches a perplexity near 9; noise would be ~49k."""
     text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
             "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
             "from 1887 to 1889. Locally nicknamed \"La dame de fer\" (French for \"Iron Lady\"), it was "
@@ -66,7 +66,8 @@ def test_perplexity_of_real_text_is_sane(smollm2):
             "anniversary of the French Revolution.")
     ids = np.array([smollm2.tokenizer.encode(text)], np.int32)
     logits = np.asarray(forward(smollm2.params, smollm2.config, ids))[0, :-1]
-    logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True)) - logits.max(-1, keepdims=True)
+    peak = logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.sum(np.exp(logits - peak), -1, keepdims=True)) - peak
     nll = -np.mean(logp[np.arange(len(logp)), ids[0, 1:]])
     assert 2.0 < np.exp(nll) < 20.0, np.exp(nll)
 

@@ -30,7 +30,8 @@ def test_it_is_the_base_model_with_the_embedded_adapter_merged(smollm2, tuned):
 @pytest.mark.parametrize("policy", ["full", {"policy": "oracle_topk", "attn_top_k": 32},
                                     *[{"policy": name, "cache_size": 64} for name in ("window", "streaming_llm", "h2o",
                                                                                       "tova", "adore")],
-                                    {"policy": "adore", "cache_size": 64, "rebuild": 8}])
+                                    {"policy": "adore", "cache_size": 64, "returns": {"type": "rebuild", "r": 8}}])
+@pytest.mark.e2e  # the real model under every policy: make test-slow
 def test_it_generates_through_every_policy_with_its_own_controller(tuned, policy):
     prompt = "Tell me about lighthouses. " * 24  # about 150 tokens: more than the bounded caches hold
     out = adore_jax.generate(tuned, [prompt], 6, cache=policy)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from adore_jax.eval.config import load_eval_config
 from adore_jax.train import cli
 from adore_jax.train.config import ConfigError, ControllerTrainConfig, FinetuneConfig, LabelsConfig, load_config
 
@@ -12,10 +13,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = {"labels": LabelsConfig, "train": ControllerTrainConfig, "finetune": FinetuneConfig}
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))))
+SHIPPED = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))
+                 + glob.glob(os.path.join(REPO, "docs", "experiments", "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, REPO))
 def test_shipped_configs_load(path):
     kind = os.path.basename(path).split("_")[0]
-    if kind in KINDS:
+    assert kind in (*KINDS, "eval"), f"{path}: not a labels, train, finetune or eval config"
+    if kind == "eval":
+        load_eval_config(path)
+    else:
         load_config(KINDS[kind], path)
 
 

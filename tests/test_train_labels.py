@@ -83,7 +83,8 @@ def test_labels_equal_brute_force_top_k(aggregation):
     counts = got[1].sum(-1)
     if aggregation != "union":  # exactly min(t + 1, K) keys per query
         np.testing.assert_array_equal(counts, np.minimum(np.arange(length) + 1, top_k))
-    assert np.all(np.asarray(hits)[1, :, 0] <= counts) and np.all(np.asarray(hits)[1, :, 1] >= np.asarray(hits)[1, :, 0])
+    second = np.asarray(hits)[1]
+    assert np.all(second[:, 0] <= counts) and np.all(second[:, 1] >= second[:, 0])
 
 
 @pytest.mark.parametrize("horizon", [1, 4, 30])

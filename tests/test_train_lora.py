@@ -36,11 +36,11 @@ def test_zero_b_leaves_logits_unchanged():
     tokens = jax.random.randint(jax.random.key(4), (1, 10), 2, 258)
     adapters = lora.init_lora(model.params, 8, ("wq", "wk", "wv", "wo", "w_up"), jax.random.key(0))
     base = _logits(model.params, model.config, tokens)
-    np.testing.assert_array_equal(np.asarray(_logits(lora.apply_lora(model.params, adapters, 2.0), model.config, tokens)),
-                                  np.asarray(base))
+    with_adapters = _logits(lora.apply_lora(model.params, adapters, 2.0), model.config, tokens)
+    np.testing.assert_array_equal(np.asarray(with_adapters), np.asarray(base))
     # the full-sequence training forward is the model's own forward
-    np.testing.assert_allclose(np.asarray(base), np.asarray(adore_jax.model.forward(model.params, model.config, tokens)),
-                               atol=1e-5)
+    direct = adore_jax.model.forward(model.params, model.config, tokens)
+    np.testing.assert_allclose(np.asarray(base), np.asarray(direct), atol=1e-5)
 
 
 def test_export_loads_through_load_model(tmp_path):

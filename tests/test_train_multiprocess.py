@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.e2e  # two processes: make test-slow
+
 TIME_BOUND_S = 300  # for both processes of one launch together
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, STOP_AFTER = 8, 5  # controller run: stopped after step 5, resumed from its step-4 checkpoint

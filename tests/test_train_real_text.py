@@ -9,6 +9,8 @@ from adore_jax.train import labels
 from adore_jax.train.config import ControllerTrainConfig, DataConfig, LabelsConfig, load_config
 from adore_jax.train.controller_training import train_controller
 
+pytestmark = pytest.mark.e2e  # trains on real text: make test-slow
+
 
 @pytest.mark.slow
 def test_controller_beats_recency_on_real_text(tmp_path, smollm2):

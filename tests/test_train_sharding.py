@@ -46,7 +46,8 @@ CHECK = textwrap.dedent("""
         assert abs(float(m1["loss"]) - float(m8["loss"])) <= 1e-5 * abs(float(m1["loss"]))
         for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            assert np.max(np.abs(a - b)) <= 1e-5 * max(np.max(np.abs(a)), 1e-3), (np.max(np.abs(a - b)), np.max(np.abs(a)))
+            error, scale = np.max(np.abs(a - b)), np.max(np.abs(a))
+            assert error <= 1e-5 * max(scale, 1e-3), (error, scale)
         print("ok", lora, attention, float(m8["loss"]))
 """)
 

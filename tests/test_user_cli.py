@@ -95,7 +95,10 @@ BAD_VALUES = [  # generate arguments, and what the error line must say
     (["--stop-token-id", "259"], "stop_token_ids must be in [0, 259) (the model's vocabulary); got 259"),
     (["--logprobs"], "--logprobs is shown in --json output only; add --json"),
     (["--policy", "window", "--set", "cache_size=sixty"], "config key 'cache_size' must be int; got 'sixty'"),
-    (["--policy", "window", "--cache-size", "8", "--sinks", "9"], "sinks and recent must be in [0, cache_size=8]"),
+    (["--policy", "window", "--cache-size", "8", "--sinks", "9"], "sinks + recent (9 + 0) must be <= cache_size (8)"),
+    (["--policy", "tova", "--cache-size", "8", "--rebuild", "2"], "Rebuild(ranked_by='scorer') ranks released tokens"),
+    (["--preset", "adore_recall", "--set", "returns.r=0"], "r (recalled tokens per step) must be an integer >= 1"),
+    (["--config", "configs/eval_cpu.yaml"], "is an evaluation config"),
 ]
 
 
@@ -144,3 +147,30 @@ def test_an_oversized_cache_is_lowered_with_a_one_line_warning(model_dir):
     assert len(warning) == 1 and warning[0].startswith("adore generate: warning: cache_size 100000 is more than"), \
         done.stderr
     assert "[timing] window" in done.stderr
+
+
+def test_a_bad_value_fails_before_the_model_loads(tmp_path):
+    """A range error is found before the (slow) model load: the model named here does not exist."""
+    done = adore("generate", "--model", str(tmp_path / "missing.gguf"), "--prompt", "hi", "--max-new-tokens", "0")
+    assert done.returncode == 2 and "max_new_tokens must be an integer >= 1; got 0" in done.stderr, done.stderr
+
+
+def test_no_torch_advisory_on_the_command_line(json_run):
+    assert "PyTorch was not found" not in json_run[1].stderr
+
+
+def test_ctrl_c_stops_cleanly_with_exit_130_keeping_what_was_streamed(model_dir):
+    """SIGINT while generating: no traceback, exit status 130, the streamed text kept on stdout."""
+    import signal
+
+    environment = {**os.environ, "ADORE_JAX_NO_COMPILE_CACHE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "adore_jax.cli", "generate", "--model", model_dir, "--stream",
+                                "--max-new-tokens", "240", "--decode-chunk", "1", "-n", "64", "--temperature", "1",
+                                "--prompt", PROMPTS[0]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=environment)
+    first = process.stdout.read(1)  # the stream has started: 239 more steps of 64 rows, one compiled step each
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert len(first + out) > 0

@@ -10,12 +10,12 @@ import types
 import jax
 import numpy as np
 import pytest
+from conftest import save_tiny_hf
 
 import adore_jax
 from adore_jax import timing
 from adore_jax.model import forward
 from adore_jax.session import DECODE_CHUNK, CacheSizeWarning
-from conftest import save_tiny_hf
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -187,6 +187,30 @@ def test_n_samples_per_prompt_are_listed_prompt_by_prompt(tiny_model):
     greedy = adore_jax.generate(tiny_model, prompts, 10, n=2)
     single = adore_jax.generate(tiny_model, prompts, 10)
     assert greedy.token_ids == [single.token_ids[0]] * 2 + [single.token_ids[1]] * 2
+
+
+def test_a_requests_samples_depend_on_the_seed_and_the_request_not_its_place_in_the_batch(tiny_model):
+    """Each row's PRNG key comes from the seed, its prompt and its sample index: the same request gives the same
+    sample alone or beside others, different prompts do not share a stream, and the seed matters."""
+    prompts = [[7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    batch = adore_jax.generate(tiny_model, prompts, 12, temperature=1.0, seed=3)
+    for i, prompt in enumerate(prompts):
+        assert adore_jax.generate(tiny_model, [prompt], 12, temperature=1.0, seed=3).token_ids[0] == batch.token_ids[i]
+    reordered = adore_jax.generate(tiny_model, prompts[::-1], 12, temperature=1.0, seed=3)
+    assert reordered.token_ids[::-1] == batch.token_ids
+    other_seed = adore_jax.generate(tiny_model, prompts, 12, temperature=1.0, seed=4)
+    assert other_seed.token_ids != batch.token_ids
+
+
+def test_sampling_may_be_a_mapping_of_its_fields(tiny_model):
+    a = adore_jax.generate(tiny_model, [[7, 8, 9]], 6, sampling={"temperature": 1.0, "top_k": 5}, seed=1)
+    b = adore_jax.generate(tiny_model, [[7, 8, 9]], 6, sampling=adore_jax.SamplingParams(temperature=1.0, top_k=5),
+                           seed=1)
+    assert a.token_ids == b.token_ids
+    with pytest.raises(TypeError, match="sampling has no option 'temp'"):
+        adore_jax.generate(tiny_model, [[7, 8, 9]], 6, sampling={"temp": 1.0})
+    with pytest.raises(TypeError, match="sampling must be a SamplingParams or a mapping"):
+        adore_jax.generate(tiny_model, [[7, 8, 9]], 6, sampling=0.5)
 
 
 def test_logprobs_are_the_models_log_probabilities_of_the_sampled_tokens(tiny_model):

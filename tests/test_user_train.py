@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adore_jax.train.loop import CheckpointWarning, Checkpoints, MetricsLog, read_metrics
+from adore_jax.train.loop import Checkpoints, CheckpointWarning, MetricsLog, read_metrics
 
 
 def _write_metrics(path, steps):

@@ -8,8 +8,17 @@
 Command line: `adore labels|train-controller|finetune CONFIG [--set key=value ...]`
 (or `python -m adore_jax.train.cli ...`). See docs/training.md.
 """
-from adore_jax.train.config import (ConfigError, ControllerTrainConfig, DataConfig, FinetuneConfig, LabelsConfig,
-                                    LoraConfig, MeshConfig, OptimConfig, load_config)
+from adore_jax.train.config import (
+                                    ConfigError,
+                                    ControllerTrainConfig,
+                                    DataConfig,
+                                    FinetuneConfig,
+                                    LabelsConfig,
+                                    LoraConfig,
+                                    MeshConfig,
+                                    OptimConfig,
+                                    load_config,
+)
 from adore_jax.train.controller_training import train_controller
 from adore_jax.train.finetune import finetune
 from adore_jax.train.labels import label_pass, run_labels

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Optional
 
 from adore_jax.configfile import ConfigError, load_config, save_config  # noqa: F401  (the stages' loader)
+from adore_jax.controller import ControllerConfig
 
 
 def at_least(config, minimum: int, *names) -> None:
@@ -15,7 +16,6 @@ def at_least(config, minimum: int, *names) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or value < minimum:
             raise ConfigError(f"config key {name!r} must be >= {minimum}; got {value!r}")
-from adore_jax.controller import ControllerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +118,7 @@ class FinetuneConfig:
     model: str = "smollm2-135m"
     dtype: str = "float32"
     data: DataConfig = DataConfig()
-    attention: str = "topk"  # "topk" (ADORE.md 1) or "full"
+    attention: str = "topk"  # "topk" (docs/design.md) or "full"
     top_k: int = 32
     kernel_impl: str = "auto"  # pallas_kernels.topk_attention impl
     remat: bool = False  # gradient checkpointing: recompute each layer's activations in the backward pass

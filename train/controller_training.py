@@ -1,4 +1,4 @@
-"""Train the ADORE controller on top-K labels (ADORE.md 2): BCE over all pairs i <= t, or a listwise loss.
+"""Train the ADORE controller on top-K labels (docs/design.md): BCE over all pairs i <= t, or a listwise loss.
 
 Graded labels (`adore labels` with levels: nested top-K sets for K = top_k, *levels) train the BCE on
 the share of the sets that hold each key, which is the mean BCE against each set's labels; the held-out
@@ -26,12 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adore_jax.controller import ControllerConfig, encode_sequence, init_controller, pairwise_scores, score, \
-    save_controller
+from adore_jax.controller import (
+    ControllerConfig,
+    encode_sequence,
+    init_controller,
+    pairwise_scores,
+    save_controller,
+    score,
+)
 from adore_jax.train import labels as label_io
-from adore_jax.train.controller_inputs import controller_inputs
 from adore_jax.train import sharding
 from adore_jax.train.config import ControllerTrainConfig
+from adore_jax.train.controller_inputs import controller_inputs
 from adore_jax.train.loop import Checkpoints, MetricsLog, make_optimizer, plot_metrics, record_config, run_steps
 from pallas_kernels import kth_largest
 

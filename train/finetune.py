@@ -1,4 +1,4 @@
-"""Sparse fine-tuning (ADORE.md 1): next-token loss under top-K attention, LoRA or full weights.
+"""Sparse fine-tuning (docs/design.md): next-token loss under top-K attention, LoRA or full weights.
 
     summary = finetune(load_config(FinetuneConfig, "configs/finetune_smollm2.yaml"))
 

@@ -5,7 +5,7 @@
 `attention(q [B,T,H,D], k [B,T,G,D], v [B,T,G,D]) -> (out [B,T,H,D], aux)`; `aux` is collected per
 layer (labels use it for attention statistics; training returns None). Masks live in the attention
 function: `full_attention` (causal, optionally within packed segments) and `sparse_attention`
-(top-K causal, the backbone's fine-tuning target, ADORE.md 1), both over the kernel package's
+(top-K causal, the backbone's fine-tuning target, docs/design.md), both over the kernel package's
 reference `masked_attention` or its kernels.
 """
 import functools

@@ -1,4 +1,4 @@
-"""Top-K attention labels (ADORE.md 2): which keys each query's ideal sparse attention keeps.
+"""Top-K attention labels (docs/design.md): which keys each query's ideal sparse attention keeps.
 
 A jit-compiled full-attention pass aggregates the attention of every layer and head into one
 [T, T] statistic per sequence and marks, per query t, its top-K keys i <= t:
@@ -6,13 +6,13 @@ A jit-compiled full-attention pass aggregates the attention of every layer and h
   max    top-K of max over layers of the head-averaged probability ("per-layer max");
   union  every key in the top-K of at least one (layer, head): may be more than K keys.
 Queries with fewer than K predecessors label all of them. With a horizon H > 0 the labels mark
-future need instead (FINDINGS.md: release is permanent, so the current query's top-K is a myopic
+future need instead (docs/results/gap.md: release is permanent, so the current query's top-K is a myopic
 target), in one of three forms (`future_need`), always over keys i <= t, the window cut at the
 row's last query:
   union       key i is a label of query t if it is in the top-K set of any query in [t, t + H]
               (may be far more than K keys);
   max         the top-K keys of max over t' in [t, t + H] of the statistic at (t', i): exactly
-              the ranking of FINDINGS.md's perfect future-need scorer, K keys per query;
+              the ranking of the gap decomposition's perfect future-need scorer, K keys per query;
   discounted  the top-K keys of sum over t' >= t of exp(-(t' - t) / H) times the statistic at (t', i).
 Graded labels (`levels`, larger K values): the same ranking cut at each K gives nested sets, and a
 key's label counts the sets that hold it (the controller's BCE target is that count over their number:

@@ -19,7 +19,8 @@ def make_optimizer(optim, total_steps: int, mask=None):
             0.0, optim.learning_rate, warmup, max(total_steps, warmup + 1), optim.learning_rate * optim.end_fraction)
     elif optim.schedule == "constant":
         schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, optim.learning_rate, max(warmup, 1)), optax.constant_schedule(optim.learning_rate)],
+            [optax.linear_schedule(0.0, optim.learning_rate, max(warmup, 1)),
+             optax.constant_schedule(optim.learning_rate)],
             [max(warmup, 1)])
     else:
         raise ValueError(f"optim.schedule must be 'cosine' or 'constant'; got {optim.schedule!r}")
@@ -144,7 +145,8 @@ class Checkpoints:
             earlier = [s for s in self.manager.all_steps() if s < step]
             then = f" to resume from step {max(earlier)}" if earlier else " to start over"
             raise ValueError(f"checkpoint step {step} in {self.directory} cannot be read, it is damaged "
-                             f"({_first_line(error)}); delete {os.path.join(self.directory, str(step))}{then}") from None
+                             f"({_first_line(error)}); delete {os.path.join(self.directory, str(step))}{then}") \
+                from None
         return restored["state"], restored["data"], meta
 
     def _check_shapes(self, step, abstract):

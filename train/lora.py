@@ -67,7 +67,8 @@ def init_lora(params, rank: int, targets, key, dtype=jnp.float32):
 
 def apply_lora(params, lora, scale: float):
     """Params whose target weights are LoraWeight (unmerged): the training/forward form."""
-    layers = tuple({**layer, **{name: LoraWeight(layer[name], ad["a"], ad["b"], scale) for name, ad in adapters.items()}}
+    layers = tuple({**layer, **{name: LoraWeight(layer[name], ad["a"], ad["b"], scale)
+                                for name, ad in adapters.items()}}
                    for layer, adapters in zip(params["layers"], lora["layers"]))
     return {**params, "layers": layers}
 

@@ -1,63 +1,54 @@
-"""What every cache policy shares: the protocol, the policy state and the slot-table operations.
+"""What every cache policy shares: the scorer protocol, the state container and the slot-table operations.
 
-A cache policy is one frozen dataclass: hashable, because it is part of the static plan the decode
-programs are compiled for. Its methods are the only place its rule lives. For every block (a
-prefill chunk, or a decode step of the current token plus R rebuilt ones), `adore_jax.decode` calls
+A cache policy is a frozen dataclass (hashable: it is part of the static plan the decode programs are
+compiled for). A bounded policy is a *scorer* (what to keep: this module's `BoundedPolicy` subclasses) and a
+*return path* (what comes back: `returns`, adore_jax.policies.returns). Each part checks its own fields when it
+is built and owns its state pytree: `PolicyState` holds the two states side by side, never a union of fields.
 
-    picked, wanted = policy.rebuild_choice(cache, ps, scores, position)   decode steps with rebuild > 0 only,
-                                                                   from scores taken before the block
-    ... the block runs through the model with policy.attention(impl) ...
-    ps = policy.update_state(ps, block, mass, last_row, tapped)    after the block (h2o, tova: attention mass
-                                                                   [B, S], each layer's weighted over the block's
-                                                                   queries by policy.mass_weights(block, last_row);
-                                                                   adore: layer tap_layer's queries and keys)
-    ps = policy.store_kv(ps, cache, block)                         adore, rebuild_from "stored": every layer's K/V
-    ps = policy.observe(ps, ctx, tokens, positions, valid, layer_hidden)   adore: the controller reads the
-                                                                   block's tokens (or their hidden states)
-    scores = policy.token_scores(ps, ctx, query_position, needed)  [B, N] scores of the tokens seen (those in
-                                                                   needed [B, K] when given), or None
-    keep = policy.slot_scores(cache, ps, scores)                   [B, S], higher is kept; then sink and recent
-                                                                   tokens are pinned and the lowest released
-                                                                   until m remain (bounded policies)
+For every block (a prefill chunk, or a decode step) `adore_jax.decode` runs the block through the model, then
 
-`ctx` is what `policy.context(controller_config, controller_params, embed, ps)` returned once per
-compiled program (None unless the policy reads a controller).
-A policy with `rebuild` > 0 also provides `rebuild_choice`, `admitted` (which rebuilt tokens may stay)
-and the `adaptive_rebuild` / `rebuild_into_cache` options, and one with `needs_controller` provides
-`resolve_controller(model, controller)`; `Adore` (adore.py) is the one that does.
+    state = policy.update(state, block, mass, last_row)        mass [B, S]: the attention each slot got (needs_mass),
+                                                               weighted over the block's queries by mass_weights
+    state = policy.observe(state, ctx, block, layer_hidden)    a controller reads the block's tokens
+    scores = policy.token_scores(state, ctx, query_position, positions)   [B, N] scores of the tokens seen, or None
+    keep = policy.slot_scores(cache, state, scores)            [B, S], higher is kept; sink and recent tokens are
+                                                               pinned, and the lowest released until m remain
+
+`ctx` is what `policy.context(...)` returned once per compiled program (a controller's parameters, or None).
+The return path decides how a decode step runs (`ReturnPath.decode_step`).
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 
-CACHE_UPDATES = ("scatter", "onehot")
+from adore_jax.policies.returns import NO_RETURN, ReturnPath, check_int
+
 PROTECTED = 1e9  # added to the score of pinned tokens (sinks, recent window)
-UNBOUNDED_PREFILL_CHUNK = 256  # prompt tokens per prefill block when nothing is released (2048-token prompt at
-# batch 1 on XLA:CPU: 6.6 s against 8.0 s with 512, the [B, G, r*Q, blk] logits of a block stay in cache)
+UNBOUNDED_PREFILL_CHUNK = 256  # prompt tokens per prefill block when nothing is released (docs/perf.md)
 BOUNDED_PREFILL_CHUNK = 128  # ... and when the cache is cut back to m after every block
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PolicyState:
-    """The decode loop's per-sequence policy state; a policy leaves the parts it does not use empty."""
-    token_ids: jax.Array  # [B, N] int32 release buffer: every token seen, at its position (adore)
-    features: jax.Array  # [B, N, h] float32 controller features of every token seen (adore)
-    controller_state: jax.Array  # [B, c] float32 GRU state after the last token (adore)
-    mass: jax.Array  # [B, S] float32 attention statistic per slot (h2o, tova)
-    retrieval_keys: jax.Array  # [B, N, G, D] float32 one layer's RoPE'd key of every token seen (adore, rebuild_by
-    # attention)
-    retrieval_query: jax.Array  # [B, H, D] float32 ... and its query of the latest token
-    retrieval_next: jax.Array  # [B, 1] int32 the first position whose key is not yet stored
-    stored_k: tuple  # L x [B, G, N, D] every layer's K of every token seen, at its position, KV-head-major (adore,
-    # rebuild_from "stored"); empty otherwise
-    stored_v: tuple  # L x [B, G, N, D] ... and its V
-    stored_key_bounds: tuple  # L x [B, G, N / P, 2, D] ... with recall_page_size P: each page's max, min of every
-    # key dim (the store's N is then a multiple of P)
-    rebuild_steps: jax.Array  # [] int32 steps at which the rebuild block ran
-    rebuilt_tokens: jax.Array  # [B] int32 tokens rebuilt so far
+    """The decode loop's policy state: each part's own pytree, and how often the return path brought tokens back."""
+    scorer: Any  # the scorer's state (None when it keeps none)
+    returns: Any  # the return path's state (None when it keeps none)
+    return_steps: jax.Array  # [] int32 steps at which released tokens came back
+    returned_tokens: jax.Array  # [B] int32 tokens brought back so far
+
+
+@dataclasses.dataclass(frozen=True)
+class StateShape:
+    """What a part needs to size its state."""
+    batch: int
+    num_slots: int  # S, cache slots
+    max_length: int  # N, positions the run holds
+    model: Any  # ModelConfig
+    controller: Any = None  # ControllerConfig, for a scorer that reads one
+    kv_dtype: Any = jnp.float32  # the cache's dtype
 
 
 def rows(batch: int):
@@ -70,29 +61,47 @@ def written_slots(block, num_slots: int):
     return jnp.zeros((batch, num_slots), bool).at[rows(batch), block.slots].set(True)
 
 
+def cached_scores(cache, token_scores):
+    """token_scores [B, N] of the tokens in the cache's slots: [B, S]."""
+    return jnp.take_along_axis(token_scores, cache.slot_positions, axis=1)
+
+
+def check_cache_size(value, name: str) -> None:
+    if value is not None:
+        check_int(value, "cache_size", 1, where=f"policy {name!r}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CachePolicy:
     """The protocol (see the module doc) with the defaults of a policy that keeps every token."""
     name: ClassVar[str]
     bounded: ClassVar[bool] = False  # keeps at most cache_size tokens
     needs_mass: ClassVar[bool] = False  # slot attention must return each query's attention mass per slot
-    needs_controller: ClassVar[bool] = False  # reads a trained controller (adore)
-    rebuild: ClassVar[int] = 0  # R, released tokens rebuilt per decode step (a field where a policy has it)
-    recalls_stored: ClassVar[bool] = False  # rebuilds from K/V kept beside the cache (adore, rebuild_from "stored")
-    prefill_recall: ClassVar[bool] = False  # ... and prefill chunks recall from them too (a field where a policy has it)
+    needs_controller: ClassVar[bool] = False  # reads a trained controller (resolve_controller, context)
+    scores_any_token: ClassVar[bool] = False  # token_scores ranks released tokens too (a rebuild may rank by it)
 
     cache_size: Optional[int] = None  # unbounded policies: cache slots (default: as many as the run needs)
     prefill_chunk: Optional[int] = None  # prompt tokens per prefill block (default 256; bounded 128)
-    cache_update: str = "scatter"  # how block K/V enter the cache: "scatter" (index) or "onehot" (matmul)
+
+    def __post_init__(self):
+        check_cache_size(self.cache_size, self.name)
+        if self.prefill_chunk is not None:
+            check_int(self.prefill_chunk, "prefill_chunk", 1)
+
+    @property
+    def returns(self) -> ReturnPath:
+        return NO_RETURN
 
     @property
     def label(self) -> str:
-        """The row name in reports: the name and every option set away from its default but the cache size."""
-        return " ".join([self.name] + [f"{key}={value}" for key, value in self.changed_options().items()])
+        """The row name in reports: the name, every option set away from its default but the cache size, and the
+        return path's label."""
+        parts = [self.name] + [f"{key}={value}" for key, value in self.changed_options().items()]
+        return " ".join(parts + ([self.returns.label] if self.returns.r else []))
 
     def changed_options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "cache_size" and getattr(self, f.name) != f.default}
+                if f.name not in ("cache_size", "returns") and getattr(self, f.name) != f.default}
 
     def at_cache_size(self, cache_size: int) -> "CachePolicy":
         """This policy at an evaluation's cache budget m (where it has not fixed its own)."""
@@ -100,8 +109,8 @@ class CachePolicy:
 
     @property
     def block_rows(self) -> int:
-        """Q, the rows of a decode block: the current token plus the rebuilt ones."""
-        return 1 + self.rebuild
+        """Q, the rows of a decode block: the current token plus what the return path brings back."""
+        return 1 + self.returns.r
 
     @property
     def chunk(self) -> int:
@@ -109,20 +118,7 @@ class CachePolicy:
         return default if self.prefill_chunk is None else self.prefill_chunk
 
     def validate(self, max_length: int) -> "CachePolicy":
-        """Check the options against the release buffer length; returns the policy with defaults filled."""
-        if self.cache_update not in CACHE_UPDATES:
-            raise ValueError(f"cache_update must be one of {CACHE_UPDATES}; got {self.cache_update!r}")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1; got {self.prefill_chunk}")
-        self.check(max_length)
-        return self.with_defaults()
-
-    def check(self, max_length: int) -> None:
-        """The policy's own option checks (raise ValueError naming the option and its allowed range)."""
-        if self.cache_size is not None and self.cache_size < 1:
-            raise ValueError(f"cache_size (slots) must be >= 1 for policy {self.name!r}; got {self.cache_size}")
-
-    def with_defaults(self) -> "CachePolicy":
+        """Check the options against the run's positions; returns the policy with defaults filled."""
         return self
 
     def attention(self, impl: str):
@@ -132,76 +128,98 @@ class CachePolicy:
         from pallas_kernels import slot_attention
         return partial(slot_attention, impl=impl)
 
-    def init_state(self, batch: int, num_slots: int, max_length: int, controller=None, model=None,
-                   kv_dtype=jnp.float32) -> PolicyState:
-        return PolicyState(
-            token_ids=jnp.zeros((batch, 0), jnp.int32), features=jnp.zeros((batch, 0, 0), jnp.float32),
-            controller_state=jnp.zeros((batch, 0), jnp.float32),
-            mass=jnp.zeros((batch, num_slots if self.needs_mass else 0), jnp.float32),
-            retrieval_keys=jnp.zeros((batch, 0, 0, 0), jnp.float32),
-            retrieval_query=jnp.zeros((batch, 0, 0), jnp.float32), retrieval_next=jnp.zeros((batch, 0), jnp.int32),
-            stored_k=(), stored_v=(), stored_key_bounds=(),
-            rebuild_steps=jnp.zeros((), jnp.int32), rebuilt_tokens=jnp.zeros((batch,), jnp.int32))
-
-    def context(self, controller, controller_params, embed, ps: PolicyState):
-        """What the policy's methods need beyond the state, once per compiled program (adore: the controller)."""
+    def init_state(self, shape: StateShape):
+        """The scorer's own state pytree (None: it keeps none)."""
         return None
 
-    def observe(self, ps: PolicyState, ctx, tokens, positions, valid, layer_hidden=None) -> PolicyState:
-        """See a block's tokens [B, T] (layer_hidden [B, T, E]: their hidden states, for a controller with
-        input_layer). A rebuild step scores (and observes, when it can) before its block: see decode.py."""
-        return ps
+    def compact(self, state, take):
+        """The state after the cache's slots were reordered: `take` maps a [B, S, ...] array to the kept order."""
+        return state
 
-    def token_scores(self, ps: PolicyState, ctx, query_position, positions=None):
+    def position_limit(self, state) -> Optional[int]:
+        """The first position the state cannot hold (None: unlimited)."""
+        return None
+
+    def resolve_controller(self, model, controller):
+        """(ControllerConfig or None, params) for a policy that needs_controller."""
+        raise NotImplementedError
+
+    def context(self, controller, controller_params, embed, state):
+        """What the methods need beyond the state, once per compiled program (a controller's params)."""
+        return None
+
+    def reads_hidden_after(self, config) -> Optional[int]:
+        """The layer count after which the scorer reads each token's hidden state (observe's layer_hidden), or None;
+        config: what it reads (DecodePlan.scorer_config)."""
+        return None
+
+    def observes_before_forward(self, config) -> bool:
+        """Whether the scorer can see a token before the token's forward pass (it reads no hidden state)."""
+        return self.reads_hidden_after(config) is None
+
+    def observe(self, state, ctx, block, layer_hidden=None):
+        """See a block's tokens (layer_hidden [B, Q, E]: their hidden states, for a controller with input_layer)."""
+        return state
+
+    def token_scores(self, state, ctx, query_position, positions=None):
         """[B, N] scores of the tokens seen for the query at query_position [B], or None; positions [B, K]: only
         these are needed (the others may be left -inf)."""
         return None
 
-    def tap_layer(self, model) -> Optional[int]:
-        """The layer whose queries and keys update_state sees (`tapped`), or None."""
-        return None
-
     def mass_weights(self, block, last_row):
-        """[B, Q] float32: how much each of the block's queries counts in the mass update_state sees (needs_mass):
+        """[B, Q] float32: how much each of the block's queries counts in the mass `update` sees (needs_mass):
         the last valid row's alone (TOVA's statistic)."""
         return jax.nn.one_hot(last_row, block.tokens.shape[1], dtype=jnp.float32)
 
-    def update_state(self, ps: PolicyState, block, mass, last_row, tapped=None) -> PolicyState:
-        return ps
+    def update(self, state, block, mass, last_row):
+        return state
 
-    def store_kv(self, ps: PolicyState, cache, block) -> PolicyState:
-        """Keep what a policy needs of a block's K/V once the block is in the cache (adore with rebuild_from
-        "stored": all of it)."""
-        return ps
-
-    def slot_scores(self, cache, ps: PolicyState, token_scores):
+    def slot_scores(self, cache, state, token_scores):
         raise NotImplementedError(f"policy {self.name!r} keeps every token: it has no slot scores")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BoundedPolicy(CachePolicy):
-    """A policy that keeps at most m = cache_size tokens, with optional pinned sink and recent tokens."""
+    """A scorer that keeps at most m = cache_size tokens, with optional pinned sink and recent tokens, and the
+    return path that may bring released ones back."""
     bounded: ClassVar[bool] = True
 
     sinks: int = 0  # first tokens always kept
     recent: int = 0  # most recent tokens always kept
+    returns: ReturnPath = NO_RETURN  # what comes back after release: NoReturn, Rebuild or Recall
 
-    def check(self, max_length: int) -> None:
-        m = self.cache_size
-        if m is None or isinstance(m, bool) or m < 1:
-            raise ValueError(f"cache_size (m) must be >= 1 for policy {self.name!r}; got {m}")
-        if m > max_length:
-            raise ValueError(f"cache_size ({m}) must be <= max_length ({max_length})")
-        if not (0 <= self.sinks <= m and 0 <= self.recent <= m):
-            raise ValueError(f"sinks and recent must be in [0, cache_size={m}]; got sinks={self.sinks}, "
-                             f"recent={self.recent}")
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self.sinks, "sinks", 0)
+        check_int(self.recent, "recent", 0)
+        if not isinstance(self.returns, ReturnPath):
+            raise ValueError(f"returns must be a return path (NoReturn(), Rebuild(...), Recall(...)); got "
+                             f"{self.returns!r}")
+        self.returns.check_scorer(self)
+        if self.cache_size is not None:
+            self.check_budget(self.cache_size)
+
+    def check_budget(self, m: int) -> None:
+        """The checks that need m (at construction when it is given, else when the run fills it in)."""
+        if self.sinks + self.recent > m:
+            raise ValueError(f"sinks + recent ({self.sinks} + {self.recent}) must be <= cache_size ({m})")
+        self.returns.check_budget(m)
 
     def validate(self, max_length: int) -> "BoundedPolicy":
-        filled = super().validate(max_length)
-        if filled.sinks + filled.recent > filled.cache_size:
-            raise ValueError(f"sinks + recent ({filled.sinks} + {filled.recent}) must be <= cache_size "
-                             f"({filled.cache_size})")
-        return filled
+        m = self.cache_size
+        if m is None:
+            raise ValueError(f"cache_size (m) must be set (>= 1) for policy {self.name!r}")
+        if m > max_length:
+            raise ValueError(f"cache_size ({m}) must be <= max_length ({max_length})")
+        self.returns.check_run(max_length)
+        return self.with_defaults()
+
+    def with_defaults(self) -> "BoundedPolicy":
+        return self
+
+    def with_returns(self, **changes) -> "BoundedPolicy":
+        """This policy with fields of its return path changed."""
+        return dataclasses.replace(self, returns=dataclasses.replace(self.returns, **changes))
 
     def at_cache_size(self, cache_size: int) -> "BoundedPolicy":
         return self if self.cache_size is not None else dataclasses.replace(self, cache_size=cache_size)
@@ -210,6 +228,21 @@ class BoundedPolicy(CachePolicy):
         """[B, S] bool: sink tokens and the `recent` tokens up to current_position [B]."""
         pinned = slot_positions < self.sinks
         return pinned | (slot_positions > current_position[:, None] - self.recent)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MassScorer(BoundedPolicy):
+    """A scorer whose statistic is the attention mass per slot (H2O, TOVA)."""
+    needs_mass: ClassVar[bool] = True
+
+    def init_state(self, shape: StateShape):
+        return jnp.zeros((shape.batch, shape.num_slots), jnp.float32)  # [B, S] the statistic per slot
+
+    def compact(self, state, take):
+        return take(state)
+
+    def slot_scores(self, cache, state, token_scores):
+        return state
 
 
 def evict_to_capacity(slot_valid, scores, capacity: int, max_evictions: int):
@@ -234,9 +267,9 @@ def free_slots(slot_valid, count: int):
     return jax.lax.top_k(priority, count)[1].astype(jnp.int32)
 
 
-def release(policy: BoundedPolicy, cache, ps: PolicyState, token_scores, current_position, max_evictions: int):
+def release(policy: BoundedPolicy, cache, scorer_state, token_scores, current_position, max_evictions: int):
     """Keep the m best valid slots (pinned ones first); returns the cache with the rest released."""
-    scores = policy.slot_scores(cache, ps, token_scores)
+    scores = policy.slot_scores(cache, scorer_state, token_scores)
     scores = scores + PROTECTED * policy.pinned(cache.slot_positions, current_position)
     valid = evict_to_capacity(cache.slot_valid, scores, policy.cache_size, max_evictions)
     return dataclasses.replace(cache, slot_valid=valid)

@@ -8,13 +8,12 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from adore_jax.policies.base import BoundedPolicy, written_slots
+from adore_jax.policies.base import MassScorer, written_slots
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class H2O(BoundedPolicy):
+class H2O(MassScorer):
     name = "h2o"
-    needs_mass = True
 
     def with_defaults(self):
         return self if self.recent else dataclasses.replace(self, recent=self.cache_size // 2)
@@ -23,11 +22,7 @@ class H2O(BoundedPolicy):
         """Every valid query of the block counts (padding rows do not)."""
         return block.valid.astype(jnp.float32)
 
-    def update_state(self, ps, block, mass, last_row, tapped=None):
+    def update(self, state, block, mass, last_row):
         """mass [B, S]: what the block's valid queries gave each slot. A slot written by this block starts
         from zero (it holds a new token); every slot then adds it."""
-        written = written_slots(block, ps.mass.shape[1])
-        return dataclasses.replace(ps, mass=jnp.where(written, 0.0, ps.mass) + mass)
-
-    def slot_scores(self, cache, ps, token_scores):
-        return ps.mass
+        return jnp.where(written_slots(block, state.shape[1]), 0.0, state) + mass

@@ -1,9 +1,10 @@
 """The oracle: the full cache, where each query attends only to its own top-K logits per head
-(ideal top-K sparse attention, ADORE.md 1): the upper bound a bounded policy approximates."""
+(ideal top-K sparse attention): the upper bound a bounded policy approximates."""
 import dataclasses
 from typing import Optional
 
 from adore_jax.policies.base import CachePolicy
+from adore_jax.policies.returns import check_int
 from pallas_kernels.reference import masked_attention
 from pallas_kernels.slot_attention import slot_visibility
 
@@ -12,14 +13,17 @@ from pallas_kernels.slot_attention import slot_visibility
 class OracleTopK(CachePolicy):
     name = "oracle_topk"
 
-    attn_top_k: Optional[int] = None  # K, the logits each query keeps per head (required)
+    attn_top_k: Optional[int] = None  # K, the logits each query keeps per head (required; an eval fills in m)
 
-    def check(self, max_length: int) -> None:
-        super().check(max_length)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.attn_top_k is not None:
+            check_int(self.attn_top_k, "attn_top_k (K)", 1)
+
+    def validate(self, max_length: int) -> "OracleTopK":
         if self.attn_top_k is None:
             raise ValueError("policy 'oracle_topk' needs attn_top_k (K)")
-        if isinstance(self.attn_top_k, bool) or self.attn_top_k < 1:
-            raise ValueError(f"attn_top_k (K) must be >= 1; got {self.attn_top_k}")
+        return self
 
     def at_cache_size(self, cache_size: int) -> "OracleTopK":
         """At budget m the oracle keeps K = m logits per query (unless K is set)."""

@@ -27,5 +27,10 @@ class Random(BoundedPolicy):
 
     seed: int = 0  # which random tokens are kept
 
-    def slot_scores(self, cache, ps, token_scores):
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer; got {self.seed!r}")
+
+    def slot_scores(self, cache, state, token_scores):
         return position_hash(self.seed, cache.slot_positions)

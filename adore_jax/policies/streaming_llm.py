@@ -16,5 +16,5 @@ class StreamingLLM(BoundedPolicy):
         sinks = self.sinks or min(DEFAULT_SINKS, self.cache_size)
         return dataclasses.replace(self, sinks=sinks, recent=self.recent or self.cache_size - sinks)
 
-    def slot_scores(self, cache, ps, token_scores):
+    def slot_scores(self, cache, state, token_scores):
         return cache.slot_positions.astype(jnp.float32)  # beyond the pinned sinks, newer is kept

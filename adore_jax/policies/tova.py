@@ -4,17 +4,13 @@ The latest query's attention mass, summed over layers and heads (one decision pe
 """
 import dataclasses
 
-from adore_jax.policies.base import BoundedPolicy
+from adore_jax.policies.base import MassScorer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TOVA(BoundedPolicy):
+class TOVA(MassScorer):
     name = "tova"
-    needs_mass = True
 
-    def update_state(self, ps, block, mass, last_row, tapped=None):
+    def update(self, state, block, mass, last_row):
         """mass [B, S]: the attention of the block's last valid query (`mass_weights`), which is kept."""
-        return dataclasses.replace(ps, mass=mass)
-
-    def slot_scores(self, cache, ps, token_scores):
-        return ps.mass
+        return mass

@@ -10,5 +10,5 @@ from adore_jax.policies.base import BoundedPolicy
 class Window(BoundedPolicy):
     name = "window"
 
-    def slot_scores(self, cache, ps, token_scores):
+    def slot_scores(self, cache, state, token_scores):
         return cache.slot_positions.astype(jnp.float32)  # newer is kept
