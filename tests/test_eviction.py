@@ -103,6 +103,7 @@ def reference_rule(name, attention_weight=0.0):
         "streaming_llm": lambda k, current, mass, acc, norm: k,  # sinks pinned, then the most recent
         "h2o": lambda k, current, mass, acc, norm: acc[k],  # mass accumulated since the token entered
         "tova": lambda k, current, mass, acc, norm: mass[current, k],  # the current query's attention
+        "key_norm": lambda k, current, mass, acc, norm: -norm[k],  # the smallest key norm
         "adore": lambda k, current, mass, acc, norm: DISTANCE_SCORES[current - k],  # the controller's
         "random": lambda k, current, mass, acc, norm: RANDOM_SCORES[k],  # a fixed random number per token
     }
@@ -168,6 +169,8 @@ CASES = [
     ("h2o", dict(recent=2)),  # mostly heavy hitters
     ("tova", {}),
     ("tova", dict(sinks=1, recent=1)),
+    ("key_norm", {}),
+    ("key_norm", dict(sinks=1)),
     ("adore", {}),
     ("adore", dict(sinks=2, recent=3)),
     ("adore", dict(attention_weight=2.0)),

@@ -6,6 +6,7 @@ Scorers (one frozen dataclass each; protocol: base.py):
   streaming_llm `sinks` first tokens + the most recent ones
   h2o           accumulated attention mass ("heavy hitters") + a protected recent window
   tova          the attention mass of the current query
+  key_norm      the keys of smallest L2 norm
   adore         a learned controller's score (+ beta * log of the current query's attention)
   random        a fixed pseudo-random score per token (a control)
   score_table   given (query, token) scores (the gap decomposition's perfect scorers)
@@ -33,6 +34,7 @@ from adore_jax.policies.adore import Adore
 from adore_jax.policies.base import BoundedPolicy, CachePolicy, PolicyState
 from adore_jax.policies.full import Full
 from adore_jax.policies.h2o import H2O
+from adore_jax.policies.key_norm import KeyNorm
 from adore_jax.policies.oracle_topk import OracleTopK, TopKSlotAttention
 from adore_jax.policies.presets import PRESETS
 from adore_jax.policies.random import Random
@@ -44,7 +46,7 @@ from adore_jax.policies.streaming_llm import StreamingLLM
 from adore_jax.policies.tova import TOVA
 from adore_jax.policies.window import Window
 
-POLICIES = {policy.name: policy for policy in (Full, Window, StreamingLLM, H2O, TOVA, OracleTopK, Adore,
+POLICIES = {policy.name: policy for policy in (Full, Window, StreamingLLM, H2O, TOVA, KeyNorm, OracleTopK, Adore,
                                                   Random, ScoreTable)}
 RETURN_PATHS = {path.kind: path for path in (NoReturn, Rebuild, Recall)}
 
@@ -129,7 +131,7 @@ def load_policy(path=None, overrides=(), **options) -> CachePolicy:
     return make_policy(values)
 
 
-__all__ = ["POLICIES", "RETURN_PATHS", "Adore", "BoundedPolicy", "CachePolicy", "Full", "H2O",
+__all__ = ["POLICIES", "RETURN_PATHS", "Adore", "BoundedPolicy", "CachePolicy", "Full", "H2O", "KeyNorm",
            "NoReturn", "OracleTopK", "PolicyState", "Random", "Recall", "Rebuild", "ReturnPath", "ScoreTable",
            "StreamingLLM", "TOVA", "TopKSlotAttention", "Window", "load_policy", "make_policy", "make_return_path",
            "policy_class"]
