@@ -178,6 +178,9 @@ CASES = [
     ("adore", dict(attention_weight=50.0)),  # the term decides: a test of its statistic
     ("random", dict(seed=7)),
 ]
+RECALL = Recall(r=3)  # every scorer composed with a recall from the store, from layer 0
+RECALL_CASES = [(name, dict(options, returns=RECALL)) for name, options in CASES if name != "adore" or not options]
+RECALL_CASES += [("tova", dict(returns=Recall(r=2, from_layer=1)))]
 
 
 def case_id(case):
@@ -186,7 +189,7 @@ def case_id(case):
     return "-".join(f"{k}{v.label.replace(' ', '') if k == 'returns' else v}" for k, v in case.items()) or "default"
 
 
-@pytest.mark.parametrize("name, options", CASES, ids=case_id)
+@pytest.mark.parametrize("name, options", CASES + RECALL_CASES, ids=case_id)
 def test_kept_set_and_logits_equal_the_event_reference(model, name, options):
     rng = np.random.default_rng(5)
     sequences = [rng.integers(3, model.config.vocab_size, p + STEPS).astype(np.int32) for p in PROMPTS]
