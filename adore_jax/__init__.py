@@ -26,6 +26,7 @@ from adore_jax.policies import (
     Adore,
     CachePolicy,
     Full,
+    KeyNorm,
     NoReturn,
     OracleTopK,
     Random,
@@ -39,6 +40,6 @@ from adore_jax.sampling import SamplingParams
 from adore_jax.session import DecodeSession
 
 __all__ = ["H2O", "POLICIES", "TOVA", "Adore", "CachePolicy", "ControllerConfig", "DecodeSession", "Full",
-           "GenerationResult", "Model", "ModelConfig", "NoReturn", "OracleTopK", "Random", "Recall",
+           "GenerationResult", "KeyNorm", "Model", "ModelConfig", "NoReturn", "OracleTopK", "Random", "Recall",
            "Rebuild", "SamplingParams", "StreamingLLM", "Window", "enable_compile_cache", "generate",
            "load_controller", "load_model", "make_policy", "presets", "save_controller", "teacher_force"]

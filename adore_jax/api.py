@@ -277,7 +277,7 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
     prompts: strings (tokenised; chat-formatted when chat=True), conversations (lists of {"role": "system" |
     "user" | "assistant", "content": str} messages, always chat-formatted; one ending with an assistant
     message is continued), or lists of token ids.
-    cache: a policy object (adore_jax.policies: Full, Window, StreamingLLM, H2O, TOVA, Random,
+    cache: a policy object (adore_jax.policies: Full, Window, StreamingLLM, H2O, TOVA, KeyNorm, Random,
     OracleTopK, Adore, each bounded one with `returns`), a preset (adore_jax.presets), a policy or preset name, or a
     mapping as in configs/policies/*.yaml; default: full attention. A cache_size
     larger than the run can fill is lowered to what it can (same output, with a CacheSizeWarning).

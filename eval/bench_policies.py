@@ -30,6 +30,7 @@ POLICY_ROWS = {  # row name -> cache policy spec (at --cache-size unless it sets
     "streaming_llm": "streaming_llm",
     "h2o": "h2o",
     "tova": "tova",
+    "key_norm": "key_norm",
     "adore R=0": "adore_fixed_memory",
     "adore paper R=8": "adore_paper",
     "adore R=8 adaptive": dict(policy="adore", returns=dict(type="rebuild", r=8, adaptive=True)),
@@ -39,6 +40,8 @@ POLICY_ROWS = {  # row name -> cache policy spec (at --cache-size unless it sets
     "adore recall R=8 from 10": dict(preset="adore_recall", returns=dict(r=8, from_layer=10)),
     "adore recall R=8 in prefill": dict(preset="adore_recall", returns=dict(r=8, in_prefill=True)),
     "quest R=32": "quest",
+    "tova recall R=32": dict(policy="tova", returns=dict(type="recall", r=32)),
+    "h2o recall R=32": dict(policy="h2o", returns=dict(type="recall", r=32)),
 }
 # Extra rows that split an ADORE step into its parts (differences of these, same batch and context).
 BREAKDOWN_ROWS = {

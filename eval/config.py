@@ -19,7 +19,7 @@ from adore_jax.policies import CachePolicy, make_policy
 PARTS = ("perplexity", "generation", "streaming", "speed", "diagnostics", "retrieval", "gap")
 DEFAULT_PARTS = PARTS[:-1]  # the gap decomposition (oracles, a dozen perfect-scorer rows) runs when asked
 RETRIEVAL_SOURCES = ("wikipedia", "news", "sharegpt", "synthetic")
-DEFAULT_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "oracle_topk",
+DEFAULT_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "key_norm", "oracle_topk",
                     {"preset": "adore_fixed_memory"}, {"preset": "adore_recall"})
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import adore_jax
 from adore_jax import presets
 from adore_jax.eval import sources
-from adore_jax.policies import H2O, TOVA, Adore, Random, Rebuild, Recall, StreamingLLM, Window
+from adore_jax.policies import H2O, TOVA, Adore, KeyNorm, Random, Rebuild, Recall, StreamingLLM, Window
 
 LENGTH, PROMPT, CACHE_SIZE = 1024, 896, 128
 ATOL = 1e-5
@@ -29,6 +29,7 @@ CONFIGURATIONS = {  # name -> policy at m; the golden file holds what each gave 
     "h2o": lambda m: H2O(cache_size=m),
     "tova": lambda m: TOVA(cache_size=m),
     "random": lambda m: Random(cache_size=m),
+    "key_norm": lambda m: KeyNorm(cache_size=m),
     "adore": presets.adore_fixed_memory,
     "adore_paper": presets.adore_paper,
     "adore_rebuild8": lambda m: Adore(cache_size=m, returns=Rebuild(r=8)),
@@ -42,6 +43,8 @@ CONFIGURATIONS = {  # name -> policy at m; the golden file holds what each gave 
     "adore_recall_paged": lambda m: Adore(cache_size=m, prefill_chunk=1024,
                                           returns=Recall(r=8, page_size=16, pages=16)),
     "quest": presets.quest,
+    "tova_recall": lambda m: TOVA(cache_size=m, prefill_chunk=1024, returns=Recall(r=32)),
+    "h2o_recall": lambda m: H2O(cache_size=m, prefill_chunk=1024, returns=Recall(r=32)),
 }
 
 

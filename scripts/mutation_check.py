@@ -48,6 +48,7 @@ STORED = "tests/test_policies.py::test_stored_recall_matches_the_event_reference
 PAGE_BOUNDS = "tests/test_policies.py::test_page_bounds_bound_every_key_and_are_tight_for_one_key"
 HIDDEN_INPUT = "tests/test_policies.py::test_a_hidden_state_controller_reads_each_tokens_own_pass"
 HIDDEN_TRAINING = "tests/test_train_controller.py::test_a_hidden_state_controller_trains_on_what_decoding_taps"
+RECALL = "returnsrecallR=3"
 
 
 def eviction(*cases):
@@ -80,6 +81,12 @@ MUTANTS = (
            eviction("tova-sinks1-recent1", "adore-sinks2-recent3")),
     Mutant("tova keeps the first query of a block instead of the last", P + "base.py", "CachePolicy.mass_weights",
            "last_row", "0 * last_row", eviction("tova-default", "tova-sinks1-recent1")),
+    Mutant("key norm keeps the largest keys", P + "key_norm.py", "KeyNorm.slot_scores",
+           "-norms / len(cache.k)", "norms / len(cache.k)", eviction("key_norm-default", "key_norm-sinks1")),
+    Mutant("key norm reads the first layer's keys alone", P + "key_norm.py", "KeyNorm.slot_scores",
+           "sum((jnp.linalg.norm(k.astype(jnp.float32), axis=-1).mean(axis=-1) for k in cache.k))",
+           "jnp.linalg.norm(cache.k[0].astype(jnp.float32), axis=-1).mean(axis=-1) * len(cache.k)",
+           eviction("key_norm-default")),
     Mutant("random ignores its seed", P + "random.py", "Random.slot_scores",
            "position_hash(self.seed, cache.slot_positions)", "position_hash(0, cache.slot_positions)",
            eviction("random-seed7")),
@@ -113,11 +120,11 @@ MUTANTS = (
     Mutant("recall: every layer ranks with the first recalling layer's keys", P + "recall.py", "Recall.rows",
            "store.keys[index]", "store.keys[self.from_layer]", (f"{STORED}[from-layer-0]",)),
     Mutant("recall: the layers below from_layer recall too", P + "recall.py", "Recall.decode_step",
-           "index < self.from_layer", "False", (f"{STORED}[from-layer-1]",)),
+           "index < self.from_layer", "False", (f"{STORED}[from-layer-1]",) + eviction("tova-returnsrecallR=2from1")),
     Mutant("recall restores zeros (the store keeps nothing)", P + "recall.py", "Recall.after_block",
            "stored.at[r, :, where].set(block_rows(cached), mode='drop')",
            "stored.at[r, :, where].set(0 * block_rows(cached), mode='drop')",
-           (f"{STORED}[from-layer-0]", f"{STORED}[long-prompt]")),
+           (f"{STORED}[from-layer-0]", f"{STORED}[long-prompt]") + eviction(f"tova-{RECALL}")),
     Mutant("recall: a page's bound reads only each key dim's max", P + "key_logits.py", "page_bounds",
            "[jnp.maximum(grouped, 0), jnp.minimum(grouped, 0)]", "[grouped, jnp.zeros_like(grouped)]",
            (PAGE_BOUNDS, f"{STORED}[paged]")),
@@ -138,7 +145,7 @@ MUTANTS = (
            (f"{STORED}[prefill-recall]", f"{STORED}[prefill-recall-paged]")),
     Mutant("extra rows in spare slots are left invisible", "adore_jax/model.py", "forward_block",
            "slot_valid.at[batch_rows, extra.slots].set(extra.valid)", "slot_valid",
-           (f"{STORED}[from-layer-0]",)),
+           (f"{STORED}[from-layer-0]",) + eviction(f"h2o-{RECALL}")),
     Mutant("ranked future-need labels ignore the horizon's last query", "train/labels.py", "window_max",
            "horizon + 1 - span", "horizon - span",
            ("tests/test_train_labels.py::test_ranked_future_need_labels_equal_brute_force",)),

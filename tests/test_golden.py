@@ -1,7 +1,7 @@
 """The real model's teacher-forced log-probabilities under each kind of cache policy equal the golden file's
 (tests/golden/logprobs_m128.json, written before the policy-layer redesign: scripts/golden_logprobs.py). One
 configuration per code path: a mass scorer, the controller, a recomputing rebuild, the attention-ranked rebuild,
-the recall by pages and the recall in prefill chunks."""
+the recall by pages, the recall in prefill chunks, and a heuristic composed with the recall."""
 import json
 import os
 
@@ -11,7 +11,8 @@ import pytest
 from references import load_script
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "logprobs_m128.json")
-CHECKED = ("h2o", "adore", "adore_transient", "adore_attention_rebuild", "adore_recall_paged", "adore_recall_prefill")
+CHECKED = ("h2o", "adore", "adore_transient", "adore_attention_rebuild", "adore_recall_paged", "adore_recall_prefill",
+           "tova_recall")
 
 pytestmark = pytest.mark.e2e
 
