@@ -12,9 +12,8 @@ def _libc():
 
 
 def return_freed_memory() -> bool:
-    """glibc's malloc_trim(0). XLA:CPU frees its buffers to malloc, which keeps many of their pages resident: after
-    two generate() rows of stored recall (9 prompts of 4096 tokens) a process held 5.3 GB with 0.54 GB of live arrays,
-    and 1.0 GB after this call (`python scripts/retained_memory.py`; README, "Memory of an evaluation"). Returns True
-    when memory went back to the system, False without glibc or when nothing was kept."""
+    """glibc's malloc_trim(0). XLA:CPU frees its buffers to malloc, which keeps many of their pages resident
+    (`python scripts/retained_memory.py`; docs/results/speed.md, "Memory of an evaluation"). Returns True when memory
+    went back to the system, False without glibc or when nothing was kept."""
     libc = _libc()
     return bool(libc is not None and libc.malloc_trim(0))

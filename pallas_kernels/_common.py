@@ -143,8 +143,7 @@ def kth_largest(x, k: int, chunk_bytes: int = 1 << 21):
 
     A bisection over float32 bit patterns read as order-preserving int32 keys: 32 passes that each count
     the entries >= a candidate key, vectorised over a chunk of rows (about chunk_bytes, so that the passes
-    stay in cache). lax.top_k sorts row by row on one thread: 15x slower on XLA:CPU at [4, 9, 512, 1024],
-    k = 128. Needs no NaN in x.
+    stay in cache), instead of lax.top_k's row-by-row sort (docs/perf.md). Needs no NaN in x.
     """
     k, length = min(k, x.shape[-1]), x.shape[-1]
     rows = x.reshape(-1, length).astype(jnp.float32)

@@ -113,8 +113,8 @@ def slot_attention_blocked(q, k, v, q_positions, slot_positions, slot_valid, *, 
     prefill, cost nothing. The last block is clamped to end at slot S; slots it shares with the
     previous block are masked, so each slot counts once. Forward only (not reverse-differentiable).
     Each block is two canonical batched matmuls, [B, G, r*Q, D] queries against the block's keys and
-    values moved to [B, G, blk, D] (a small copy), and the mask is an additive bias: 1.7x faster on
-    XLA:CPU than grouped einsums over the cache's [B, S, G, D] layout with a multiplied mask. A masked
+    values moved to [B, G, blk, D] (a small copy), and the mask is an additive bias (faster on XLA:CPU than
+    grouped einsums over the cache's [B, S, G, D] layout with a multiplied mask; docs/perf.md). A masked
     logit's weight is exp(MASK_VALUE - max): 0 once the row has seen a slot, and wiped by the rescale
     when it first does; a row that sees no slot at all gets zeros at the end.
     """
@@ -167,11 +167,9 @@ def slot_attention(q, k, v, q_positions, slot_positions, slot_valid, *, return_m
       `slot_attention_blocked` for a block of several queries over at least SLOT_BLOCK slots without mass (the
       chunks of a long full-attention prefill), else the jnp twin), "ref", "grouped", "blocked" (no mass),
       "pallas" (TPU/GPU backend only) or "pallas_interpret" (the kernel in interpret mode).
-    On XLA:CPU the blocked path halves a long prefill but is slower than the twin for one query per
-    sequence at batch 1 (measured at 8k slots), so decoding steps do not take it. The grouped path makes a
-    full-attention step at batch 8 over 2k slots 1.6x faster than the twin (and a bounded cache's step at batch
-    4 1.2x), but at batch 1 XLA:CPU drops the batch dim and copies the cache around its matmuls (1.8x slower
-    at 8k slots), so batch 1 keeps the twin.
+    On XLA:CPU the blocked path is slower than the twin for one query per sequence at batch 1, so decoding steps
+    do not take it; the grouped path is faster than the twin at batch >= 2 but not at batch 1, which keeps the
+    twin (the measurements: docs/perf.md).
     """
     kind, interpret = resolve_impl(impl, q.shape[-1], allowed=IMPLS + ("blocked", "grouped"))
     args = (q, k, v, q_positions, slot_positions, slot_valid)

@@ -10,8 +10,8 @@ def max_head_logits(query, keys):
     """query [B, H, D] against keys [B, N, G, D] -> [B, N]: the largest attention logit q . k / sqrt(D) over the
     query heads (head h reads KV head h // (H // G)).
 
-    One matmul of the keys in their stored layout against the block-diagonal queries (a grouped einsum
-    transposes the [B, N, G, D] keys first: 4.9x slower on XLA:CPU at 8k tokens, batch 4)."""
+    One matmul of the keys in their stored layout against the block-diagonal queries (a grouped einsum would
+    transpose the [B, N, G, D] keys first; docs/perf.md)."""
     batch, n, groups, dim = keys.shape
     q_bd = block_diagonal_queries(query[:, None].astype(jnp.float32), groups)  # [B, H, G*D]
     logits = jnp.matmul(keys.reshape(batch, n, groups * dim).astype(jnp.float32), q_bd.swapaxes(1, 2))  # [B, N, H]
@@ -20,8 +20,7 @@ def max_head_logits(query, keys):
 
 def max_head_logits_by_group(query, keys):
     """`max_head_logits` for keys laid out KV-head-major, [B, G, N, D] -> [B, N]: one batched matmul per (batch, KV
-    head) against that head's r = H / G queries, without the block-diagonal's G-fold work (1.9x faster on
-    XLA:CPU at 8k tokens, batch 1)."""
+    head) against that head's r = H / G queries, without the block-diagonal's G-fold work (docs/perf.md)."""
     return max_head_logits_per_query(query[:, None], keys)[:, 0]
 
 
