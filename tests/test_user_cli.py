@@ -165,12 +165,13 @@ def test_ctrl_c_stops_cleanly_with_exit_130_keeping_what_was_streamed(model_dir)
 
     environment = {**os.environ, "ADORE_JAX_NO_COMPILE_CACHE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "adore_jax.cli", "generate", "--model", model_dir, "--stream",
-                                "--max-new-tokens", "240", "--decode-chunk", "1", "-n", "64", "--temperature", "1",
+                                "--max-new-tokens", "240", "--decode-chunk", "1", "-n", "128", "--temperature", "1",
                                 "--prompt", PROMPTS[0]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=environment)
-    first = process.stdout.read(1)  # the stream has started: 239 more steps of 64 rows, one compiled step each
+    label = process.stdout.readline()  # "--- [0] ..." printed before the model loads
+    first = process.stdout.read(1)  # the stream has started: 239 more steps of 128 rows, one compiled step each
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
-    assert len(first + out) > 0
+    assert label.startswith("---") and len(first + out) > 0
