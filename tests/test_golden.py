@@ -15,6 +15,7 @@ CHECKED = ("h2o", "adore", "adore_transient", "adore_attention_rebuild", "adore_
            "tova_recall")
 
 pytestmark = pytest.mark.e2e
+CROSS_MACHINE_ATOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -35,4 +36,7 @@ def test_logprobs_equal_the_golden_file(smollm2, golden_script, document, name):
                                                                                   golden_script.PROMPT,
                                                                                   golden_script.CACHE_SIZE)
     got = golden_script.logprobs(smollm2, document, name)
-    np.testing.assert_allclose(got, golden["logprobs"][name], atol=golden_script.ATOL, rtol=0)
+    # on the machine that wrote the file the redesign reproduced it exactly (golden_logprobs.py --check: max |diff| 0,
+    # its tolerance 1e-5); another CPU's XLA may sum in another order, so across machines a change of policy (whose
+    # log-probs move by 1e-2 and more) is what this catches
+    np.testing.assert_allclose(got, golden["logprobs"][name], atol=CROSS_MACHINE_ATOL, rtol=0)
