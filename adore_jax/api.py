@@ -262,9 +262,11 @@ def _fits(model: Model, lengths, new_tokens: int, policy, max_length) -> bool:
 def row_keys(seed: int, row_prompts, n: int):
     """[B] PRNG keys: row i's from the seed, its prompt's token ids and its sample index (i % n), so a request's
     samples do not depend on the other requests of the batch or on its place in it."""
-    base = jax.random.key(seed)
-    return jnp.stack([jax.random.fold_in(jax.random.fold_in(base, zlib.crc32(np.asarray(ids, np.int32).tobytes())),
-                                         i % n) for i, ids in enumerate(row_prompts)])
+    requests = np.array([zlib.crc32(np.asarray(ids, np.int32).tobytes()) for ids in row_prompts], np.uint32)
+    samples = np.arange(len(row_prompts), dtype=np.uint32) % n
+    fold = jax.vmap(lambda request, sample: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), request),
+                                                                sample))
+    return fold(requests, samples)  # one traced program, not 2 B eager ops
 
 
 def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
