@@ -28,7 +28,7 @@ demo: setup-base
 # test: every test but the end-to-end ones (marked e2e: the notebook, two-process runs, the real model under many
 # policies), which `make test-slow` runs; `make mutants` breaks each rule on purpose and requires a test to go red.
 test: setup
-	$(PY) scripts/run_tests.py -m "not e2e"
+	$(PY) scripts/run_tests.py -m "not e2e" -n 2 --dist loadfile
 
 test-slow: setup
 	$(PY) scripts/run_tests.py -m e2e

@@ -32,6 +32,7 @@ from adore_jax.policies import (
     Random,
     Rebuild,
     Recall,
+    SnapKV,
     StreamingLLM,
     Window,
     make_policy,
@@ -41,5 +42,5 @@ from adore_jax.session import DecodeSession
 
 __all__ = ["H2O", "POLICIES", "TOVA", "Adore", "CachePolicy", "ControllerConfig", "DecodeSession", "Full",
            "GenerationResult", "KeyNorm", "Model", "ModelConfig", "NoReturn", "OracleTopK", "Random", "Recall",
-           "Rebuild", "SamplingParams", "StreamingLLM", "Window", "enable_compile_cache", "generate",
+           "Rebuild", "SamplingParams", "SnapKV", "StreamingLLM", "Window", "enable_compile_cache", "generate",
            "load_controller", "load_model", "make_policy", "presets", "save_controller", "teacher_force"]

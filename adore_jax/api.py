@@ -273,7 +273,7 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
              cache: Union[CachePolicy, str, dict, None] = None, sampling: Union[SamplingParams, dict, None] = None,
              controller=None, seed: int = 0, chat: bool = False, stream: Optional[Callable[[np.ndarray], None]] = None,
              decode_chunk: Optional[int] = None, max_length: Optional[int] = None, attention_impl: str = "auto",
-             return_state: bool = False, **options) -> GenerationResult:
+             return_state: bool = False, compress_after=None, **options) -> GenerationResult:
     """Generate continuations of a batch of prompts under a cache policy.
 
     prompts: strings (tokenised; chat-formatted when chat=True), conversations (lists of {"role": "system" |
@@ -301,6 +301,9 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
     with the chunk's raw new tokens (B = prompts x n; past a sequence's end: padding, or tokens the result
     leaves out), and decoding stops once every sequence has ended. A sequence that ends inside a chunk
     reports nothing after its end: no token ids, text or logprobs.
+    compress_after: an int, or one per prompt: a bounded policy keeps every token of each prompt's first
+    compress_after tokens (the context), releases down to m once, then appends the rest (the question) and the
+    answer without releasing (kvpress's query-agnostic protocol); default: the cache stays at m throughout.
     """
     _validate(prompts, max_new_tokens)
     policy, sampling = run_options("generate", cache, sampling, options)
@@ -317,8 +320,11 @@ def generate(model: Model, prompts: Sequence, max_new_tokens: int = 64, *,
                                                                   policy, max_length)):
         new_tokens = max_new_tokens  # the last chunk is shorter: the final state is that of the last token kept,
         # or the rounded-up chunks do not fit
+    if compress_after is not None and np.ndim(compress_after) > 0:
+        compress_after = [compress_after[i] for i in range(len(prompt_ids)) for _ in range(n)]
     session = DecodeSession(model, row_prompts, new_tokens, policy, controller=controller, max_length=max_length,
-                            attention_impl=attention_impl, clamp_cache_size=max_length is None)
+                            attention_impl=attention_impl, clamp_cache_size=max_length is None,
+                            compress_after=compress_after)
     sampler_args = sampling.as_arrays()
     pairs = jax.vmap(jax.random.split)(row_keys(seed, row_prompts, n))  # [B, 2]
     key, first_key = pairs[:, 0], pairs[:, 1]

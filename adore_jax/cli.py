@@ -81,7 +81,8 @@ def _add_generate(subparsers):
 
 
 CACHE_FLAGS = ("policy", "preset", "cache_size", "attn_top_k", "sinks", "recent")
-CLI_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "key_norm", "oracle_topk", "adore", "random")
+CLI_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "snapkv", "key_norm", "oracle_topk", "adore",
+                "random")
 
 
 def _add_cache_options(p):

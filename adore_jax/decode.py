@@ -125,13 +125,17 @@ def _tools(plan, params, cparams, ps) -> StepTools:
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "chunk"), donate_argnames=("cache", "ps"))
-def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, chunk: int):
-    """Consume right-padded prompts chunk by chunk, releasing down to m after each chunk.
+def prefill(params, cparams, cache, ps, tokens, lengths, offsets=None, *, plan: DecodePlan, chunk: int):
+    """Consume token blocks chunk by chunk, releasing down to m after each chunk.
 
-    tokens: [B, P] int32 with P % chunk == 0; lengths: [B] int32, 1 <= lengths <= P.
-    Returns (logits [B, V] float32 of each prompt's last token, cache, ps).
+    tokens: [B, P] int32 with P % chunk == 0; lengths: [B] int32, 1 <= lengths <= P; offsets: [B] int32 or None
+    (zeros). Token j of row b is at position offsets[b] + j and is fed when j < lengths[b] and that position is
+    >= 0: a prompt is right-padded from offset 0, a continuation starts at the offset of its first token, and a
+    block right-aligned at a negative offset ends every row's last chunk on its last token.
+    Returns (logits [B, V] float32 of each row's last token, cache, ps).
     """
     batch, padded = tokens.shape
+    offsets = jnp.zeros((batch,), jnp.int32) if offsets is None else offsets
     n_chunks = padded // chunk
     chunks = tokens.reshape(batch, n_chunks, chunk).transpose(1, 0, 2)  # [n, B, C]
     starts = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
@@ -140,17 +144,19 @@ def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, ch
     def consume(carry, xs):
         cache, ps, last_hidden = carry
         chunk_tokens, start = xs
-        positions = start + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
-        valid = positions < lengths[:, None]
+        rows = start + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))  # [B, C] index in tokens
+        positions = offsets[:, None] + rows
+        valid = (rows < lengths[:, None]) & (positions >= 0)
+        positions = jnp.maximum(positions, 0)  # rows before position 0 are not fed
         last_row = jnp.clip(lengths - 1 - start, 0, chunk - 1)  # [B] last valid row in this chunk
-        current = jnp.minimum(start + chunk, lengths) - 1  # [B] position of that row
+        current = offsets + jnp.minimum(start + chunk, lengths) - 1  # [B] position of that row
         block = steps.place(cache, chunk_tokens, positions, valid)
-        hook = plan.policy.returns.prefill_hook(plan.model, cache, ps.returns, jnp.full((batch,), start))
+        hook = plan.policy.returns.prefill_hook(plan.model, cache, ps.returns, offsets + start)
         hidden, cache, ps, layer_hidden, _ = steps.run(cache, ps, block, last_row, hook)
         ps = steps.observe(ps, block, layer_hidden)
         # the release after the chunk ranks only the cached tokens, the chunk's among them now
         cache = steps.release(cache, ps, steps.scores(ps, current, cache.slot_positions), current, chunk)
-        is_last = positions == lengths[:, None] - 1  # [B, C]
+        is_last = rows == lengths[:, None] - 1  # [B, C]
         found = jnp.einsum("bc,bce->be", is_last.astype(hidden.dtype), hidden)
         last_hidden = jnp.where(jnp.any(is_last, axis=1)[:, None], found, last_hidden)
         return (cache, ps, last_hidden), None
@@ -158,6 +164,13 @@ def prefill(params, cparams, cache, ps, tokens, lengths, *, plan: DecodePlan, ch
     last_hidden = jnp.zeros((batch, plan.model.hidden_size), params["embed"].dtype)
     (cache, ps, last_hidden), _ = jax.lax.scan(consume, (cache, ps, last_hidden), (chunks, starts))
     return lm_logits(params, last_hidden), cache, ps
+
+
+@functools.partial(jax.jit, static_argnames=("plan",), donate_argnames=("cache",))
+def compress(params, cparams, cache, ps, position, *, plan: DecodePlan):
+    """Release a bounded cache down to m at once (compress after prefill); position [B]: the last token seen."""
+    steps = _tools(plan, params, cparams, ps)
+    return steps.release(cache, ps, steps.scores(ps, position, cache.slot_positions), position, cache.num_slots)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "num_slots"))

@@ -6,10 +6,15 @@
     out = session.decode(16, SamplingParams())          # decode.StepOutputs of 16 steps
     out = session.decode(8, forced=next_tokens)         # teacher forcing: [B, 8] tokens fed instead
 
+With `compress_after` (kvpress's protocol, query-agnostic): each prompt's first compress_after tokens (the context)
+are prefilled with full attention, the policy releases down to m once, and the rest of the prompt (the question)
+and the answer are appended without release.
+
 `generate` and `teacher_force` are built on it, and so are the evaluation's step-by-step diagnostics.
 The static sizes are fixed when the session is made (`plan_generation`), so every chunk of the same
 length reuses one compiled program.
 """
+import copy
 import dataclasses
 import warnings
 from typing import Optional
@@ -106,6 +111,49 @@ def plan_generation(model_config, lengths, max_new_tokens: int, policy: CachePol
     return RunShape(policy, padded, chunk, prefill_slots, decode_slots, max_length)
 
 
+def check_compress_after(compress_after, lengths, question_tokens: int = 1):
+    """compress_after as [B] int32: an int for every prompt, or one per prompt, each in [1, its length -
+    question_tokens] (a policy that rebuilds runs the last prompt token apart: its question needs 2 tokens)."""
+    values = np.broadcast_to(np.asarray(compress_after), lengths.shape) if np.ndim(compress_after) == 0 else \
+        np.asarray(compress_after)
+    if values.shape != lengths.shape or values.dtype.kind not in "iu":
+        raise ValueError(f"compress_after must be an integer or one integer per prompt ({len(lengths)}); got "
+                         f"{compress_after!r}")
+    bad = np.flatnonzero((values < 1) | (values > lengths - question_tokens))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"compress_after for prompts[{i}] must be in [1, {lengths[i] - question_tokens}] (a context "
+                         f"and a question of >= {question_tokens} tokens after it); got {int(values[i])}")
+    return values.astype(np.int32)
+
+
+def plan_compression(model_config, lengths, context_lengths, max_new_tokens: int, policy: CachePolicy) -> tuple:
+    """(RunShape of the questions and answers, RunShape of the contexts, the policy at m) of a compress_after run.
+
+    The contexts are right-aligned in Pc tokens (a multiple of the chunk) and prefilled chunk by chunk with every
+    token kept (the policy at cache_size Pc), so each row's last chunk ends on its last context token. After the
+    release down to m the cache is cut to m + Pq + max_new_tokens + a decode block's rows (Pq: the questions'
+    padded length), which the questions and answers fill without any release."""
+    longest = int(max(lengths))
+    if longest + max_new_tokens > model_config.max_position_embeddings:
+        raise ValueError(f"prompt length ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {model_config.max_position_embeddings} tokens")
+    m = policy.cache_size
+    if m is None:
+        policy.validate(0)  # raises: m must be set
+    context_padded = prompt_bucket(int(max(context_lengths)), policy.chunk)
+    question_padded = prompt_bucket(int(max(lengths - context_lengths)), policy.chunk)
+    grown = m + question_padded + max_new_tokens
+    max_length = -(-(max(context_padded, m) + question_padded + max_new_tokens) // SLOT_ROUNDING) * SLOT_ROUNDING
+    at_m = policy.validate(max_length)
+    answers = dataclasses.replace(policy, cache_size=grown).validate(max_length)
+    decode_slots = grown + answers.block_rows
+    slots = max(context_padded, decode_slots)
+    contexts = dataclasses.replace(policy, cache_size=context_padded).validate(max_length)
+    return (RunShape(answers, question_padded, min(policy.chunk, question_padded), slots, decode_slots, max_length),
+            RunShape(contexts, context_padded, min(policy.chunk, context_padded), slots, slots, max_length), at_m)
+
+
 def check_prompt_ids(prompt_ids, vocab_size: int) -> None:
     for i, ids in enumerate(prompt_ids):
         if len(ids) == 0:
@@ -122,12 +170,24 @@ class DecodeSession:
     """See the module doc. Holds the cache, the policy state and the decode state between calls."""
 
     def __init__(self, model, prompt_ids, max_new_tokens: int, cache=None, *, controller=None,
-                 max_length: Optional[int] = None, attention_impl: str = "auto", clamp_cache_size: bool = False):
+                 max_length: Optional[int] = None, attention_impl: str = "auto", clamp_cache_size: bool = False,
+                 compress_after=None):
         check_prompt_ids(prompt_ids, model.config.vocab_size)
         self.model = model
         self.lengths = np.array([len(ids) for ids in prompt_ids], np.int32)  # [B]
-        self.shape = plan_generation(model.config, self.lengths, max_new_tokens, make_policy(cache), max_length,
-                                     clamp_cache_size)
+        self.last_tokens = np.array([ids[-1] for ids in prompt_ids], np.int32)  # [B]
+        policy = self.requested_policy = make_policy(cache)
+        self.compressed = compress_after is not None and policy.bounded
+        if self.compressed:
+            self.context_lengths = check_compress_after(compress_after, self.lengths,
+                                                        1 + (policy.returns.r > 0))  # [B]
+            self.shape, self.context_shape, self.budget_policy = plan_compression(
+                model.config, self.lengths, self.context_lengths, max_new_tokens, policy)
+        else:
+            self.shape = plan_generation(model.config, self.lengths, max_new_tokens, policy, max_length,
+                                         clamp_cache_size)
+        self.max_new_tokens = max_new_tokens
+        self.contexts_prefilled = False
         policy = self.shape.policy
         if policy.needs_controller:
             controller_config, self.controller_params = policy.resolve_controller(model, controller)
@@ -138,8 +198,14 @@ class DecodeSession:
         self.plan = decode.DecodePlan(model.config, policy, controller_config, attention_impl)
         batch = len(prompt_ids)
         self.tokens = np.full((batch, self.shape.padded_prompt), model.pad_id, np.int32)  # [B, P]
-        for i, ids in enumerate(prompt_ids):
-            self.tokens[i, :len(ids)] = ids
+        if self.compressed:  # [B, P] the questions left-aligned, [B, Pc] the contexts right-aligned
+            self.context_tokens = np.full((batch, self.context_shape.padded_prompt), model.pad_id, np.int32)
+            for i, (ids, n) in enumerate(zip(prompt_ids, self.context_lengths)):
+                self.tokens[i, :len(ids) - n] = ids[n:]
+                self.context_tokens[i, self.context_tokens.shape[1] - n:] = ids[:n]
+        else:
+            for i, ids in enumerate(prompt_ids):
+                self.tokens[i, :len(ids)] = ids
         self.cache = kv_cache.init_cache(model.config, batch, self.shape.prefill_slots, model.dtype)
         self.ps = decode.init_policy_state(self.plan, batch, self.shape.prefill_slots, self.shape.max_length,
                                            model.dtype)
@@ -155,27 +221,64 @@ class DecodeSession:
         A policy that rebuilds (R > 0) runs each prompt's last token as a decode step, so the first new token,
         like every later one, is predicted with the released tokens it needs rebuilt (a question at the end of
         a long prompt can bring back the passage it asks about)."""
+        if self.compressed:
+            if not self.contexts_prefilled:
+                self.prefill_contexts()
+            self.compress_contexts()
         logits = self.consume_prompts()
         return logits if self.policy.returns.r == 0 else self.run_last_prompt_token()
 
+    def prefill_contexts(self) -> None:
+        """compress_after: prefill the contexts with every token kept (the policy's statistics seeing all of them)."""
+        plan = dataclasses.replace(self.plan, policy=self.context_shape.policy)
+        padded = self.context_tokens.shape[1]
+        _, self.cache, self.ps = decode.prefill(
+            self.model.params, self.controller_params, self.cache, self.ps, jnp.asarray(self.context_tokens),
+            jnp.full(len(self.lengths), padded, jnp.int32), jnp.asarray(self.context_lengths - padded), plan=plan,
+            chunk=self.context_shape.chunk)
+        self.contexts_prefilled = True
+
+    def at_cache_size(self, cache_size: int) -> "DecodeSession":
+        """A compress_after session with its contexts prefilled, at another budget m: one prefill serves every m
+        whose run has the same cache slots (the copy has its own cache and state)."""
+        if not (self.compressed and self.contexts_prefilled and self.state is None):
+            raise ValueError("at_cache_size needs a compress_after session after prefill_contexts() and before "
+                             "prefill()")
+        other = copy.copy(self)
+        other.shape, other.context_shape, other.budget_policy = plan_compression(
+            self.model.config, self.lengths, self.context_lengths, self.max_new_tokens,
+            dataclasses.replace(self.requested_policy, cache_size=cache_size))
+        if other.shape.prefill_slots != self.shape.prefill_slots:
+            raise ValueError(f"cache_size {cache_size} needs {other.shape.prefill_slots} cache slots, this session "
+                             f"has {self.shape.prefill_slots}")
+        other.plan = dataclasses.replace(self.plan, policy=other.shape.policy)
+        other.cache, other.ps = jax.tree_util.tree_map(jnp.copy, (self.cache, self.ps))
+        return other
+
+    def compress_contexts(self) -> None:
+        """compress_after: release down to m once, and shrink the cache to what the questions and answers need."""
+        budget = dataclasses.replace(self.plan, policy=self.budget_policy)
+        self.cache = decode.compress(self.model.params, self.controller_params, self.cache, self.ps,
+                                     jnp.asarray(self.context_lengths - 1), plan=budget)
+        self.cache, self.ps = decode.compact(self.cache, self.ps, plan=self.plan, num_slots=self.shape.decode_slots)
+
     def consume_prompts(self):
-        """The chunked prefill alone: every prompt token but the last of a policy that rebuilds. Returns the logits
-        after the last token consumed, [B, V] float32."""
-        lengths = self.lengths - 1 if self.policy.returns.r > 0 else self.lengths
+        """The chunked prefill alone: every prompt token (every question token after compress_after) but the last
+        of a policy that rebuilds. Returns the logits after the last token consumed, [B, V] float32."""
+        offsets = self.context_lengths if self.compressed else np.zeros_like(self.lengths)
+        lengths = self.lengths - offsets - (self.policy.returns.r > 0)
         logits, self.cache, self.ps = decode.prefill(
             self.model.params, self.controller_params, self.cache, self.ps, jnp.asarray(self.tokens),
-            jnp.asarray(lengths), plan=self.plan, chunk=self.shape.chunk)
+            jnp.asarray(lengths), jnp.asarray(offsets), plan=self.plan, chunk=self.shape.chunk)
         if self.shape.decode_slots < self.cache.num_slots:
             self.cache, self.ps = decode.compact(self.cache, self.ps, plan=self.plan, num_slots=self.shape.decode_slots)
         return logits
 
     def run_last_prompt_token(self):
         """A rebuilding policy's last prompt token as a decode step; returns the logits after it, [B, V] float32."""
-        lengths = self.lengths - 1
-        batch = len(lengths)
-        state = decode.DecodeState(token=jnp.asarray(self.tokens[np.arange(batch), lengths]),
-                                   position=jnp.asarray(lengths), done=jnp.zeros((batch,), bool),
-                                   key=jax.random.split(jax.random.key(0), batch))
+        batch = len(self.lengths)
+        state = decode.DecodeState(token=jnp.asarray(self.last_tokens), position=jnp.asarray(self.lengths - 1),
+                                   done=jnp.zeros((batch,), bool), key=jax.random.split(jax.random.key(0), batch))
         out, self.cache, self.ps, _ = decode.decode(
             self.model.params, self.controller_params, self.cache, self.ps, state, *SamplingParams().as_arrays(),
             plan=self.plan, num_steps=1, greedy=True, pad_id=self.model.pad_id, return_logits=True)

@@ -16,10 +16,14 @@ from typing import Optional
 from adore_jax.configfile import ConfigError, from_dict, load_config
 from adore_jax.policies import CachePolicy, make_policy
 
-PARTS = ("perplexity", "generation", "streaming", "speed", "diagnostics", "retrieval", "gap")
-DEFAULT_PARTS = PARTS[:-1]  # the gap decomposition (oracles, a dozen perfect-scorer rows) runs when asked
+PARTS = ("perplexity", "generation", "streaming", "speed", "diagnostics", "retrieval", "ruler", "gap")
+DEFAULT_PARTS = PARTS[:-2]  # RULER (its own config) and the gap decomposition (oracles, a dozen perfect-scorer rows)
+# run when asked
 RETRIEVAL_SOURCES = ("wikipedia", "news", "sharegpt", "synthetic")
-DEFAULT_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "key_norm", "oracle_topk",
+RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+               "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")  # eval/ruler_tasks.TASKS
+RULER_SETTINGS = ("bounded", "compress_after_prefill")  # eval/ruler.SETTINGS
+DEFAULT_POLICIES = ("full", "window", "streaming_llm", "h2o", "tova", "snapkv", "key_norm", "oracle_topk",
                     {"preset": "adore_fixed_memory"}, {"preset": "adore_recall"})
 
 
@@ -134,6 +138,24 @@ class RetrievalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RulerConfig:
+    tasks: tuple = RULER_TASKS  # of eval/ruler_tasks.TASKS
+    contexts: tuple = (4096,)  # prompt lengths (tokens) of every task
+    needle_contexts: tuple = ()  # further prompt lengths for the needle tasks (niah_*) only
+    samples: int = 4  # prompts per task and context (needle depths spread over them)
+    ratios: Optional[tuple] = (0.25, 0.5, 0.75, 0.875)  # compression ratios: m = (1 - ratio) x context
+    cache_sizes: Optional[tuple] = None  # m instead of ratios (ratios: null)
+    settings: tuple = ("bounded", "compress_after_prefill")  # of eval/ruler.SETTINGS
+    policies: Optional[tuple] = None  # bounded rows (full attention always runs first); default: the suite's
+    min_full_score: float = 0.2  # tasks where full attention scores less are reported but not averaged (or run)
+    text_source: str = "wikipedia"  # the real-text haystacks
+    splits: tuple = ("test",)
+    chat: bool = True  # the model's chat template, when it has one
+    batch_size: int = 4  # most prompts run together (all of a context have the same length; batches of near-equal
+    # size, unpadded)
+
+
+@dataclasses.dataclass(frozen=True)
 class GapConfig:
     dataset: str = "wikipedia"  # documents (or synthetic, for tests)
     documents: int = 2
@@ -164,6 +186,7 @@ class EvalConfig:
     speed: SpeedConfig = SpeedConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    ruler: RulerConfig = RulerConfig()
     gap: GapConfig = GapConfig()
 
 
@@ -193,6 +216,30 @@ def _check_retrieval(cfg: RetrievalConfig, where: str) -> None:
         fail(f"cache_sizes must be null or a non-empty list of integers >= 1; got {cfg.cache_sizes}")
 
 
+def _check_ruler(cfg: RulerConfig, where: str) -> None:
+    def fail(message):
+        raise ConfigError(f"{where}: ruler.{message}")
+
+    unknown = [t for t in cfg.tasks if t not in RULER_TASKS]
+    if not cfg.tasks or unknown:
+        fail(f"tasks must be a non-empty list of {', '.join(RULER_TASKS)}; got {list(cfg.tasks)}")
+    if not _positive_ints(cfg.contexts) or not (cfg.needle_contexts == () or _positive_ints(cfg.needle_contexts)):
+        fail(f"contexts and needle_contexts must be lists of integers >= 1; got {cfg.contexts}, {cfg.needle_contexts}")
+    if (cfg.ratios is None) == (cfg.cache_sizes is None):
+        fail("give exactly one of ratios and cache_sizes (the other null)")
+    if cfg.ratios is not None and (not cfg.ratios or any(
+            isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1 for r in cfg.ratios)):
+        fail(f"ratios must be a non-empty list of numbers in (0, 1); got {cfg.ratios}")
+    if cfg.cache_sizes is not None and not _positive_ints(cfg.cache_sizes):
+        fail(f"cache_sizes must be a non-empty list of integers >= 1; got {cfg.cache_sizes}")
+    if not cfg.settings or any(s not in RULER_SETTINGS for s in cfg.settings):
+        fail(f"settings must be a non-empty list of {', '.join(RULER_SETTINGS)}; got {list(cfg.settings)}")
+    if cfg.samples < 1 or cfg.batch_size < 1:
+        fail(f"samples and batch_size must be >= 1; got {cfg.samples}, {cfg.batch_size}")
+    if not 0 <= cfg.min_full_score <= 1:
+        fail(f"min_full_score must be in [0, 1]; got {cfg.min_full_score}")
+
+
 def _check(config: EvalConfig, where: str) -> EvalConfig:
     """The checks beyond types: parts, policy rows, sizes."""
     for part in config.parts:
@@ -201,9 +248,11 @@ def _check(config: EvalConfig, where: str) -> EvalConfig:
     if not _positive_ints(config.cache_sizes):
         raise ConfigError(f"{where}: cache_sizes must be a non-empty list of integers >= 1; got {config.cache_sizes}")
     _check_retrieval(config.retrieval, where)
+    _check_ruler(config.ruler, where)
     for key, specs in (("policies", config.policies), ("speed.policies", config.speed.policies or ()),
                        ("diagnostics.policies", config.diagnostics.policies),
                        ("retrieval.policies", config.retrieval.policies or ()),
+                       ("ruler.policies", config.ruler.policies or ()),
                        ("gap.policies", config.gap.policies or ())):
         if "." in key and key.split(".")[0] not in config.parts:
             continue  # a part that does not run: its defaults need not fit these cache sizes

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-PLOTS = ("quality_vs_cache.png", "speed_vs_context.png", "recall_vs_m.png")
+PLOTS = ("quality_vs_cache.png", "speed_vs_context.png", "recall_vs_m.png", "ruler_vs_ratio.png")
 
 
 def _m(m):
@@ -168,6 +168,43 @@ def _retrieval_section(part):
     return out
 
 
+def _ruler_section(part):
+    rows = part["rows"]
+    if not rows:
+        return ["## RULER\n", "No cells.\n"]
+    out = ["## RULER (synthetic long-context tasks)\n",
+           f"{part['samples']} prompts per task and context; greedy answers scored as RULER scores them (the share "
+           f"of the expected strings in the answer). Averages are over the tasks where full attention scores at "
+           f"least {part['min_full_score']}; ± is the binomial standard error sqrt(a (1 - a) / n) over n prompts. "
+           "bounded: the cache at m throughout; compress_after_prefill: the context prefilled in full, released to m "
+           "once, then the question (not seen when compressing) and the answer.\n"]
+    for context in sorted({r["context"] for r in rows}):
+        full = next(r for r in rows if r["context"] == context and r["setting"] == "full")
+        tasks = list(full["per_task"])
+        out.append(f"### {context} tokens: full attention per task\n")
+        out.append(_table(tasks + ["average"], [[_f(full["per_task"][t]) for t in tasks]
+                                                + [f"{_f(full['average'])} ± {_f(full['stderr'])}"]]))
+        dropped = [t for t in tasks if t not in {t for r in rows if r["setting"] != "full" for t in r["per_task"]}]
+        if dropped:
+            out.append(f"Not averaged (full attention under {part['min_full_score']}): {', '.join(dropped)}.\n")
+        ratios = sorted({r["ratio"] for r in rows if r["context"] == context and r["ratio"] is not None})
+        for setting in [s for s in part["settings"] if any(r["setting"] == s for r in rows)]:
+            mine = [r for r in rows if r["context"] == context and r["setting"] == setting]
+            out.append(f"**{setting}**: average (n prompts) per compression ratio\n")
+            table = []
+            for name in dict.fromkeys(r["policy"] for r in mine):
+                cells = {r["ratio"]: r for r in mine if r["policy"] == name}
+                table.append([name] + [f"{_f(cells[x]['average'])} ± {_f(cells[x]['stderr'])} ({cells[x]['prompts']})"
+                                       if x in cells else "-" for x in ratios])
+            out.append(_table(["policy"] + [f"{x:g} (m={round((1 - x) * context)})" for x in ratios], table))
+            kept = [t for t in tasks if t not in dropped]
+            out.append(f"Per task ({setting}):\n")
+            out.append(_table(["policy", "ratio"] + kept,
+                              [[r["policy"], f"{r['ratio']:g}"] + [_f(r["per_task"].get(t)) for t in kept]
+                               for r in sorted(mine, key=lambda r: (r["ratio"], r["policy"]))]))
+    return out
+
+
 def _gap_section(part):
     if not part.get("sizes"):
         return ["## Gap decomposition\n", "No documents.\n"]
@@ -186,7 +223,7 @@ def _gap_section(part):
 
 SECTIONS = {"perplexity": _perplexity_section, "generation": _generation_section, "streaming": _streaming_section,
             "speed": _speed_section, "diagnostics": _diagnostics_section, "retrieval": _retrieval_section,
-            "gap": _gap_section}
+            "ruler": _ruler_section, "gap": _gap_section}
 
 
 def report_markdown(results) -> str:
@@ -258,6 +295,22 @@ def write_plots(results, out_dir) -> list:
                ylabel="recall of the oracle set", ylim=(0, 1.02))
         ax.legend(fontsize=7)
         written.append(_save(fig, out_dir, PLOTS[2]))
+    ruler = [r for r in (results.get("ruler") or {}).get("rows") or [] if r["average"] is not None]
+    if ruler:
+        panels = sorted({(r["context"], r["setting"]) for r in ruler if r["setting"] != "full"})
+        fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
+        for ax, (context, setting) in zip(axes[0], panels):
+            full = next(r for r in ruler if r["context"] == context and r["setting"] == "full")
+            ax.axhline(full["average"], linestyle="--", color="black", label="full")
+            mine = [r for r in ruler if r["context"] == context and r["setting"] == setting]
+            for name in dict.fromkeys(r["policy"] for r in mine):
+                rs = sorted((r for r in mine if r["policy"] == name), key=lambda r: r["ratio"])
+                ax.errorbar([r["ratio"] for r in rs], [r["average"] for r in rs], [r["stderr"] for r in rs],
+                            marker="o", capsize=2, label=name)
+            ax.set(title=f"RULER {context}: {setting}", xlabel="compression ratio", ylabel="average score",
+                   ylim=(0, 1.02))
+            ax.legend(fontsize=7)
+        written.append(_save(fig, out_dir, PLOTS[3]))
     return written
 
 

@@ -13,6 +13,8 @@ Parts (EvalConfig.parts):
   diagnostics  top-K recall of what each query could attend (kept + rebuilt) vs the oracle
   retrieval    a numeric key hidden at several depths of a long text, asked for at the end: accuracy per
                policy, m and context, and as a fraction of full attention's (eval/retrieval.py)
+  ruler        RULER's synthetic long-context tasks at compression ratios, bounded throughout and compressed
+               after prefill (eval/ruler.py; only when asked)
   gap          where the loss against full attention goes: oracles and perfect-scorer eviction beside the
                policies (eval/gap.py; only when asked)
 """
@@ -27,7 +29,7 @@ import numpy as np
 
 import adore_jax
 from adore_jax import controller as ctrl
-from adore_jax.eval import diagnostics, gap, metrics, retrieval, sources
+from adore_jax.eval import diagnostics, gap, metrics, retrieval, ruler, sources
 from adore_jax.eval.config import EvalConfig, PolicyRow, batches, policy_grid
 from adore_jax.memory import return_freed_memory
 from adore_jax.policies import make_policy
@@ -291,7 +293,8 @@ def _speedups(rows):
 
 PART_RUNNERS = {"perplexity": run_perplexity, "generation": run_generation, "streaming": run_streaming,
                 "speed": run_speed, "diagnostics": lambda ctx: diagnostics.run_diagnostics(ctx),
-                "retrieval": lambda ctx: retrieval.run_retrieval(ctx), "gap": lambda ctx: gap.run_gap(ctx)}
+                "retrieval": lambda ctx: retrieval.run_retrieval(ctx), "ruler": lambda ctx: ruler.run_ruler(ctx),
+                "gap": lambda ctx: gap.run_gap(ctx)}
 
 
 def run_suite(config: EvalConfig, model=None, write: bool = True, log=print) -> dict:
@@ -305,7 +308,7 @@ def run_suite(config: EvalConfig, model=None, write: bool = True, log=print) -> 
     controller, controller_info = (None, dict(source=None, trained=False))
     if any(make_policy(spec).needs_controller
            for spec in config.policies + (config.speed.policies or ()) + config.diagnostics.policies
-           + (config.retrieval.policies or ()) + (config.gap.policies or ())):
+           + (config.retrieval.policies or ()) + (config.ruler.policies or ()) + (config.gap.policies or ())):
         controller, controller_info = resolve_controller(model, config.controller, config.seed)
     ctx = Context(config, model, controller, [], log)
     if controller_info["source"] == "random":

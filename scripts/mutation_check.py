@@ -49,6 +49,13 @@ PAGE_BOUNDS = "tests/test_policies.py::test_page_bounds_bound_every_key_and_are_
 HIDDEN_INPUT = "tests/test_policies.py::test_a_hidden_state_controller_reads_each_tokens_own_pass"
 HIDDEN_TRAINING = "tests/test_train_controller.py::test_a_hidden_state_controller_trains_on_what_decoding_taps"
 RECALL = "returnsrecallR=3"
+SNAPKV_WINDOW = "tests/test_eviction.py::test_snapkv_window_is_a_chunks_last_queries_or_a_steps_current_one"
+SNAPKV_RING = "tests/test_eviction.py::test_snapkv_ring_takes_the_oldest_entries_and_restarts_written_slots"
+SNAPKV = ("snapkv-window3-pool3", "snapkv-window5-pool3-recent1")
+COMPRESS_ONCE = "tests/test_ruler.py::test_compress_after_prefill_releases_once_then_keeps_the_question_and_answer"
+COMPRESS_FULL = "tests/test_ruler.py::test_compress_after_prefill_is_full_attention_when_m_holds_the_context"
+COMPRESS_SHARED = "tests/test_ruler.py::test_one_context_prefill_serves_every_m"
+RULER_AVERAGES = "tests/test_ruler.py::test_averages_leave_out_the_tasks_full_attention_fails"
 
 
 def eviction(*cases):
@@ -90,6 +97,38 @@ MUTANTS = (
     Mutant("random ignores its seed", P + "random.py", "Random.slot_scores",
            "position_hash(self.seed, cache.slot_positions)", "position_hash(0, cache.slot_positions)",
            eviction("random-seed7")),
+    Mutant("snapkv does not pool (pool treated as 1)", P + "snapkv.py", "SnapKV.slot_scores", "self.pool == 1", "True",
+           eviction(*SNAPKV)),
+    Mutant("snapkv: ties of the pooled score go to the token with less mass of its own", P + "snapkv.py",
+           "SnapKV.slot_scores", "jnp.lexsort((own, pooled), axis=1)", "jnp.lexsort((-own, pooled), axis=1)",
+           eviction(*SNAPKV)),
+    Mutant("snapkv's window is every valid query of a chunk", P + "snapkv.py", "SnapKV.mass_weights",
+           "j > last_row[:, None] - self.window", "j >= 0", eviction(*SNAPKV) + (SNAPKV_WINDOW,)),
+    Mutant("snapkv's window is a chunk's last query alone", P + "snapkv.py", "SnapKV.mass_weights",
+           "last_row[:, None] - self.window", "last_row[:, None] - 1", eviction(*SNAPKV) + (SNAPKV_WINDOW,)),
+    Mutant("snapkv's window counts the released tokens a rebuild step runs", P + "snapkv.py", "SnapKV.mass_weights",
+           "block.valid & (block.positions == last_position - (last_row[:, None] - j))", "block.valid",
+           (SNAPKV_WINDOW,)),
+    Mutant("snapkv's ring does not advance (every block overwrites the same entries)", P + "snapkv.py",
+           "SnapKV.update", "(state.oldest + count) % self.window", "state.oldest",
+           eviction(*SNAPKV) + (SNAPKV_RING,)),
+    Mutant("snapkv: a new token inherits its slot's ring entries", P + "snapkv.py", "SnapKV.update",
+           "jnp.where(written_slots(block, state.ring.shape[1])[:, :, None], 0.0, state.ring)", "state.ring",
+           eviction(*SNAPKV) + (SNAPKV_RING,)),
+    Mutant("snapkv: each entry a chunk overwrites holds its window's whole mass, not the mean", P + "snapkv.py",
+           "SnapKV.update", "mass / jnp.maximum(count, 1)[:, None].astype(jnp.float32)", "mass",
+           eviction(*SNAPKV) + (SNAPKV_RING,)),
+    Mutant("compress after prefill releases nothing", "adore_jax/decode.py", "compress",
+           "steps.release(cache, ps, steps.scores(ps, position, cache.slot_positions), position, cache.num_slots)",
+           "cache", (COMPRESS_ONCE,)),
+    Mutant("after compressing, the questions and answers are released down to m", "adore_jax/session.py",
+           "plan_compression", "m + question_padded + max_new_tokens", "m", (COMPRESS_ONCE,)),
+    Mutant("a prefill block right-aligned at a negative offset feeds its leading padding", "adore_jax/decode.py",
+           "prefill", "(rows < lengths[:, None]) & (positions >= 0)", "rows < lengths[:, None]", (COMPRESS_FULL,)),
+    Mutant("another budget's session keeps the first budget's recent window", "adore_jax/session.py",
+           "DecodeSession.at_cache_size", "self.requested_policy", "self.policy", (COMPRESS_SHARED,)),
+    Mutant("RULER averages the tasks full attention fails too", "eval/ruler.py", "summary_rows",
+           "full[cell['context']].get(t, 0.0) >= min_full_score", "True", (RULER_AVERAGES,)),
     Mutant("rebuild and recall pick tokens that are still cached", P + "returns.py", "released_before",
            "(jnp.arange(n)[None, :] < position[:, None]) & ~in_cache", "jnp.arange(n)[None, :] < position[:, None]",
            (f"{REBUILD}[rebuild]", f"{STORED}[from-layer-0]", f"{STORED}[long-prompt]")),

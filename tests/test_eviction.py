@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adore_jax import H2O, DecodeSession, Model, ModelConfig, make_policy
+from adore_jax import H2O, DecodeSession, Model, ModelConfig, SnapKV, make_policy
 from adore_jax.model import BlockInput, init_params, lm_logits, run_layers
 from adore_jax.policies import Rebuild, Recall
+from adore_jax.policies.snapkv import SnapKVState
 
 from references import distance_controller
 
@@ -110,17 +111,20 @@ def reference_rule(name, attention_weight=0.0):
     return rules[name]
 
 
-def simulate(model, tokens, prompt, name, sinks, recent, attention_weight=0.0, recall=(0, 0)):
+def simulate(model, tokens, prompt, name, sinks, recent, attention_weight=0.0, recall=(0, 0), observation=(1, 1)):
     """Kept positions after the prefill and after each decode step, and the decode logits [STEPS, V].
 
-    recall (first_layer, R): each decode step's query may also attend R released tokens (`masked_forward`)."""
+    recall (first_layer, R): each decode step's query may also attend R released tokens (`masked_forward`).
+    observation (w, pool): snapkv's window and pooling kernel."""
     length = len(tokens)
     visible = np.eye(length, dtype=bool)  # rows not yet run see only themselves (never read)
     recallable = np.zeros((length, length), bool)
     chunked = prompt - 1 if recall[1] else prompt  # a policy that brings tokens back runs the prompt's last as a step
     blocks = [list(range(s, min(s + CHUNK, chunked))) for s in range(0, chunked, CHUNK)]
     blocks += [[t] for t in range(chunked, length)]
-    rule = reference_rule(name, attention_weight)
+    rule = None if name == "snapkv" else reference_rule(name, attention_weight)
+    window, pool = observation
+    ring, entry = np.zeros((window, length)), 0  # snapkv: one entry per window query, the mass it gave each token
     kept, acc, history, logits = [], {}, [], None
     for block in blocks:
         for q in block:
@@ -133,10 +137,20 @@ def simulate(model, tokens, prompt, name, sinks, recent, attention_weight=0.0, r
         current = block[-1]
         for k in block:  # a new token starts with no accumulated mass
             acc[k] = 0.0
+            ring[:, k] = 0.0
         for k in candidates:
             acc[k] += float(mass[block, k].sum())
+        queries = block[-window:]  # snapkv's window: a chunk's last w queries, a decode step's own
+        for _ in queries:  # each takes the oldest entry, with the mean of their masses
+            ring[entry % window] = mass[queries].sum(axis=0, dtype=np.float64) / len(queries)
+            entry += 1
+        if name == "snapkv":  # the max over the cached tokens within pool // 2 positions; ties: the token's own
+            own = ring.sum(axis=0)
+            score = {k: (max(own[j] for j in candidates if abs(j - k) <= pool // 2), own[k]) for k in candidates}
+        else:
+            score = {k: rule(k, current, mass, acc, norm) for k in candidates}
         pinned = {k: k < sinks or k > current - recent for k in candidates}
-        order = sorted(candidates, key=lambda k: (pinned[k], rule(k, current, mass, acc, norm)), reverse=True)
+        order = sorted(candidates, key=lambda k: (pinned[k], score[k]), reverse=True)
         kept = sorted(order[:M])
         history.append(kept)
     return history[len(blocks) - STEPS - 1:], logits[prompt:length]
@@ -177,6 +191,9 @@ CASES = [
     ("adore", dict(attention_weight=0.0)),
     ("adore", dict(attention_weight=50.0)),  # the term decides: a test of its statistic
     ("random", dict(seed=7)),
+    ("snapkv", {}),  # window 32 > m: recent = m, every kept token is in the window
+    ("snapkv", dict(window=3, pool=3)),  # recent = 3
+    ("snapkv", dict(window=5, pool=3, recent=1)),  # the second prompt's last chunk (3 queries) fills part of the ring
 ]
 RECALL = Recall(r=3)  # every scorer composed with a recall from the store, from layer 0
 RECALL_CASES = [(name, dict(options, returns=RECALL)) for name, options in CASES if name != "adore" or not options]
@@ -199,15 +216,16 @@ def test_kept_set_and_logits_equal_the_event_reference(model, name, options):
     history, logits = run_policy(model, sequences, policy, controller)
     recall = (policy.returns.from_layer, policy.returns.r) if policy.returns.r else (0, 0)
     for row, (tokens, prompt) in enumerate(zip(sequences, PROMPTS)):
+        observation = (filled.window, filled.pool) if name == "snapkv" else (1, 1)
         expected, expected_logits = simulate(model, tokens, prompt, name, filled.sinks, filled.recent,
-                                             getattr(filled, "attention_weight", 0.0), recall)
+                                             getattr(filled, "attention_weight", 0.0), recall, observation)
         got = [kept[row] for kept in history]
         assert got == expected, f"row {row}: kept sets after the prefill and each step differ"
         assert all(len(kept) == M for kept in got)  # prompts of 35-40 tokens: the prefill released
         np.testing.assert_allclose(logits[row], expected_logits, atol=1e-4)
         if recall[1]:
             _, alone = simulate(model, tokens, prompt, name, filled.sinks, filled.recent,
-                                getattr(filled, "attention_weight", 0.0))
+                                getattr(filled, "attention_weight", 0.0), observation=observation)
             assert np.max(np.abs(alone - expected_logits)) > 1e-3, "recall changed nothing: the case proves nothing"
     if name == "random" and not policy.returns.r:  # a control must not be a recency rule, and its seed must matter
         other, _ = run_policy(model, sequences, make_policy(name, cache_size=M, prefill_chunk=CHUNK, seed=8), None)
@@ -226,6 +244,10 @@ def test_kept_set_and_logits_equal_the_event_reference(model, name, options):
     (lambda: Recall(r=2, pages=4), "pages applies with page_size > 0"),
     (lambda: make_policy("adore", cache_size="64"), "cache_size"),
     (lambda: make_policy("h2o", returns={"type": "recall", "rank": 2}), "has no option 'rank'"),
+    (lambda: make_policy("snapkv", window=0), "window must be an integer >= 1 for policy 'snapkv'; got 0"),
+    (lambda: make_policy("snapkv", pool=4), "pool must be an odd integer >= 1 for policy 'snapkv'; got 4"),
+    (lambda: make_policy("snapkv", pool=0), "pool must be an integer >= 1 for policy 'snapkv'; got 0"),
+    (lambda: make_policy("snapkv", cache_size=8, returns=Rebuild(r=2)), "ranked_by='attention'"),
 ])
 def test_an_impossible_combination_cannot_be_built(build, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -247,3 +269,60 @@ def test_h2o_statistic_restarts_for_a_new_token_in_a_reused_slot():
     mass = jnp.array([[[0.1, 0.2, 0.3, 0.4, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0, 9.0, 9.0]]])  # [B, Q, S]
     new = update_with_mass(policy, state, block, mass, jnp.zeros((1,), jnp.int32))
     np.testing.assert_allclose(np.asarray(new), [[5.1, 1.2, 2.3, 0.4, 0.0, 0.0]], rtol=1e-6)
+
+
+def test_snapkv_window_is_a_chunks_last_queries_or_a_steps_current_one():
+    """The rows whose attention is the block's window mass: a prefill chunk's last min(w, valid) valid rows
+    (right-padded, or right-aligned as a continuation), a decode step's current row and not the released tokens
+    a return path runs with it, even when the block has as many rows as a prefill chunk."""
+    def weights(window, positions, valid, last_row):
+        block = BlockInput(tokens=jnp.zeros((1, len(positions)), jnp.int32), positions=jnp.array([positions]),
+                           slots=jnp.zeros((1, len(positions)), jnp.int32), valid=jnp.array([valid]))
+        return np.asarray(SnapKV(window=window).mass_weights(block, jnp.array([last_row]))[0]).tolist()
+
+    assert weights(3, [10, 11, 12, 13, 14, 15], [1, 1, 1, 1, 1, 0], 4) == [0, 0, 1, 1, 1, 0]  # right-padded
+    assert weights(8, [10, 11, 12, 13, 14, 15], [1, 1, 1, 1, 1, 0], 4) == [1, 1, 1, 1, 1, 0]  # fewer than w
+    assert weights(3, [0, 0, 0, 1, 2, 3], [0, 0, 1, 1, 1, 1], 5) == [0, 0, 0, 1, 1, 1]  # right-aligned
+    assert weights(8, [0, 0, 0, 1, 2, 3], [0, 0, 1, 1, 1, 1], 5) == [0, 0, 1, 1, 1, 1]
+    assert weights(3, [0, 1, 2, 3], [0, 0, 0, 0], 0) == [0, 0, 0, 0]  # a chunk past the prompt's end
+    assert weights(3, [4, 1, 20], [1, 1, 1], 2) == [0, 0, 1]  # a rebuild step: two released tokens, then current
+    assert weights(3, [4, 19, 20], [1, 0, 1], 2) == [0, 0, 1]  # ... a pick not wanted
+    assert weights(3, [18, 19, 20], [1, 1, 1], 2) == [1, 1, 1]  # a prefill chunk as long as that step
+
+
+def test_snapkv_ring_takes_the_oldest_entries_and_restarts_written_slots():
+    """A block's k window queries overwrite the k oldest ring entries with their mean mass, after the slots the
+    block wrote are zeroed in every entry; the next block starts after them."""
+    policy = SnapKV(cache_size=4, window=3)
+    ring = jnp.arange(1.0, 13.0).reshape(1, 4, 3)  # [B, S, w]: slot s, entry e holds 3 s + e + 1
+    state = SnapKVState(ring, jnp.array([2], jnp.int32))  # entry 2 is the oldest
+    step = BlockInput(tokens=jnp.array([[5]]), positions=jnp.array([[9]]), slots=jnp.array([[1]]),
+                      valid=jnp.array([[True]]))
+    mass = jnp.array([[[0.1, 0.2, 0.3, 0.4]]])  # [B, Q, S]
+    new = update_with_mass(policy, state, step, mass, jnp.zeros((1,), jnp.int32))
+    np.testing.assert_allclose(np.asarray(new.ring), [[[1, 2, 0.1], [0, 0, 0.2], [7, 8, 0.3], [10, 11, 0.4]]],
+                               rtol=1e-6)
+    assert int(new.oldest[0]) == 0
+    chunk = BlockInput(tokens=jnp.array([[1, 2, 3]]), positions=jnp.array([[10, 11, 12]]),
+                       slots=jnp.array([[0, 3, 2]]), valid=jnp.array([[True, True, False]]))
+    mass = jnp.array([[[1.0, 2.0, 3.0, 4.0], [3.0, 4.0, 5.0, 6.0], [9.0, 9.0, 9.0, 9.0]]])
+    newer = update_with_mass(policy, new, chunk, mass, jnp.ones((1,), jnp.int32))
+    np.testing.assert_allclose(np.asarray(newer.ring), [[[2, 2, 0], [3, 3, 0.2], [4, 4, 0], [5, 5, 0]]],
+                               rtol=1e-6)  # two window queries: entries 0 and 1 hold their mean; slots 0, 2, 3 new
+    assert int(newer.oldest[0]) == 2
+
+
+def test_snapkv_keeps_its_window_and_runs_with_an_attention_ranked_rebuild(model):
+    """recent defaults to min(w, m - sinks); with Rebuild (ranked by attention) every step keeps m tokens, the
+    window's among them."""
+    assert make_policy("snapkv", cache_size=M, sinks=2).validate(128).recent == M - 2
+    assert make_policy("snapkv", cache_size=M, window=4).validate(128).recent == 4
+    rng = np.random.default_rng(5)
+    sequences = [rng.integers(3, model.config.vocab_size, p + STEPS).astype(np.int32) for p in PROMPTS]
+    policy = make_policy("snapkv", cache_size=M, prefill_chunk=CHUNK, window=4, pool=3,
+                         returns=Rebuild(r=2, ranked_by="attention"))
+    history, _ = run_policy(model, sequences, policy, None)
+    for step, kept in enumerate(history):
+        for row, prompt in enumerate(PROMPTS):
+            current = prompt - 1 + step
+            assert len(kept[row]) == M and set(range(current - 3, current + 1)) <= set(kept[row])

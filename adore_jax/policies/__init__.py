@@ -7,6 +7,7 @@ Scorers (one frozen dataclass each; protocol: base.py):
   h2o           accumulated attention mass ("heavy hitters") + a protected recent window
   tova          the attention mass of the current query
   key_norm      the keys of smallest L2 norm
+  snapkv        the attention of the latest w queries (the observation window), max-pooled over neighbours
   adore         a learned controller's score (+ beta * log of the current query's attention)
   random        a fixed pseudo-random score per token (a control)
   score_table   given (query, token) scores (the gap decomposition's perfect scorers)
@@ -42,12 +43,13 @@ from adore_jax.policies.rebuild import Rebuild
 from adore_jax.policies.recall import Recall
 from adore_jax.policies.returns import NoReturn, ReturnPath
 from adore_jax.policies.score_table import ScoreTable
+from adore_jax.policies.snapkv import SnapKV
 from adore_jax.policies.streaming_llm import StreamingLLM
 from adore_jax.policies.tova import TOVA
 from adore_jax.policies.window import Window
 
-POLICIES = {policy.name: policy for policy in (Full, Window, StreamingLLM, H2O, TOVA, KeyNorm, OracleTopK, Adore,
-                                                  Random, ScoreTable)}
+POLICIES = {policy.name: policy for policy in (Full, Window, StreamingLLM, H2O, TOVA, KeyNorm, SnapKV, OracleTopK,
+                                                  Adore, Random, ScoreTable)}
 RETURN_PATHS = {path.kind: path for path in (NoReturn, Rebuild, Recall)}
 
 
@@ -133,5 +135,5 @@ def load_policy(path=None, overrides=(), **options) -> CachePolicy:
 
 __all__ = ["POLICIES", "RETURN_PATHS", "Adore", "BoundedPolicy", "CachePolicy", "Full", "H2O", "KeyNorm",
            "NoReturn", "OracleTopK", "PolicyState", "Random", "Recall", "Rebuild", "ReturnPath", "ScoreTable",
-           "StreamingLLM", "TOVA", "TopKSlotAttention", "Window", "load_policy", "make_policy", "make_return_path",
-           "policy_class"]
+           "SnapKV", "StreamingLLM", "TOVA", "TopKSlotAttention", "Window", "load_policy", "make_policy",
+           "make_return_path", "policy_class"]
