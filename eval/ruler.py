@@ -15,6 +15,7 @@ Every finished cell (a setting, context, policy and m) is appended to `<out_dir>
 fingerprint of its prompts; a rerun with the same out_dir reuses the cells whose fingerprint matches, so a killed
 run continues where it stopped.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -174,8 +175,8 @@ def run_ruler(ctx) -> dict:
         if not mine:
             continue
         sizes = tuple(cache_size_at(r, context) for r in cfg.ratios) if cfg.ratios else cfg.cache_sizes
-        rows = policy_rows(cfg.policies or ctx.config.policies, sizes)
-        rows = [row for row in rows if row.policy.bounded]
+        rows = [dataclasses.replace(row, cache_size=row.policy.cache_size)  # a row with its own m keeps it
+                for row in policy_rows(cfg.policies or ctx.config.policies, sizes) if row.policy.bounded]
         for setting in cfg.settings:
             if setting == "bounded":
                 for row in ctx.bar(rows, f"ruler {context} bounded"):

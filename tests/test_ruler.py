@@ -105,7 +105,8 @@ def tiny_with_tokenizer(tmp_path_factory):
 
 
 def _config(out_dir, **ruler_options):
-    return eval_config(dict(parts=["ruler"], progress=False, out_dir=str(out_dir), policies=["window", "snapkv"],
+    return eval_config(dict(parts=["ruler"], progress=False, out_dir=str(out_dir),
+                            policies=["window", "snapkv", {"policy": "tova", "cache_size": 128}],
                             ruler=dict(dict(tasks=["niah_single_1", "vt"], contexts=[512], samples=2,
                                             ratios=[0.5, 0.875], batch_size=3, min_full_score=0.0),
                                        **ruler_options)))
@@ -117,8 +118,10 @@ def test_the_part_runs_both_settings_and_resumes_per_cell(tiny_with_tokenizer, t
     part = run_suite(config, model=model, log=lambda *_: None)["ruler"]
     cells = part["cells"]
     keys = [(c["setting"], c["policy"], c["cache_size"]) for c in cells]
-    assert keys == [("full", "full", None)] + [(s, p, m) for s in ("bounded", "compress_after_prefill")
-                                                for p in ("window", "snapkv") for m in (256, 64)]
+    assert keys == [("full", "full", None)] + [
+        key for s in ("bounded", "compress_after_prefill")
+        for key in [(s, p, m) for p in ("window", "snapkv") for m in (256, 64)] + [(s, "tova", 128)]]
+    assert [c["ratio"] for c in cells if c["policy"] == "tova"] == [0.75, 0.75]  # a row's own m, as a ratio
     prompts = sorted((p for task in ("niah_single_1", "vt") for p in ruler_tasks.build_prompts(
         model.tokenizer, task, 512, 2)), key=lambda p: p.max_new_tokens)
     # the bounded window cell, recomputed through generate: the same greedy answers and scores
