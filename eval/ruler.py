@@ -36,6 +36,7 @@ def cache_size_at(ratio: float, context: int) -> int:
 
 
 def fingerprint(prompts) -> str:
+    """What a cell's results depend on in its prompts: their ids, tasks and question starts (16 hex digits)."""
     digest = hashlib.sha256()
     for p in prompts:
         digest.update(np.asarray(p.ids, np.int32).tobytes() + p.task.encode() + str(p.question_start).encode())
