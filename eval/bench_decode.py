@@ -10,13 +10,13 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import time
 
 import numpy as np
 
 import adore_jax
 from adore_jax import weights
+from adore_jax.eval import machine
 
 
 def bench_ours(model, prompts, new_tokens, repeats):
@@ -72,6 +72,8 @@ def main():
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers + torch reference")
     parser.add_argument("--out", default="runs/bench_decode.json")
     args = parser.parse_args()
+    where = machine.describe()
+    print(machine.summary_line(where))
 
     model = adore_jax.load_model(args.model)
     # Never stop early: every configuration decodes exactly new_tokens tokens.
@@ -101,7 +103,7 @@ def main():
             print(line, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(model=args.model, machine=dict(cpus=os.cpu_count(), platform=platform.platform()),
+        json.dump(dict(model=args.model, machine=where,
                        rows=rows), f, indent=2)
     print(f"wrote {args.out}")
 

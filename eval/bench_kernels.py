@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adore_jax.eval import machine
 from pallas_kernels import slot_attention, topk_attention
 from pallas_kernels.slot_attention import slot_attention_gpu, slot_attention_tpu
 
@@ -139,8 +140,9 @@ def main():
     repeats = args.repeats or (5 if args.quick else 20)
     dtype = jnp.dtype(args.dtype)
     copy_bw = copy_bandwidth((64 if args.quick else 1024) << 20, repeats)
-    print(f"backend {backend} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
-          f"copy bandwidth {copy_bw / 1e9:.1f} GB/s")
+    where = machine.describe()
+    print(machine.summary_line(where))
+    print(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s")
 
     cases = {  # kernel -> (shapes, case builder); inputs are built one case at a time
         "slot": (slot_shapes, functools.partial(slot_case, mass=False)),
@@ -186,8 +188,7 @@ def main():
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(dict(backend=backend, device=jax.devices()[0].device_kind, jax_version=jax.__version__,
-                           dtype=args.dtype, repeats=repeats, copy_gb_per_s=copy_bw / 1e9,
+            json.dump(dict(machine=where, dtype=args.dtype, repeats=repeats, copy_gb_per_s=copy_bw / 1e9,
                            shape_fields=dict(slot="batch, m, Q, H, G, D", prefill="batch, S, Q, filled, H, G, D",
                                              topk="batch, N, H, G, D, top_k"),
                            results=rows), f, indent=1)

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import time
 
 import jax
@@ -21,6 +20,7 @@ import adore_jax
 from adore_jax import cache as kv_cache
 from adore_jax import controller as ctrl
 from adore_jax import decode
+from adore_jax.eval import machine
 from adore_jax.policies import make_policy
 from adore_jax.weights import default_controller
 
@@ -79,6 +79,16 @@ def synthetic_state(model, plan, batch, context, max_length, rng):
     return cache, ps, state
 
 
+def step_controller(model_name, model):
+    """(config, params) of the model's default controller, or a random one where it has none: the cost of a step
+    does not depend on the controller's values."""
+    path = default_controller(model_name)
+    if path:
+        return ctrl.load_controller(path, model.config.hidden_size)
+    config = ctrl.ControllerConfig(embed_dim=model.config.hidden_size)
+    return config, ctrl.init_controller(config, jax.random.key(0))
+
+
 def timed_max_length(context: int, steps: int, repeats: int) -> int:
     """The positions `time_steps` needs: the context, then (repeats + 1) chunks of steps, rounded up to 128."""
     return -(-(context + (repeats + 1) * steps + 1) // 128) * 128
@@ -111,15 +121,12 @@ def main():
     parser.add_argument("--policies", nargs="+", default=list(POLICY_ROWS) + list(BREAKDOWN_ROWS))
     parser.add_argument("--out", default="runs/bench_policies.json")
     args = parser.parse_args()
+    where = machine.describe()
+    print(machine.summary_line(where))
 
     model = adore_jax.load_model(args.model)
     model = dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_ids=()))
-    controller_path = default_controller(args.model)
-    if controller_path:
-        controller_cfg, cparams = ctrl.load_controller(controller_path, model.config.hidden_size)
-    else:  # the cost of a step does not depend on the controller's values
-        controller_cfg = ctrl.ControllerConfig(embed_dim=model.config.hidden_size)
-        cparams = ctrl.init_controller(controller_cfg, jax.random.key(0))
+    controller_cfg, cparams = step_controller(args.model, model)
     rows_by_name = {**POLICY_ROWS, **BREAKDOWN_ROWS}
     rng = np.random.default_rng(0)
     results = []
@@ -151,8 +158,7 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(model=args.model, cache_size=args.cache_size, steps=args.steps,
-                       machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
-                                    backend=jax.default_backend()), rows=results), f, indent=2)
+                       machine=where, rows=results), f, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -8,12 +8,12 @@ call of a row compiles; the best of the later ones is its time. Compare rows as 
 import argparse
 import json
 import os
-import platform
 
 import jax
 import numpy as np
 
 import adore_jax
+from adore_jax.eval import machine
 from adore_jax.eval.bench_policies import POLICY_ROWS
 from adore_jax.policies import make_policy
 from adore_jax.session import DecodeSession
@@ -46,6 +46,8 @@ def main(argv=None):
     for name in ("batch", "context", "cache_size", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    where = machine.describe()
+    print(machine.summary_line(where))
     model = adore_jax.load_model(args.model)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, model.config.vocab_size, size=(args.batch, args.context)).tolist()
@@ -60,8 +62,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(model=args.model, batch=args.batch, context=args.context, cache_size=args.cache_size,
-                       repeats=args.repeats, backend=jax.default_backend(), machine=platform.machine(),
-                       cpus=os.cpu_count(), rows=rows), f, indent=2)
+                       repeats=args.repeats, machine=where, rows=rows), f, indent=2)
     print(f"wrote {args.out}")
 
 

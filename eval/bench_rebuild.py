@@ -11,13 +11,13 @@ weakest cached one by more than the margin. Every row comes from one run: compar
 import argparse
 import json
 import os
-import platform
 import time
 
 import jax
 import numpy as np
 
 import adore_jax
+from adore_jax.eval import machine
 from adore_jax.eval.sources import lm_documents
 from adore_jax.session import DecodeSession
 
@@ -58,6 +58,8 @@ def main():
                         "(default: transient, the evaluation's best)")
     parser.add_argument("--out", default="runs/bench_rebuild.json")
     args = parser.parse_args()
+    where = machine.describe()
+    print(machine.summary_line(where))
     if args.steps % args.chunk or args.steps < 2 * args.chunk:
         parser.error(f"--steps must be a multiple of --chunk, at least 2 chunks; got {args.steps} and {args.chunk}")
 
@@ -80,8 +82,7 @@ def main():
               f"{row['perplexity']:>8.3f}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(vars(args), machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
-                                                backend=jax.default_backend()), rows=results), f, indent=2)
+        json.dump(dict(vars(args), machine=where, rows=results), f, indent=2)
     print(f"wrote {args.out}")
 
 

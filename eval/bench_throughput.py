@@ -13,14 +13,13 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 
-import jax
 import numpy as np
 
 import adore_jax
 from adore_jax import controller as ctrl
 from adore_jax import decode
+from adore_jax.eval import machine
 from adore_jax.eval.bench_policies import POLICY_ROWS, time_steps, timed_max_length
 from adore_jax.policies import make_policy
 from adore_jax.weights import default_controller
@@ -64,6 +63,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="runs/bench_throughput.json")
     args = parser.parse_args()
+    where = machine.describe()
+    print(machine.summary_line(where))
     if args.budget_gib <= 0:
         parser.error(f"--budget-gib must be > 0; got {args.budget_gib}")
     unknown = sorted(set(args.policies) - set(POLICY_ROWS))
@@ -93,7 +94,7 @@ def main():
                 rows.append(row)
                 print(f"{context:>7} {name:<12} {largest:>7} {batch:>5} {row['state_gib']:>6.2f} {ms:>9.1f} "
                       f"{row['tokens_per_s']:>9.1f}", flush=True)
-                summary = write_json(args, rows)  # after every point: a run stopped early keeps what it measured
+                summary = write_json(args, where, rows)  # after every point: a run stopped early keeps what it measured
     print("best tokens/s within the budget (x full attention's best):")
     for s in summary:
         ratio = f"{s['vs_full']:.2f}x" if s["vs_full"] else "-"
@@ -102,7 +103,7 @@ def main():
     plot(rows, os.path.splitext(args.out)[0] + ".png")
 
 
-def write_json(args, rows) -> list:
+def write_json(args, where, rows) -> list:
     """Write the rows and each policy's best tokens/s per context (x full attention's); returns that summary."""
     best = {}
     for row in rows:
@@ -114,7 +115,7 @@ def write_json(args, rows) -> list:
     with open(args.out, "w") as f:
         json.dump(dict(model=args.model, budget_gib=args.budget_gib, cache_size=args.cache_size, steps=args.steps,
                        repeats=args.repeats, max_batch=args.max_batch,
-                       machine=dict(cpus=os.cpu_count(), platform=platform.platform(), backend=jax.default_backend()),
+                       machine=where,
                        rows=rows, best=summary), f, indent=2)
     return summary
 

@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 
+from adore_jax.eval.machine import summary_line
+
 PLOTS = ("quality_vs_cache.png", "speed_vs_context.png", "recall_vs_m.png", "ruler_vs_ratio.png")
 
 
@@ -226,13 +228,19 @@ SECTIONS = {"perplexity": _perplexity_section, "generation": _generation_section
             "ruler": _ruler_section, "gap": _gap_section}
 
 
+def _machine_line(machine: dict) -> str:
+    """The run's machine (results written before eval/machine.py recorded only cores, backend and jax)."""
+    if "versions" in machine:
+        return summary_line(machine)
+    return f"machine: {machine['cpus']} CPUs ({machine['backend']}, jax {machine['jax']})."
+
+
 def report_markdown(results) -> str:
     meta = results["meta"]
     controller = meta["controller"]
     out = [f"# adore-jax evaluation: {meta['model']}\n",
-           f"Started {meta['started']}, {meta.get('seconds', 0) / 60:.1f} min on {meta['machine']['cpus']} CPUs "
-           f"({meta['machine']['backend']}, jax {meta['machine']['jax']}). Controller: {controller['source']} "
-           f"({'trained' if controller['trained'] else 'UNTRAINED'}).\n"]
+           f"Started {meta['started']}, {meta.get('seconds', 0) / 60:.1f} min. Controller: {controller['source']} "
+           f"({'trained' if controller['trained'] else 'UNTRAINED'}).\n", _machine_line(meta["machine"]) + "\n"]
     if meta.get("notices"):
         out.append("**Notices**\n\n" + "\n".join(f"- {n}" for n in meta["notices"]) + "\n")
     for part, section in SECTIONS.items():

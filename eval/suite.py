@@ -19,8 +19,6 @@ Parts (EvalConfig.parts):
                policies (eval/gap.py; only when asked)
 """
 import dataclasses
-import os
-import platform
 import time
 from typing import Callable
 
@@ -29,7 +27,7 @@ import numpy as np
 
 import adore_jax
 from adore_jax import controller as ctrl
-from adore_jax.eval import diagnostics, gap, metrics, retrieval, ruler, sources
+from adore_jax.eval import diagnostics, gap, machine, metrics, retrieval, ruler, sources
 from adore_jax.eval.config import EvalConfig, PolicyRow, batches, policy_grid
 from adore_jax.memory import return_freed_memory
 from adore_jax.policies import make_policy
@@ -318,8 +316,7 @@ def run_suite(config: EvalConfig, model=None, write: bool = True, log=print) -> 
     if not ok:
         ctx.notices.append(reason)
     results = dict(meta=dict(model=model.source, config=dataclasses.asdict(config), controller=controller_info,
-                             machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
-                                          backend=jax.default_backend(), jax=jax.__version__),
+                             machine=machine.describe(),
                              started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))))
     for part in config.parts:
         log(f"[{part}] ...")

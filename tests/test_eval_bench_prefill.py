@@ -14,6 +14,7 @@ def test_every_row_is_timed_and_written(tiny_model_dir, tmp_path):
     assert [row["policy"] for row in result["rows"]] == ["window", "tova"]
     assert all(row["seconds"] > 0 and row["first_call_seconds"] > 0 for row in result["rows"])
     assert (result["context"], result["cache_size"]) == (40, 8)
+    assert result["machine"]["cpu"] and result["machine"]["versions"]["jax"]
 
 
 def test_an_unknown_row_or_size_is_named(tiny_model_dir, tmp_path, capsys):
