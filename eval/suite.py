@@ -19,6 +19,7 @@ Parts (EvalConfig.parts):
                policies (eval/gap.py; only when asked)
 """
 import dataclasses
+import os
 import time
 from typing import Callable
 
@@ -65,13 +66,14 @@ def resolve_controller(model, source, seed: int = 0):
     """((ControllerConfig, params), description): a trained controller, or an untrained random one."""
     from adore_jax.weights import default_controller
 
-    if source is None:
-        source = default_controller(model.source) or "random"
-    if source == "random":
+    default = default_controller(model.source) if source is None else None
+    if source is None and not default or source == "random":
         config = ctrl.ControllerConfig(embed_dim=model.config.hidden_size)
         params = ctrl.init_controller(config, jax.random.key(seed))
         return (config, params), dict(source="random", trained=False)
-    return ctrl.load_controller(source, model.config.hidden_size), dict(source=source, trained=True)
+    # the embedded default is named by model, not by this machine's install path
+    name = f"{model.source}'s default ({os.path.basename(default)})" if default else source
+    return ctrl.load_controller(default or source, model.config.hidden_size), dict(source=name, trained=True)
 
 
 # ---------------------------------------------------------------- perplexity

@@ -153,3 +153,15 @@ def test_return_freed_memory_releases_heap_pages_below_a_live_block():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     before, after, released = out.stdout.split()
     assert released == "True" and float(before) - float(after) > 150, out.stdout  # MB
+
+
+def test_the_embedded_default_controller_is_named_by_model_not_by_install_path():
+    from types import SimpleNamespace
+
+    from adore_jax.eval.suite import resolve_controller
+
+    model = SimpleNamespace(source="smollm2-135m-adore", config=SimpleNamespace(hidden_size=576))
+    (config, _), info = resolve_controller(model, None)
+    assert info == dict(source="smollm2-135m-adore's default (controller_smollm2_adore)", trained=True)
+    assert config.input_layer == 12
+    assert resolve_controller(SimpleNamespace(source="unknown", config=model.config), None)[1]["source"] == "random"
