@@ -8,7 +8,7 @@ cpu family\t: 6
 model\t\t: 143
 model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
 stepping\t: 8
-flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8
+flags\t\t: sse2 avx avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8
 
 processor\t: 1
 model name\t: another entry that must not be read
