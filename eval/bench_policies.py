@@ -18,11 +18,10 @@ import numpy as np
 
 import adore_jax
 from adore_jax import cache as kv_cache
-from adore_jax import controller as ctrl
 from adore_jax import decode
 from adore_jax.eval import machine
+from adore_jax.eval.suite import resolve_controller
 from adore_jax.policies import make_policy
-from adore_jax.weights import default_controller
 
 POLICY_ROWS = {  # row name -> cache policy spec (at --cache-size unless it sets its own)
     "full": "full",
@@ -79,16 +78,6 @@ def synthetic_state(model, plan, batch, context, max_length, rng):
     return cache, ps, state
 
 
-def step_controller(model_name, model):
-    """(config, params) of the model's default controller, or a random one where it has none: the cost of a step
-    does not depend on the controller's values."""
-    path = default_controller(model_name)
-    if path:
-        return ctrl.load_controller(path, model.config.hidden_size)
-    config = ctrl.ControllerConfig(embed_dim=model.config.hidden_size)
-    return config, ctrl.init_controller(config, jax.random.key(0))
-
-
 def timed_max_length(context: int, steps: int, repeats: int) -> int:
     """The positions `time_steps` needs: the context, then (repeats + 1) chunks of steps, rounded up to 128."""
     return -(-(context + (repeats + 1) * steps + 1) // 128) * 128
@@ -126,7 +115,7 @@ def main():
 
     model = adore_jax.load_model(args.model)
     model = dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_ids=()))
-    controller_cfg, cparams = step_controller(args.model, model)
+    (controller_cfg, cparams), _ = resolve_controller(model, None)  # a step costs the same with a random one
     rows_by_name = {**POLICY_ROWS, **BREAKDOWN_ROWS}
     rng = np.random.default_rng(0)
     results = []

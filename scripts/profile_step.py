@@ -23,7 +23,8 @@ import numpy as np
 import adore_jax
 from adore_jax import decode
 from adore_jax.eval import machine
-from adore_jax.eval.bench_policies import POLICY_ROWS, step_controller, synthetic_state, timed_max_length
+from adore_jax.eval.bench_policies import POLICY_ROWS, synthetic_state, timed_max_length
+from adore_jax.eval.suite import resolve_controller
 from adore_jax.policies import make_policy
 from adore_jax.session import DecodeSession
 
@@ -108,7 +109,7 @@ def main(argv=None):
 
     model = adore_jax.load_model(args.model)
     policy = make_policy(POLICY_ROWS[args.policy]).at_cache_size(args.cache_size).validate(args.context + 4096)
-    controller_cfg, cparams = step_controller(args.model, model) if policy.needs_controller else (None, {})
+    (controller_cfg, cparams), _ = resolve_controller(model, None) if policy.needs_controller else ((None, {}), None)
     plan = decode.DecodePlan(model.config, policy, controller_cfg)
     rng = np.random.default_rng(0)
     max_length = timed_max_length(args.context, args.steps, 1)
