@@ -164,10 +164,14 @@ def test_ctrl_c_stops_cleanly_with_exit_130_keeping_what_was_streamed(model_dir)
     import signal
 
     environment = {**os.environ, "ADORE_JAX_NO_COMPILE_CACHE": "1"}
+
+    def default_sigint():  # a terminal's foreground job; a runner that ignores SIGINT would pass that on
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     process = subprocess.Popen([sys.executable, "-m", "adore_jax.cli", "generate", "--model", model_dir, "--stream",
                                 "--max-new-tokens", "240", "--decode-chunk", "1", "-n", "128", "--temperature", "1",
                                 "--prompt", PROMPTS[0]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=environment)
+                               env=environment, preexec_fn=default_sigint)
     label = process.stdout.readline()  # "--- [0] ..." printed before the model loads
     first = process.stdout.read(1)  # the stream has started: 239 more steps of 128 rows, one compiled step each
     process.send_signal(signal.SIGINT)
