@@ -63,6 +63,18 @@ def slot_attention_ref(q, k, v, q_positions, slot_positions, slot_valid, *, retu
 GROUPED_MAX_QUERIES = 16  # query rows per sequence up to which the CPU path is `slot_attention_grouped`
 
 
+GROUPED_GROUP_BYTES = 2 << 20  # K bytes per group of sequences in `slot_attention_grouped` (about a core's L2)
+
+
+def grouped_rows(batch: int, num_slots: int, width: int, itemsize: int) -> int:
+    """Sequences per group in `slot_attention_grouped`: the largest divisor of `batch` whose K [n, S, G*D]
+    fits in GROUPED_GROUP_BYTES; the whole batch when it fits, or when that divisor is 1 (one sequence per
+    group is slower than the whole batch: XLA:CPU copies the cache around a matmul without a batch dim)."""
+    fits = GROUPED_GROUP_BYTES // (num_slots * width * itemsize)
+    largest = max(n for n in range(1, min(fits, batch) + 1) if batch % n == 0) if fits >= 1 else 1
+    return largest if largest >= 2 else batch
+
+
 def slot_attention_grouped(q, k, v, q_positions, slot_positions, slot_valid, *, return_mass=False):
     """`slot_attention_ref` for a few queries (decode steps), as two batched matmuls over the cache in its stored
     layout: K and V viewed as [B, S, G*D], a free reshape.
@@ -73,7 +85,21 @@ def slot_attention_grouped(q, k, v, q_positions, slot_positions, slot_valid, *, 
     G times the products it keeps, which costs nothing beside reading the cache when there are few queries;
     the twin's grouped einsum instead has batch dims (b, g) that are not major in [B, S, G, D], and XLA:CPU
     transposes K and V for it at every step (README, decode against torch).
+    Sequences go through in groups of `grouped_rows` (a `lax.map`): XLA:CPU's batched matmul of many small
+    per-sequence products is several times slower than bandwidth once the batch's K no longer fits in cache.
     """
+    batch, num_slots, n_kv, head_dim = k.shape
+    rows = grouped_rows(batch, num_slots, n_kv * head_dim, k.dtype.itemsize)
+    args = (q, k, v, q_positions, slot_positions, slot_valid)
+    if rows == batch:
+        return _grouped(*args, return_mass=return_mass)
+    split = jax.tree_util.tree_map(lambda x: x.reshape(batch // rows, rows, *x.shape[1:]), args)
+    out = jax.lax.map(lambda group: _grouped(*group, return_mass=return_mass), split)
+    return jax.tree_util.tree_map(lambda x: x.reshape(batch, *x.shape[2:]), out)
+
+
+def _grouped(q, k, v, q_positions, slot_positions, slot_valid, *, return_mass):
+    """`slot_attention_grouped` of one group of sequences."""
     batch, n_q, n_heads, head_dim = q.shape
     num_slots, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv

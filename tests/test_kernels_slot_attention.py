@@ -2,6 +2,7 @@
 a per-query numpy loop, the dispatcher, and lowering of both kernels for TPU and CUDA; and the shared
 reference `masked_attention` (plain and top-K) against a numpy loop."""
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from pallas_kernels.reference import masked_attention
 from pallas_kernels.slot_attention import (
     GROUPED_MAX_QUERIES,
     SLOT_BLOCK,
+    grouped_rows,
     live_slots,
     slot_attention_blocked,
     slot_attention_gpu,
@@ -163,6 +165,23 @@ def test_grouped_matches_twin(shape):
     for got, want in zip(run("grouped", inputs), run("ref", inputs)):
         assert_close(got, want, TOL)
     assert np.asarray(run("grouped", inputs)[0])[0, 0].any() == 0
+
+
+def test_grouped_runs_sequences_in_groups_that_fit_the_budget(monkeypatch):
+    """The largest divisor of the batch whose K fits the budget: 2 of 6 sequences fit, groups of 2; a prime batch or
+    one sequence per group is the whole batch. With 4 in the budget, 6 sequences go in 2 groups of 3 (a `lax.map`)
+    with the twin's output and mass."""
+    module = importlib.import_module("pallas_kernels.slot_attention")  # the package exports the function by this name
+    row_bytes = 40 * 2 * 16 * 4  # S * G * D * 4
+    monkeypatch.setattr(module, "GROUPED_GROUP_BYTES", 2 * row_bytes + 1)
+    assert [grouped_rows(b, 40, 32, 4) for b in (6, 2, 7, 1)] == [2, 2, 7, 1]
+    monkeypatch.setattr(module, "GROUPED_GROUP_BYTES", 4 * row_bytes)
+    assert [grouped_rows(b, 40, 32, 4) for b in (12, 6, 3)] == [4, 3, 3]
+    inputs = make_inputs(14, 6, 9, 6, 2, 16, 40, valid_fraction=0.5)
+    jaxpr = str(jax.make_jaxpr(functools.partial(slot_attention_grouped, return_mass=True))(*inputs))
+    assert "while" in jaxpr or "scan" in jaxpr
+    for got, want in zip(run("grouped", inputs), run("ref", inputs)):
+        assert_close(got, want, TOL)
 
 
 @cpu_dispatch_only
