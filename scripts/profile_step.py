@@ -135,6 +135,7 @@ def main(argv=None):
             title = (f"decode, {args.policy}, batch {args.batch}, context {args.context}, per step" if name == "decode"
                      else f"prefill, {args.policy}, batch {args.batch}, {args.prefill_len} tokens")
             print_summary(title, results[name], args.top)
+            carry = None  # the decode state is not needed by the prefill: at a large batch both do not fit in memory
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
