@@ -71,8 +71,9 @@ def grouped_rows(batch: int, num_slots: int, width: int, itemsize: int) -> int:
     fits in GROUPED_GROUP_BYTES; the whole batch when it fits, or when that divisor is 1 (one sequence per
     group is slower than the whole batch: XLA:CPU copies the cache around a matmul without a batch dim)."""
     fits = GROUPED_GROUP_BYTES // (num_slots * width * itemsize)
-    largest = max(n for n in range(1, min(fits, batch) + 1) if batch % n == 0) if fits >= 1 else 1
-    return largest if largest >= 2 else batch
+    if fits >= batch:
+        return batch
+    return max((n for n in range(2, fits + 1) if batch % n == 0), default=batch)
 
 
 def slot_attention_grouped(q, k, v, q_positions, slot_positions, slot_valid, *, return_mass=False):
